@@ -1,0 +1,81 @@
+//! Events: what the host hands an adapter. Host-made values, safe for the adapter to keep.
+
+use abi_stable::{
+    std_types::{RString, RVec},
+    StableAbi,
+};
+
+use crate::{Header, ReplyTarget};
+
+/// A reply the host wants delivered. `reply_id` is the host's; the adapter answers with
+/// [`crate::Action::ReplyDelivered`] or [`crate::Action::ReplyFailed`] carrying it.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, PartialEq, Eq)]
+pub struct OutboundReply {
+    pub reply_id: u64,
+    pub session_key: RString,
+    pub target: ReplyTarget,
+    pub text: RString,
+}
+
+/// Why the adapter is being shut down. On `Replaced` the host keeps the connections for the
+/// next generation, so the adapter must not close them.
+#[repr(u8)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShutdownReason {
+    Replaced,
+    Stopping,
+}
+
+#[repr(u8)]
+#[derive(StableAbi, Debug, Clone, PartialEq, Eq)]
+#[sabi(kind(WithNonExhaustive(size = [u64; 40], traits(Debug, Clone))))]
+#[non_exhaustive]
+pub enum Event {
+    /// The first event of every generation, right after construction: open connections, or
+    /// adopt the ones in the handover.
+    Started {
+        generation: u64,
+    },
+    WsOpened {
+        conn: u64,
+    },
+    WsFrame {
+        conn: u64,
+        text: RString,
+    },
+    /// The connection is gone (closed by the peer, failed to open, or I/O error).
+    WsClosed {
+        conn: u64,
+        code: u16,
+        reason: RString,
+    },
+    HttpResponse {
+        request: u64,
+        status: u16,
+        headers: RVec<Header>,
+        body: RString,
+    },
+    /// The request did not produce a response (connect error, timeout).
+    HttpFailed {
+        request: u64,
+        error: RString,
+    },
+    TimerFired {
+        timer: u64,
+    },
+    DeliverReply(OutboundReply),
+    /// An agent is working on an answer for this target (show a typing indicator).
+    AgentWorking {
+        target: ReplyTarget,
+    },
+    Shutdown {
+        reason: ShutdownReason,
+    },
+}
+
+impl Event {
+    pub fn into_ne(self) -> Event_NE {
+        Event_NE::new(self)
+    }
+}

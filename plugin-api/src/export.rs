@@ -1,0 +1,120 @@
+//! Exporting an adapter: plugin authors implement [`AdapterPlugin`] with plain Rust and call
+//! [`export_adapter!`](crate::export_adapter). Every entry point then runs inside
+//! `catch_unwind`, so a panic becomes [`PluginError::Panicked`] instead of aborting the host
+//! (ARCHITECTURE.md §3.6; plugins must build with `panic = "unwind"`).
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use abi_stable::{
+    prefix_type::PrefixTypeTrait,
+    sabi_trait::TD_Opaque,
+    std_types::{RErr, ROk, RResult, RStr, RVec},
+};
+
+use crate::{
+    action::{Action, Action_NE},
+    adapter::{Adapter, AdapterBox, Adapter_TO, PluginError},
+    event::{Event, Event_NE},
+    host::HostHandle,
+    module::{AdapterModule, AdapterModuleRef, ConfigProblem, Handover, Manifest, StateBlob},
+};
+
+/// An adapter, written as plain Rust. Each method is called from one thread at a time (the
+/// generation's apartment), never concurrently.
+pub trait AdapterPlugin: Sized + 'static {
+    fn manifest() -> Manifest;
+
+    /// Every problem with this config (JSON text of the channel instance table); pure.
+    fn validate_config(config_json: &str) -> Vec<ConfigProblem>;
+
+    /// Build a generation. `Err` refuses to start (the previous generation keeps running).
+    fn new(host: HostHandle, config_json: &str, handover: Handover) -> Result<Self, String>;
+
+    fn handle(&mut self, event: Event) -> Vec<Action>;
+
+    fn export_state(&mut self) -> StateBlob;
+}
+
+/// Run `work`, turning a panic into [`PluginError::Panicked`] with the panic's message.
+pub fn guard<T>(work: impl FnOnce() -> T) -> RResult<T, PluginError> {
+    match catch_unwind(AssertUnwindSafe(work)) {
+        Ok(value) => ROk(value),
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panic with a non-string payload".to_string());
+            RErr(PluginError::Panicked(message.into()))
+        }
+    }
+}
+
+/// The root module for adapter `A`; called by the code [`export_adapter!`] generates.
+pub fn root_module<A: AdapterPlugin>() -> AdapterModuleRef {
+    AdapterModule {
+        manifest: manifest_entry::<A>,
+        validate_config: validate_config_entry::<A>,
+        new_adapter: new_adapter_entry::<A>,
+    }
+    .leak_into_prefix()
+}
+
+extern "C" fn manifest_entry<A: AdapterPlugin>() -> RResult<Manifest, PluginError> {
+    guard(A::manifest)
+}
+
+extern "C" fn validate_config_entry<A: AdapterPlugin>(
+    config_json: RStr<'_>,
+) -> RResult<RVec<ConfigProblem>, PluginError> {
+    guard(|| RVec::from(A::validate_config(config_json.as_str())))
+}
+
+extern "C" fn new_adapter_entry<A: AdapterPlugin>(
+    host: HostHandle,
+    config_json: RStr<'_>,
+    handover: Handover,
+) -> RResult<AdapterBox, PluginError> {
+    match guard(|| A::new(host, config_json.as_str(), handover)) {
+        ROk(Ok(adapter)) => ROk(boxed(adapter)),
+        ROk(Err(reason)) => RErr(PluginError::Failed(reason.into())),
+        RErr(panicked) => RErr(panicked),
+    }
+}
+
+/// Box an adapter as the ABI trait object, behind the panic guard. Also used by the
+/// conformance harness so that in-process tests go through the same wrapper as the host.
+pub fn boxed<A: AdapterPlugin>(adapter: A) -> AdapterBox {
+    Adapter_TO::from_value(Guarded(adapter), TD_Opaque)
+}
+
+struct Guarded<A>(A);
+
+impl<A: AdapterPlugin> Adapter for Guarded<A> {
+    fn handle(&mut self, event: Event_NE) -> RResult<RVec<Action_NE>, PluginError> {
+        let adapter = &mut self.0;
+        guard(move || match event.into_enum() {
+            Ok(event) => adapter.handle(event).into_iter().map(Action::into_ne).collect(),
+            // An event from a newer host than this plugin knows: nothing to do.
+            Err(_) => RVec::new(),
+        })
+    }
+
+    fn export_state(&mut self) -> RResult<StateBlob, PluginError> {
+        let adapter = &mut self.0;
+        guard(move || adapter.export_state())
+    }
+}
+
+/// Export `$adapter` (an [`AdapterPlugin`]) as this library's root module.
+/// The plugin crate must depend on `abi_stable` directly (the attribute expands to its paths).
+#[macro_export]
+macro_rules! export_adapter {
+    ($adapter:ty) => {
+        /// The root module of this adapter library.
+        #[::abi_stable::export_root_module]
+        pub fn switchboard_adapter_root_module() -> $crate::AdapterModuleRef {
+            $crate::export::root_module::<$adapter>()
+        }
+    };
+}

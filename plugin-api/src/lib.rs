@@ -1,0 +1,81 @@
+//! # switchboard-plugin-api — the ABI between the switchboard host and its channel adapters
+//!
+//! A channel adapter is a dynamic library that exports one root module ([`AdapterModule`]).
+//! The host loads it with `dlopen`, checks its layout, and drives it as a synchronous state
+//! machine: *events in, actions out*. The adapter does no I/O of its own — the host owns the
+//! WebSocket connections, HTTP requests, timers and the session registry, which is what lets a
+//! new build of an adapter replace the old one without dropping a connection or a message.
+//!
+//! Modules:
+//! - [`module`]: the root module (manifest, config validation, constructor) and the handover
+//!   a new generation receives from the previous one.
+//! - [`event`]: what the host hands an adapter (frames, HTTP responses, timers, replies to
+//!   deliver, shutdown).
+//! - [`action`]: what an adapter asks of the host (open/send/close a WebSocket, HTTP request,
+//!   timers, inbound messages for routing, reply outcomes, state to save, log records).
+//! - [`host`]: the host handle an adapter holds: session registry, secrets, clock, log bridge.
+//! - [`adapter`]: the adapter trait object and [`PluginError`].
+//! - [`export`]: [`AdapterPlugin`], the plain-Rust trait plugin authors implement, and
+//!   [`export_adapter!`], which exports it with every entry point behind `catch_unwind`.
+//! - [`conformance`]: a harness that drives any [`AdapterPlugin`] in-process and checks the
+//!   contract; every adapter crate runs it in its own tests.
+//!
+//! Evolution rules (ARCHITECTURE.md §3.9): fields are only appended to prefix types after
+//! `last_prefix_field`; [`Event`] and [`Action`] are non-exhaustive and may gain variants
+//! without breaking plugins built against an older version of this crate. Host and plugins
+//! must use the same `abi_stable` 0.11 line; this crate re-exports it.
+
+pub mod action;
+pub mod adapter;
+pub mod conformance;
+pub mod event;
+pub mod export;
+pub mod host;
+pub mod module;
+
+pub use abi_stable;
+
+pub use action::{Action, Action_NE, InboundMessage, LogLevel, PeerKind};
+pub use adapter::{Adapter, AdapterBox, Adapter_TO, PluginError};
+pub use event::{Event, Event_NE, OutboundReply, ShutdownReason};
+pub use export::AdapterPlugin;
+pub use host::{HostApi, HostApi_TO, HostHandle, SessionInfo};
+pub use module::{
+    AdapterModule, AdapterModuleRef, ConfigProblem, Handover, Manifest, OpenConnection,
+    StateBlob,
+};
+
+/// The version of the adapter contract. A plugin whose manifest names another version is
+/// refused by the host even when its layout happens to check out.
+pub const ABI_VERSION: u32 = 1;
+
+use abi_stable::{std_types::RString, StableAbi};
+
+/// An HTTP or WebSocket-upgrade header.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub name: RString,
+    pub value: RString,
+}
+
+impl Header {
+    pub fn new(name: &str, value: &str) -> Self {
+        Self { name: name.into(), value: value.into() }
+    }
+}
+
+/// Where a reply goes: a conversation on the platform (channel, group or DM id) and, when the
+/// message it answers was in a thread, that thread's root message id (empty when none).
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ReplyTarget {
+    pub conversation_id: RString,
+    pub thread_root_id: RString,
+}
+
+impl ReplyTarget {
+    pub fn new(conversation_id: &str, thread_root_id: &str) -> Self {
+        Self { conversation_id: conversation_id.into(), thread_root_id: thread_root_id.into() }
+    }
+}

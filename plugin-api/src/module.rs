@@ -1,0 +1,93 @@
+//! The root module every adapter library exports, and what a new generation is handed.
+
+use abi_stable::{
+    declare_root_module_statics,
+    library::RootModule,
+    package_version_strings,
+    sabi_types::VersionStrings,
+    std_types::{ROption, RResult, RStr, RString, RVec},
+    StableAbi,
+};
+
+use crate::{adapter::AdapterBox, host::HostHandle, PluginError};
+
+/// Who the adapter is. `abi_version` is compared with [`crate::ABI_VERSION`] by the host.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    /// The name channel instances use in `plugin = "<name>"`.
+    pub adapter_name: RString,
+    pub adapter_version: RString,
+    pub abi_version: u32,
+    /// Free-form build identification (commit, build tag); shown in generation status.
+    pub build: RString,
+}
+
+/// One problem with an adapter's config, with the key path it concerns
+/// (relative to the channel instance table, e.g. `chatmode` or `allow_from[2]`).
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub key_path: RString,
+    pub message: RString,
+}
+
+impl ConfigProblem {
+    pub fn new(key_path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { key_path: key_path.into().into(), message: message.into().into() }
+    }
+}
+
+/// An adapter's private state, exported by one generation and handed to the next.
+/// The format of `data` is the adapter's own; `format_version` lets it read older blobs.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, PartialEq, Eq)]
+pub struct StateBlob {
+    pub format_version: u32,
+    pub data: RString,
+}
+
+/// A connection the host holds open for this channel instance, which the new generation
+/// inherits instead of reconnecting.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, PartialEq, Eq)]
+pub struct OpenConnection {
+    pub conn: u64,
+    pub url: RString,
+}
+
+/// What a new generation starts from. Empty (no state, no connections) on first start.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, PartialEq, Eq)]
+pub struct Handover {
+    /// 1 for the first generation of a channel instance, then counting up.
+    pub generation: u64,
+    pub previous_state: ROption<StateBlob>,
+    pub connections: RVec<OpenConnection>,
+}
+
+/// The root module. Config crosses the boundary as JSON text of the channel instance's table
+/// (host keys removed), so adapters can grow their config without growing the ABI.
+#[repr(C)]
+#[derive(StableAbi)]
+#[sabi(kind(Prefix(prefix_ref = AdapterModuleRef)))]
+#[sabi(missing_field(panic))]
+pub struct AdapterModule {
+    pub manifest: extern "C" fn() -> RResult<Manifest, PluginError>,
+    /// Pure: returns every problem with the config, or none.
+    pub validate_config:
+        extern "C" fn(config_json: RStr<'_>) -> RResult<RVec<ConfigProblem>, PluginError>,
+    #[sabi(last_prefix_field)]
+    pub new_adapter: extern "C" fn(
+        host: HostHandle,
+        config_json: RStr<'_>,
+        handover: Handover,
+    ) -> RResult<AdapterBox, PluginError>,
+}
+
+impl RootModule for AdapterModuleRef {
+    declare_root_module_statics! {AdapterModuleRef}
+    const BASE_NAME: &'static str = "switchboard_adapter";
+    const NAME: &'static str = "switchboard_adapter";
+    const VERSION_STRINGS: VersionStrings = package_version_strings!();
+}
