@@ -1,1 +1,40 @@
-//! stub
+//! # switchboard — a gateway between chat platforms and AI agents
+//!
+//! Channel adapters are dynamic libraries (see `switchboard-plugin-api`); the host owns
+//! everything that must outlive one: connections, sessions, queues. An adapter can therefore
+//! be replaced while the gateway runs without losing, duplicating or misrouting a message.
+//!
+//! Modules, from the outside in:
+//! - [`gateway`]: start-up, the reload controller (signals and admin API → one control path,
+//!   diff by channel instance, roll back on failure) and shutdown.
+//! - [`config`]: the TOML config and its validation (all errors at once, with key paths).
+//! - [`catalog`]: adapter files in the plugin directory, found by manifest name; probing and
+//!   config validation in a child process (`switchboard check-plugin`).
+//! - [`loader`]: staging a unique copy per generation, `dlopen`, the fresh layout check,
+//!   the ABI handshake, and the "is it still mapped" check.
+//! - [`apartment`]: one thread per adapter generation that runs all of its code.
+//! - [`channel`]: a channel instance: its event queue, transport and current generation;
+//!   the generation swap.
+//! - [`transport`]: WebSocket, HTTP and timers carried out for adapters.
+//! - [`bridge`]: the host handle adapters hold (sessions, secrets, clock, log bridge).
+//! - [`routing`]: inbound → binding → session key → lane → agent → reply delivery.
+//! - [`session`]: the session registry and the session key grammar.
+//! - [`lane`]: per-session ordered turns under a global concurrency cap.
+//! - [`agent`]: the agents (`echo`, `command`).
+//! - [`admin`], [`metrics`], [`ledger`]: `/livez`, `/readyz`, `/metrics`, `/status`.
+
+pub mod admin;
+pub mod agent;
+pub mod apartment;
+pub mod bridge;
+pub mod catalog;
+pub mod channel;
+pub mod config;
+pub mod gateway;
+pub mod lane;
+pub mod ledger;
+pub mod loader;
+pub mod metrics;
+pub mod routing;
+pub mod session;
+pub mod transport;

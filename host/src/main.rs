@@ -1,1 +1,126 @@
-fn main() {}
+//! The `switchboard` command: run the gateway, check a config, check a plugin file.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use switchboard::{catalog, config::Config, gateway};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "switchboard", version, about = "A gateway between chat platforms and AI agents, with hot-reloadable channel adapters")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway. SIGUSR1 or SIGHUP reloads the config; SIGTERM or SIGINT stops.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check a config file, including each channel's adapter config; lists every problem.
+    CheckConfig { config: PathBuf },
+    /// Load a plugin file, print its manifest as JSON, and validate adapter configs
+    /// (each `--validate` is the JSON of one channel's adapter keys).
+    CheckPlugin {
+        file: PathBuf,
+        #[arg(long)]
+        validate: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckPlugin { file, validate } => {
+            let report = catalog::check_plugin(&file, &validate);
+            println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+            if report.error.is_some() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Command::CheckConfig { config } => {
+            init_logging();
+            match runtime().and_then(|rt| rt.block_on(check_config(config))) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Run { config } => {
+            init_logging();
+            match runtime().and_then(|rt| rt.block_on(run(config))) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = EnvFilter::try_from_env("SWITCHBOARD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_writer(std::io::stderr).init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")
+}
+
+async fn run(config_path: PathBuf) -> anyhow::Result<()> {
+    let config = Config::load(&config_path)?;
+    let admin = match config.gateway.admin_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("gateway.admin_listen: cannot listen on {addr}"))?,
+        ),
+        None => None,
+    };
+    let exe = std::env::current_exe().context("cannot find the switchboard executable")?;
+    gateway::run(config_path, exe, admin, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+async fn check_config(config_path: PathBuf) -> anyhow::Result<ExitCode> {
+    let errors = match Config::load(&config_path) {
+        Err(errors) => errors.errors,
+        Ok(config) => {
+            let exe = std::env::current_exe().context("cannot find the switchboard executable")?;
+            let mut catalog = catalog::Catalog::new(config.plugins.dir.clone(), exe);
+            match gateway::resolve(&config, &mut catalog).await {
+                Ok(_) => Vec::new(),
+                Err(errors) => errors,
+            }
+        }
+    };
+    if errors.is_empty() {
+        println!("{}: OK", config_path.display());
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("{}: {} problem(s)", config_path.display(), errors.len());
+        for error in &errors {
+            println!("  {error}");
+        }
+        Ok(ExitCode::FAILURE)
+    }
+}

@@ -1,0 +1,81 @@
+//! The admin listener: `/livez`, `/readyz`, `/metrics`, `/status` (every adapter generation,
+//! mapped or not) and `POST /reload` (the admin reload trigger).
+
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, RwLock},
+};
+
+use axum::{
+    extract::State,
+    http::{header, StatusCode},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Json, Router,
+};
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{
+    channel::Shared,
+    gateway::{ControlMessage, ReloadOutcome},
+};
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub shared: Arc<Shared>,
+    pub control: mpsc::Sender<ControlMessage>,
+    pub expected_channels: Arc<RwLock<BTreeSet<String>>>,
+}
+
+pub async fn serve(listener: tokio::net::TcpListener, state: AdminState) {
+    let app = Router::new()
+        .route("/livez", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/status", get(status))
+        .route("/reload", post(reload))
+        .with_state(state);
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!("admin listener stopped: {e}");
+    }
+}
+
+/// Ready when every configured channel instance has a running adapter generation.
+async fn readyz(State(state): State<AdminState>) -> Response {
+    let running: BTreeSet<String> = state.shared.ledger.running().into_iter().map(|r| r.channel).collect();
+    let missing: Vec<String> =
+        state.expected_channels.read().unwrap().iter().filter(|c| !running.contains(*c)).cloned().collect();
+    if missing.is_empty() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: no running adapter for {}\n", missing.join(", "))).into_response()
+    }
+}
+
+async fn metrics(State(state): State<AdminState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        state.shared.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn status(State(state): State<AdminState>) -> Json<serde_json::Value> {
+    Json(json!({
+        "generations": state.shared.ledger.snapshot(),
+        "sessions": state.shared.router.sessions().len(),
+    }))
+}
+
+async fn reload(State(state): State<AdminState>) -> Response {
+    let (done, outcome) = oneshot::channel();
+    if state.control.send(ControlMessage::Reload { trigger: "admin", done: Some(done) }).await.is_err() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "the gateway is stopping\n").into_response();
+    }
+    match outcome.await {
+        Ok(outcome @ ReloadOutcome::Applied { .. }) => (StatusCode::OK, Json(outcome)).into_response(),
+        Ok(outcome @ ReloadOutcome::Rejected { .. }) => (StatusCode::UNPROCESSABLE_ENTITY, Json(outcome)).into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the gateway is stopping\n").into_response(),
+    }
+}

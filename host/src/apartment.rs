@@ -1,0 +1,276 @@
+//! Apartments: one dedicated thread per adapter generation, which runs *all* of that
+//! generation's code (ARCHITECTURE.md §2, §3.4).
+//!
+//! The thread opens the library, constructs the adapter, handles every event, drops every
+//! plugin-made value and finally exits; only then is the library closed, so that no thread
+//! that ever ran plugin code outlives the `dlclose` and the copy is really unmapped.
+//! Host async code talks to the apartment through a job queue and awaits the results.
+//! Plugin-made values are converted into host-owned types ([`Command`]) before they leave
+//! the apartment (§3.7).
+
+use std::{
+    panic::{catch_unwind, AssertUnwindSafe},
+    path::{Path, PathBuf},
+    sync::mpsc,
+    thread,
+};
+
+use abi_stable::std_types::RStr;
+use switchboard_plugin_api::{
+    Action, AdapterBox, AdapterModuleRef, Event, Handover, HostHandle, LogLevel, Manifest, PeerKind,
+    PluginError,
+};
+use tokio::sync::oneshot;
+
+use crate::loader::{self, LoadError, OpenedAdapter};
+
+type Job = Box<dyn FnOnce(&mut Resident) + Send>;
+
+/// What lives on the apartment thread.
+pub struct Resident {
+    module: AdapterModuleRef,
+    adapter: Option<AdapterBox>,
+}
+
+/// The host's end of an apartment. Dropping it tears the apartment down (blocking).
+pub struct Apartment {
+    jobs: Option<mpsc::Sender<Job>>,
+    thread: Option<thread::JoinHandle<Option<abi_stable::library::RawLibrary>>>,
+    copy_path: PathBuf,
+    pub manifest: Manifest,
+}
+
+/// The apartment thread is gone (torn down, or it died).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the adapter's apartment thread is gone")]
+pub struct ApartmentGone;
+
+/// How a tear-down ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TearDown {
+    pub copy_path: PathBuf,
+    /// `Some(false)` when `/proc/self/maps` no longer lists the copy.
+    pub still_mapped: Option<bool>,
+}
+
+/// An adapter action, copied into host-owned types on the apartment.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    WsOpen { conn: u64, url: String, headers: Vec<(String, String)> },
+    WsSend { conn: u64, text: String },
+    WsClose { conn: u64, code: u16, reason: String },
+    Http { request: u64, method: String, url: String, headers: Vec<(String, String)>, body: String, timeout_ms: u64 },
+    SetTimer { timer: u64, after_ms: u64 },
+    CancelTimer { timer: u64 },
+    Inbound(Inbound),
+    ReplyDelivered { reply_id: u64, platform_message_id: String },
+    ReplyFailed { reply_id: u64, error: String, retryable: bool },
+    SaveState { format_version: u32, data: String },
+    Log { level: LogLevel, message: String },
+    /// A variant from a newer plugin than this host knows.
+    Unknown,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Inbound {
+    pub message_id: String,
+    pub peer_kind: PeerKind,
+    pub peer_id: String,
+    pub thread_root_id: String,
+    pub sender_id: String,
+    pub sender_name: String,
+    pub text: String,
+    pub created_at_ms: i64,
+}
+
+/// The result of handing one event to the adapter.
+pub type Handled = Result<Vec<Command>, PluginError>;
+
+impl Apartment {
+    /// Start an apartment thread and open the staged copy on it. Blocking: call it from
+    /// `spawn_blocking` in async code.
+    pub fn open(copy_path: &Path, thread_name: String) -> Result<Apartment, LoadError> {
+        let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<Manifest, LoadError>>();
+        let path = copy_path.to_path_buf();
+        let spawned = thread::Builder::new().name(thread_name).spawn(move || {
+            let OpenedAdapter { library, module, manifest } = match loader::open_adapter(&path) {
+                Ok(opened) => opened,
+                Err((error, library)) => {
+                    let _ = ready_tx.send(Err(error));
+                    return library;
+                }
+            };
+            let _ = ready_tx.send(Ok(manifest));
+            let mut resident = Resident { module, adapter: None };
+            while let Ok(job) = jobs_rx.recv() {
+                // A host bug in a job must not kill the thread that owns the library.
+                let _ = catch_unwind(AssertUnwindSafe(|| job(&mut resident)));
+            }
+            // Plugin-made objects are dropped here, on the apartment, before it exits.
+            drop(resident);
+            Some(library)
+        });
+        let thread = spawned.map_err(|e| LoadError::Stage {
+            file: copy_path.to_path_buf(),
+            reason: format!("cannot start the apartment thread: {e}"),
+        })?;
+        let outcome = ready_rx.recv().unwrap_or_else(|_| {
+            Err(LoadError::InitFailed { file: copy_path.to_path_buf(), reason: "the apartment thread died while loading".into() })
+        });
+        let mut apartment = Apartment {
+            jobs: Some(jobs_tx),
+            thread: Some(thread),
+            copy_path: copy_path.to_path_buf(),
+            manifest: placeholder_manifest(),
+        };
+        match outcome {
+            Ok(manifest) => {
+                apartment.manifest = manifest;
+                Ok(apartment)
+            }
+            Err(error) => {
+                apartment.tear_down();
+                Err(error)
+            }
+        }
+    }
+
+    pub fn copy_path(&self) -> &Path {
+        &self.copy_path
+    }
+
+    /// Run `job` on the apartment and wait for its result.
+    pub async fn run<R: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut Resident) -> R + Send + 'static,
+    ) -> Result<R, ApartmentGone> {
+        let (tx, rx) = oneshot::channel();
+        let jobs = self.jobs.as_ref().ok_or(ApartmentGone)?;
+        jobs.send(Box::new(move |resident| {
+            let _ = tx.send(job(resident));
+        }))
+        .map_err(|_| ApartmentGone)?;
+        rx.await.map_err(|_| ApartmentGone)
+    }
+
+    /// Stop the thread, wait for it to exit, close the library and check that the copy is no
+    /// longer mapped. Blocking. Idempotent.
+    pub fn tear_down(&mut self) -> TearDown {
+        drop(self.jobs.take());
+        if let Some(thread) = self.thread.take() {
+            let library = thread.join().ok().flatten();
+            // dlclose, now that no thread that ran plugin code is alive.
+            drop(library);
+        }
+        let still_mapped = loader::is_mapped(&self.copy_path);
+        TearDown { copy_path: self.copy_path.clone(), still_mapped }
+    }
+}
+
+impl Drop for Apartment {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.tear_down();
+        }
+    }
+}
+
+fn placeholder_manifest() -> Manifest {
+    Manifest { adapter_name: "".into(), adapter_version: "".into(), abi_version: 0, build: "".into() }
+}
+
+impl Resident {
+    /// Validate an adapter config (pure, plugin code).
+    pub fn validate_config(&self, config_json: &str) -> Result<Vec<(String, String)>, PluginError> {
+        let problems = (self.module.validate_config())(RStr::from_str(config_json)).into_result()?;
+        Ok(problems.iter().map(|p| (p.key_path.to_string(), p.message.to_string())).collect())
+    }
+
+    /// Construct the adapter of this generation.
+    pub fn construct(&mut self, host: HostHandle, config_json: &str, handover: Handover) -> Result<(), PluginError> {
+        let adapter = (self.module.new_adapter())(host, RStr::from_str(config_json), handover).into_result()?;
+        self.adapter = Some(adapter);
+        Ok(())
+    }
+
+    /// Hand each event to the adapter in order.
+    pub fn handle_all(&mut self, events: Vec<Event>) -> Vec<Handled> {
+        let Some(adapter) = self.adapter.as_mut() else {
+            return events.iter().map(|_| Err(PluginError::Failed("the adapter is not constructed".into()))).collect();
+        };
+        events
+            .into_iter()
+            .map(|event| {
+                let actions = adapter.handle(event.into_ne()).into_result()?;
+                // `actions` is plugin-made: copy it into host types, then drop it here.
+                Ok(actions
+                    .iter()
+                    .map(|action| action.as_enum().map(Command::from_action).unwrap_or(Command::Unknown))
+                    .collect())
+            })
+            .collect()
+    }
+
+    /// Export the adapter's state for the next generation (owned copy).
+    pub fn export_state(&mut self) -> Result<(u32, String), PluginError> {
+        let adapter = self.adapter.as_mut().ok_or_else(|| PluginError::Failed("the adapter is not constructed".into()))?;
+        let blob = adapter.export_state().into_result()?;
+        Ok((blob.format_version, blob.data.as_str().to_owned()))
+    }
+
+    /// Drop the adapter object (on the apartment).
+    pub fn discard_adapter(&mut self) {
+        self.adapter = None;
+    }
+}
+
+fn pairs(headers: &[switchboard_plugin_api::Header]) -> Vec<(String, String)> {
+    headers.iter().map(|h| (h.name.as_str().to_owned(), h.value.as_str().to_owned())).collect()
+}
+
+impl Command {
+    fn from_action(action: &Action) -> Command {
+        match action {
+            Action::WsOpen { conn, url, headers } => {
+                Command::WsOpen { conn: *conn, url: url.as_str().to_owned(), headers: pairs(headers) }
+            }
+            Action::WsSend { conn, text } => Command::WsSend { conn: *conn, text: text.as_str().to_owned() },
+            Action::WsClose { conn, code, reason } => {
+                Command::WsClose { conn: *conn, code: *code, reason: reason.as_str().to_owned() }
+            }
+            Action::HttpRequest { request, method, url, headers, body, timeout_ms } => Command::Http {
+                request: *request,
+                method: method.as_str().to_owned(),
+                url: url.as_str().to_owned(),
+                headers: pairs(headers),
+                body: body.as_str().to_owned(),
+                timeout_ms: *timeout_ms,
+            },
+            Action::SetTimer { timer, after_ms } => Command::SetTimer { timer: *timer, after_ms: *after_ms },
+            Action::CancelTimer { timer } => Command::CancelTimer { timer: *timer },
+            Action::Inbound(message) => Command::Inbound(Inbound {
+                message_id: message.message_id.as_str().to_owned(),
+                peer_kind: message.peer_kind,
+                peer_id: message.peer_id.as_str().to_owned(),
+                thread_root_id: message.thread_root_id.as_str().to_owned(),
+                sender_id: message.sender_id.as_str().to_owned(),
+                sender_name: message.sender_name.as_str().to_owned(),
+                text: message.text.as_str().to_owned(),
+                created_at_ms: message.created_at_ms,
+            }),
+            Action::ReplyDelivered { reply_id, platform_message_id } => Command::ReplyDelivered {
+                reply_id: *reply_id,
+                platform_message_id: platform_message_id.as_str().to_owned(),
+            },
+            Action::ReplyFailed { reply_id, error, retryable } => {
+                Command::ReplyFailed { reply_id: *reply_id, error: error.as_str().to_owned(), retryable: *retryable }
+            }
+            Action::SaveState { state } => {
+                Command::SaveState { format_version: state.format_version, data: state.data.as_str().to_owned() }
+            }
+            Action::Log { level, message } => Command::Log { level: *level, message: message.as_str().to_owned() },
+            _ => Command::Unknown,
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! The plugin catalog: which adapter files are in the plugin directory, by manifest name.
+//!
+//! Files are probed, and adapter configs validated, in a short-lived child process
+//! (`switchboard check-plugin`): loading a library costs the loading process a TLS key for
+//! good (ARCHITECTURE.md §3.5), and a broken file should never be able to take the gateway
+//! down. Only a generation that is going to run is loaded into the gateway itself.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::process::Command;
+
+use crate::{
+    apartment::Apartment,
+    loader::{self, FileDigest},
+};
+
+/// A plugin's manifest, as reported by a probe.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestInfo {
+    pub adapter_name: String,
+    pub adapter_version: String,
+    pub abi_version: u32,
+    pub build: String,
+}
+
+/// One problem an adapter found in its config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Problem {
+    pub key_path: String,
+    pub message: String,
+}
+
+/// What `switchboard check-plugin` prints (one JSON document).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginReport {
+    pub file: PathBuf,
+    pub manifest: Option<ManifestInfo>,
+    /// Why the file was refused, if it was.
+    pub error: Option<String>,
+    /// The problems found in each config passed with `--validate`, in order.
+    pub validations: Vec<Vec<Problem>>,
+}
+
+/// Probe `file` in this process and validate `configs` with it; the body of
+/// `switchboard check-plugin`. Loads the file on an apartment, as the gateway would.
+pub fn check_plugin(file: &Path, configs: &[String]) -> PluginReport {
+    let mut report = PluginReport { file: file.to_path_buf(), manifest: None, error: None, validations: Vec::new() };
+    let apartment = match Apartment::open(file, "check-plugin".into()) {
+        Ok(apartment) => apartment,
+        Err(e) => {
+            report.error = Some(e.to_string());
+            return report;
+        }
+    };
+    let m = &apartment.manifest;
+    report.manifest = Some(ManifestInfo {
+        adapter_name: m.adapter_name.to_string(),
+        adapter_version: m.adapter_version.to_string(),
+        abi_version: m.abi_version,
+        build: m.build.to_string(),
+    });
+    let configs = configs.to_vec();
+    let runtime = tokio::runtime::Builder::new_current_thread().build();
+    let outcome = match runtime {
+        Ok(rt) => rt.block_on(apartment.run(move |resident| {
+            configs.iter().map(|c| resident.validate_config(c)).collect::<Vec<_>>()
+        })),
+        Err(_) => Err(crate::apartment::ApartmentGone),
+    };
+    match outcome {
+        Ok(results) => {
+            for result in results {
+                match result {
+                    Ok(problems) => report.validations.push(
+                        problems.into_iter().map(|(key_path, message)| Problem { key_path, message }).collect(),
+                    ),
+                    Err(e) => {
+                        report.error = Some(format!("validate_config failed: {e}"));
+                        break;
+                    }
+                }
+            }
+        }
+        Err(e) => report.error = Some(e.to_string()),
+    }
+    report
+}
+
+/// A file in the plugin directory.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub path: PathBuf,
+    pub digest: FileDigest,
+    pub modified: Option<SystemTime>,
+    /// The manifest, or why the file was refused.
+    pub probe: Result<ManifestInfo, String>,
+}
+
+/// Why no usable plugin file provides an adapter name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FindError {
+    #[error("no adapter named {name:?} in {dir}{}", refused_note(.refused))]
+    NotFound { name: String, dir: PathBuf, refused: Vec<String> },
+    #[error("more than one file in {dir} provides adapter {name:?}: {}", .files.join(", "))]
+    Ambiguous { name: String, dir: PathBuf, files: Vec<String> },
+}
+
+fn refused_note(refused: &[String]) -> String {
+    if refused.is_empty() {
+        String::new()
+    } else {
+        format!(" (refused files: {})", refused.join("; "))
+    }
+}
+
+/// The plugin directory as last scanned. Probes are cached by path, size, mtime and hash.
+#[derive(Debug)]
+pub struct Catalog {
+    dir: PathBuf,
+    /// The `switchboard` executable that runs the child-process probes.
+    exe: PathBuf,
+    entries: BTreeMap<PathBuf, Entry>,
+    probe_timeout: Duration,
+}
+
+impl Catalog {
+    pub fn new(dir: PathBuf, exe: PathBuf) -> Self {
+        Self { dir, exe, entries: BTreeMap::new(), probe_timeout: Duration::from_secs(20) }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Re-read the directory, probing new and changed files. Returns the files refused in
+    /// this scan (path, reason) so the caller can log them.
+    pub async fn scan(&mut self) -> Result<Vec<(PathBuf, String)>, std::io::Error> {
+        let mut seen = BTreeMap::new();
+        let mut refused = Vec::new();
+        let mut reader = tokio::fs::read_dir(&self.dir).await?;
+        while let Some(item) = reader.next_entry().await? {
+            let path = item.path();
+            if !is_candidate(&path) {
+                continue;
+            }
+            let Ok(meta) = item.metadata().await else { continue };
+            if !meta.is_file() {
+                continue;
+            }
+            let modified = meta.modified().ok();
+            let cached = self
+                .entries
+                .get(&path)
+                .filter(|e| e.digest.len == meta.len() && e.modified == modified && modified.is_some());
+            let entry = match cached {
+                Some(entry) => entry.clone(),
+                None => {
+                    let digest = match loader::digest(&path) {
+                        Ok(d) => d,
+                        Err(e) => {
+                            refused.push((path.clone(), e.to_string()));
+                            continue;
+                        }
+                    };
+                    let unchanged = self.entries.get(&path).filter(|e| e.digest == digest);
+                    let probe = match unchanged {
+                        Some(e) => e.probe.clone(),
+                        None => self.probe(&path).await.and_then(|report| match (report.manifest, report.error) {
+                            (Some(manifest), None) => Ok(manifest),
+                            (_, Some(error)) => Err(error),
+                            (None, None) => Err("the probe reported no manifest".into()),
+                        }),
+                    };
+                    if let Err(reason) = &probe {
+                        refused.push((path.clone(), reason.clone()));
+                    }
+                    Entry { path: path.clone(), digest, modified, probe }
+                }
+            };
+            seen.insert(path, entry);
+        }
+        self.entries = seen;
+        Ok(refused)
+    }
+
+    /// The one file that provides adapter `name`.
+    pub fn find(&self, name: &str) -> Result<&Entry, FindError> {
+        let matching: Vec<&Entry> = self
+            .entries
+            .values()
+            .filter(|e| e.probe.as_ref().is_ok_and(|m| m.adapter_name == name))
+            .collect();
+        match matching.as_slice() {
+            [one] => Ok(one),
+            [] => Err(FindError::NotFound {
+                name: name.into(),
+                dir: self.dir.clone(),
+                refused: self
+                    .entries
+                    .values()
+                    .filter_map(|e| e.probe.as_ref().err().map(|why| format!("{}: {}", e.path.display(), first_line(why))))
+                    .collect(),
+            }),
+            many => Err(FindError::Ambiguous {
+                name: name.into(),
+                dir: self.dir.clone(),
+                files: many.iter().map(|e| e.path.display().to_string()).collect(),
+            }),
+        }
+    }
+
+    /// Validate each config with the adapter in `entry`, in a child process.
+    pub async fn validate(&self, entry: &Entry, configs: &[String]) -> Result<Vec<Vec<Problem>>, String> {
+        let mut command = Command::new(&self.exe);
+        command.arg("check-plugin").arg(&entry.path);
+        for config in configs {
+            command.arg("--validate").arg(config);
+        }
+        let report = self.run_probe(command, &entry.path).await?;
+        match report.error {
+            Some(error) => Err(error),
+            None if report.validations.len() == configs.len() => Ok(report.validations),
+            None => Err("the probe did not validate every config".into()),
+        }
+    }
+
+    async fn probe(&self, path: &Path) -> Result<PluginReport, String> {
+        let mut command = Command::new(&self.exe);
+        command.arg("check-plugin").arg(path);
+        self.run_probe(command, path).await
+    }
+
+    async fn run_probe(&self, mut command: Command, path: &Path) -> Result<PluginReport, String> {
+        command.kill_on_drop(true).stdin(std::process::Stdio::null());
+        let output = tokio::time::timeout(self.probe_timeout, command.output())
+            .await
+            .map_err(|_| format!("probing {} took longer than {:?}", path.display(), self.probe_timeout))?
+            .map_err(|e| format!("cannot run {} check-plugin: {e}", self.exe.display()))?;
+        serde_json::from_slice(&output.stdout).map_err(|_| {
+            // The child died before it could report: the file crashed the loader.
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            format!(
+                "{} crashed the probe ({}){}",
+                path.display(),
+                output.status,
+                stderr.lines().last().map(|l| format!(": {l}")).unwrap_or_default()
+            )
+        })
+    }
+}
+
+fn first_line(text: &str) -> &str {
+    text.lines().next().unwrap_or(text)
+}
+
+/// Library files only; hidden, temporary and partial files are skipped (deployers write a
+/// temporary name and rename it into place).
+fn is_candidate(path: &Path) -> bool {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else { return false };
+    if name.starts_with('.') || name.ends_with('~') {
+        return false;
+    }
+    matches!(path.extension().and_then(|e| e.to_str()), Some("so" | "dylib" | "dll"))
+}

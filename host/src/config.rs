@@ -1,0 +1,528 @@
+//! The gateway's TOML config: parsing and host-side validation.
+//!
+//! Every problem is collected with its key path before anything is rejected, so an operator
+//! fixes a file in one pass (Vector's rule). Keys that belong to an adapter are not checked
+//! here: they go to that adapter's `validate_config` (see [`crate::catalog`]).
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use toml::{Table, Value};
+
+/// The agent a channel instance without a binding uses.
+pub const DEFAULT_AGENT: &str = "main";
+
+/// Keys of a `[channels.<id>]` table that the host reads; the rest belong to the adapter.
+const HOST_CHANNEL_KEYS: &[&str] = &["plugin", "thread_sessions"];
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub gateway: GatewayConfig,
+    pub plugins: PluginsConfig,
+    pub channels: BTreeMap<String, ChannelConfig>,
+    pub agents: BTreeMap<String, AgentConfig>,
+    pub bindings: Vec<Binding>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatewayConfig {
+    pub state_dir: PathBuf,
+    /// Where `/livez`, `/readyz`, `/metrics` and `/status` are served; `None` turns it off.
+    pub admin_listen: Option<SocketAddr>,
+    /// How many agent turns run at once across all sessions.
+    pub max_concurrent_turns: usize,
+    /// How often the typing indicator is renewed while an agent works.
+    pub typing_interval: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PluginsConfig {
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChannelConfig {
+    /// The adapter's manifest name.
+    pub plugin: String,
+    /// Give each thread its own session (`...:thread:<root id>`).
+    pub thread_sessions: bool,
+    /// The adapter's own keys, as JSON, for its `validate_config` and constructor.
+    pub adapter_config: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentConfig {
+    pub kind: AgentKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum AgentKind {
+    /// Replies `echo: <text>`.
+    Echo,
+    /// Runs a program with a JSON request on stdin; its stdout is the reply.
+    Command { argv: Vec<String>, timeout: Duration },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Binding {
+    pub channel: String,
+    pub agent: String,
+}
+
+/// One problem in a config file, at a key path such as `channels.mattermost.plugin`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ConfigError {
+    pub key_path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key_path.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.key_path, self.message)
+        }
+    }
+}
+
+/// Every problem found in a config file.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{} problem(s) in {}:\n{}", .errors.len(), .file.display(), list(.errors))]
+pub struct ConfigErrors {
+    pub file: PathBuf,
+    pub errors: Vec<ConfigError>,
+}
+
+fn list(errors: &[ConfigError]) -> String {
+    errors.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n")
+}
+
+impl ChannelConfig {
+    pub fn adapter_config_json(&self) -> String {
+        self.adapter_config.to_string()
+    }
+}
+
+impl Config {
+    /// Read and validate the host-side part of a config file. Relative paths are resolved
+    /// against the file's directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+            file: path.to_path_buf(),
+            errors: vec![ConfigError { key_path: String::new(), message: format!("cannot read the file: {e}") }],
+        })?;
+        let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        Config::parse(&text, base)
+            .map_err(|errors| ConfigErrors { file: path.to_path_buf(), errors })
+    }
+
+    pub fn parse(text: &str, base_dir: &Path) -> Result<Config, Vec<ConfigError>> {
+        let root: Table = text.parse().map_err(|e: toml::de::Error| {
+            vec![ConfigError { key_path: String::new(), message: format!("not valid TOML: {}", e.message().trim()) }]
+        })?;
+        let mut reader = Reader { errors: Vec::new(), base_dir };
+        let config = reader.config(&root);
+        if reader.errors.is_empty() {
+            Ok(config)
+        } else {
+            reader.errors.sort();
+            reader.errors.dedup();
+            Err(reader.errors)
+        }
+    }
+
+    /// The agent serving a channel instance.
+    pub fn agent_for(&self, channel: &str) -> &str {
+        self.bindings
+            .iter()
+            .find(|b| b.channel == channel)
+            .map(|b| b.agent.as_str())
+            .unwrap_or(DEFAULT_AGENT)
+    }
+}
+
+/// Walks the TOML tree, collecting problems instead of stopping at the first.
+struct Reader<'a> {
+    errors: Vec<ConfigError>,
+    base_dir: &'a Path,
+}
+
+impl Reader<'_> {
+    fn problem(&mut self, key_path: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ConfigError { key_path: key_path.into(), message: message.into() });
+    }
+
+    fn config(&mut self, root: &Table) -> Config {
+        self.known_keys("", root, &["gateway", "plugins", "channels", "agents", "bindings"]);
+        let empty = Table::new();
+        let gateway = self.table_at(root, "", "gateway").unwrap_or(&empty);
+        let gateway = self.gateway(gateway);
+        let plugins = self.table_at(root, "", "plugins").unwrap_or(&empty);
+        self.known_keys("plugins", plugins, &["dir"]);
+        let plugins = PluginsConfig { dir: self.path(plugins, "plugins", "dir", "plugins") };
+
+        let mut channels = BTreeMap::new();
+        if let Some(table) = self.table_at(root, "", "channels") {
+            for (id, value) in table {
+                let path = format!("channels.{id}");
+                self.identifier(&path, id);
+                match value.as_table() {
+                    Some(channel) => {
+                        if let Some(channel) = self.channel(&path, channel) {
+                            channels.insert(id.clone(), channel);
+                        }
+                    }
+                    None => self.problem(path, "expected a table"),
+                }
+            }
+        }
+        let mut agents = BTreeMap::new();
+        if let Some(table) = self.table_at(root, "", "agents") {
+            for (id, value) in table {
+                let path = format!("agents.{id}");
+                self.identifier(&path, id);
+                match value.as_table() {
+                    Some(agent) => {
+                        if let Some(agent) = self.agent(&path, agent) {
+                            agents.insert(id.clone(), agent);
+                        }
+                    }
+                    None => self.problem(path, "expected a table"),
+                }
+            }
+        }
+        let bindings = self.bindings(root, &channels, &agents);
+        for id in channels.keys() {
+            let agent = bindings.iter().find(|b| &b.channel == id).map_or(DEFAULT_AGENT, |b| &b.agent);
+            if agent == DEFAULT_AGENT && !agents.contains_key(DEFAULT_AGENT) {
+                self.problem(
+                    format!("channels.{id}"),
+                    format!("no [[bindings]] entry names this channel and there is no default agent [agents.{DEFAULT_AGENT}]"),
+                );
+            }
+        }
+        Config { gateway, plugins, channels, agents, bindings }
+    }
+
+    fn gateway(&mut self, table: &Table) -> GatewayConfig {
+        self.known_keys(
+            "gateway",
+            table,
+            &["state_dir", "admin_listen", "max_concurrent_turns", "typing_interval_ms"],
+        );
+        let state_dir = self.path(table, "gateway", "state_dir", "state");
+        let admin_listen = match table.get("admin_listen") {
+            None => Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+            Some(Value::String(s)) if s == "off" => None,
+            Some(Value::String(s)) => match s.parse() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    self.problem("gateway.admin_listen", format!("expected an address like \"127.0.0.1:9464\" or \"off\", got {s:?}"));
+                    None
+                }
+            },
+            Some(other) => {
+                self.problem("gateway.admin_listen", format!("expected a string, got {}", other.type_str()));
+                None
+            }
+        };
+        let max_concurrent_turns = self.positive_int(table, "gateway", "max_concurrent_turns", 64) as usize;
+        let typing_interval = Duration::from_millis(self.positive_int(table, "gateway", "typing_interval_ms", 3000));
+        GatewayConfig { state_dir, admin_listen, max_concurrent_turns, typing_interval }
+    }
+
+    fn channel(&mut self, path: &str, table: &Table) -> Option<ChannelConfig> {
+        let plugin = match table.get("plugin") {
+            Some(Value::String(s)) if !s.trim().is_empty() => Some(s.clone()),
+            Some(Value::String(_)) => {
+                self.problem(format!("{path}.plugin"), "must name an adapter");
+                None
+            }
+            Some(other) => {
+                self.problem(format!("{path}.plugin"), format!("expected a string, got {}", other.type_str()));
+                None
+            }
+            None => {
+                self.problem(format!("{path}.plugin"), "missing: the name of the adapter that serves this channel");
+                None
+            }
+        };
+        let thread_sessions = match table.get("thread_sessions") {
+            None => false,
+            Some(Value::Boolean(b)) => *b,
+            Some(other) => {
+                self.problem(format!("{path}.thread_sessions"), format!("expected true or false, got {}", other.type_str()));
+                false
+            }
+        };
+        let adapter_table: Table = table
+            .iter()
+            .filter(|(key, _)| !HOST_CHANNEL_KEYS.contains(&key.as_str()))
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect();
+        let adapter_config = match serde_json::to_value(&adapter_table) {
+            Ok(json) => json,
+            Err(e) => {
+                self.problem(path, format!("cannot hand these keys to the adapter: {e}"));
+                serde_json::Value::Null
+            }
+        };
+        Some(ChannelConfig { plugin: plugin?, thread_sessions, adapter_config })
+    }
+
+    fn agent(&mut self, path: &str, table: &Table) -> Option<AgentConfig> {
+        let kind = match table.get("kind") {
+            Some(Value::String(kind)) => kind.as_str(),
+            Some(other) => {
+                self.problem(format!("{path}.kind"), format!("expected a string, got {}", other.type_str()));
+                return None;
+            }
+            None => {
+                self.problem(format!("{path}.kind"), "missing: one of echo, command");
+                return None;
+            }
+        };
+        match kind {
+            "echo" => {
+                self.known_keys(path, table, &["kind"]);
+                Some(AgentConfig { kind: AgentKind::Echo })
+            }
+            "command" => {
+                self.known_keys(path, table, &["kind", "command", "timeout_ms"]);
+                let argv = match table.get("command") {
+                    Some(Value::Array(items)) if !items.is_empty() => {
+                        let mut argv = Vec::new();
+                        for (i, item) in items.iter().enumerate() {
+                            match item.as_str() {
+                                Some(s) => argv.push(s.to_string()),
+                                None => self.problem(format!("{path}.command[{i}]"), "expected a string"),
+                            }
+                        }
+                        argv
+                    }
+                    Some(Value::String(program)) if !program.trim().is_empty() => vec![program.clone()],
+                    Some(_) => {
+                        self.problem(format!("{path}.command"), "expected a program path or a non-empty array [program, args...]");
+                        Vec::new()
+                    }
+                    None => {
+                        self.problem(format!("{path}.command"), "missing: the program to run, e.g. [\"/usr/local/bin/my-agent\", \"--json\"]");
+                        Vec::new()
+                    }
+                };
+                let timeout = Duration::from_millis(self.positive_int(table, path, "timeout_ms", 30_000));
+                (!argv.is_empty()).then_some(AgentConfig { kind: AgentKind::Command { argv, timeout } })
+            }
+            other => {
+                self.problem(format!("{path}.kind"), format!("unknown agent kind {other:?}: expected one of echo, command"));
+                None
+            }
+        }
+    }
+
+    fn bindings(
+        &mut self,
+        root: &Table,
+        channels: &BTreeMap<String, ChannelConfig>,
+        agents: &BTreeMap<String, AgentConfig>,
+    ) -> Vec<Binding> {
+        let mut bindings = Vec::new();
+        let Some(value) = root.get("bindings") else { return bindings };
+        let Some(items) = value.as_array() else {
+            self.problem("bindings", "expected an array of tables ([[bindings]])");
+            return bindings;
+        };
+        for (i, item) in items.iter().enumerate() {
+            let path = format!("bindings[{i}]");
+            let Some(table) = item.as_table() else {
+                self.problem(path, "expected a table");
+                continue;
+            };
+            self.known_keys(&path, table, &["channel", "agent"]);
+            let channel = self.required_string(table, &path, "channel");
+            let agent = self.required_string(table, &path, "agent");
+            if let Some(channel) = &channel {
+                if !channels.contains_key(channel) {
+                    self.problem(format!("{path}.channel"), format!("no channel instance [channels.{channel}]"));
+                }
+                if bindings.iter().any(|b: &Binding| &b.channel == channel) {
+                    self.problem(format!("{path}.channel"), format!("channel {channel:?} is already bound to an agent"));
+                }
+            }
+            if let Some(agent) = &agent {
+                if !agents.contains_key(agent) {
+                    self.problem(format!("{path}.agent"), format!("no agent [agents.{agent}]"));
+                }
+            }
+            if let (Some(channel), Some(agent)) = (channel, agent) {
+                bindings.push(Binding { channel, agent });
+            }
+        }
+        bindings
+    }
+
+    fn known_keys(&mut self, path: &str, table: &Table, known: &[&str]) {
+        for key in table.keys() {
+            if !known.contains(&key.as_str()) {
+                let full = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+                self.problem(full, format!("unknown key (expected one of: {})", known.join(", ")));
+            }
+        }
+    }
+
+    fn table_at<'t>(&mut self, table: &'t Table, path: &str, key: &str) -> Option<&'t Table> {
+        let value = table.get(key)?;
+        let full = if path.is_empty() { key.to_string() } else { format!("{path}.{key}") };
+        match value.as_table() {
+            Some(t) => Some(t),
+            None => {
+                self.problem(full, format!("expected a table, got {}", value.type_str()));
+                None
+            }
+        }
+    }
+
+    fn required_string(&mut self, table: &Table, path: &str, key: &str) -> Option<String> {
+        match table.get(key) {
+            Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+            Some(Value::String(_)) => {
+                self.problem(format!("{path}.{key}"), "must not be empty");
+                None
+            }
+            Some(other) => {
+                self.problem(format!("{path}.{key}"), format!("expected a string, got {}", other.type_str()));
+                None
+            }
+            None => {
+                self.problem(format!("{path}.{key}"), "missing");
+                None
+            }
+        }
+    }
+
+    fn path(&mut self, table: &Table, path: &str, key: &str, default: &str) -> PathBuf {
+        let raw = match table.get(key) {
+            None => default.to_string(),
+            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            Some(other) => {
+                self.problem(format!("{path}.{key}"), format!("expected a non-empty path string, got {}", other.type_str()));
+                default.to_string()
+            }
+        };
+        let raw = PathBuf::from(raw);
+        if raw.is_absolute() {
+            raw
+        } else {
+            self.base_dir.join(raw)
+        }
+    }
+
+    fn positive_int(&mut self, table: &Table, path: &str, key: &str, default: u64) -> u64 {
+        match table.get(key) {
+            None => default,
+            Some(Value::Integer(n)) if *n > 0 => *n as u64,
+            Some(other) => {
+                self.problem(format!("{path}.{key}"), format!("expected a positive integer, got {other}"));
+                default
+            }
+        }
+    }
+
+    /// Instance and agent ids appear inside session keys, whose parts are `:`-separated.
+    fn identifier(&mut self, path: &str, id: &str) {
+        let ok = !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !ok {
+            self.problem(path, "ids may use only letters, digits, '-' and '_'");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED: &str = r#"
+[gateway]
+state_dir = "state"
+
+[plugins]
+dir = "plugins"
+
+[channels.mattermost]
+plugin = "mattermost"
+base_url = "http://127.0.0.1:8065"
+bot_token_env = "MM_BOT_TOKEN"
+chatmode = "oncall"
+onchar_prefixes = [">", "!"]
+dm_policy = "open"
+group_policy = "open"
+allow_from = []
+
+[agents.main]
+kind = "echo"
+
+[[bindings]]
+channel = "mattermost"
+agent = "main"
+"#;
+
+    #[test]
+    fn the_documented_minimal_config_parses() {
+        let config = Config::parse(SEED, Path::new("/etc/switchboard")).unwrap();
+        assert_eq!(config.gateway.state_dir, PathBuf::from("/etc/switchboard/state"));
+        assert_eq!(config.plugins.dir, PathBuf::from("/etc/switchboard/plugins"));
+        let channel = &config.channels["mattermost"];
+        assert_eq!(channel.plugin, "mattermost");
+        assert_eq!(channel.adapter_config["chatmode"], "oncall");
+        assert!(channel.adapter_config.get("plugin").is_none(), "host keys are not handed to the adapter");
+        assert_eq!(config.agent_for("mattermost"), "main");
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key_path() {
+        let text = r#"
+[gateway]
+state_dir = 7
+colour = "blue"
+[channels."bad:id"]
+plugin = "mattermost"
+[channels.second]
+thread_sessions = "yes"
+[agents.main]
+kind = "oracle"
+[agents.cmd]
+kind = "command"
+[[bindings]]
+channel = "nowhere"
+agent = "ghost"
+"#;
+        let errors = Config::parse(text, Path::new(".")).unwrap_err();
+        let paths: Vec<&str> = errors.iter().map(|e| e.key_path.as_str()).collect();
+        for expected in [
+            "gateway.state_dir",
+            "gateway.colour",
+            "channels.bad:id",
+            "channels.second.plugin",
+            "channels.second.thread_sessions",
+            "agents.main.kind",
+            "agents.cmd.command",
+            "bindings[0].channel",
+            "bindings[0].agent",
+        ] {
+            assert!(paths.contains(&expected), "missing {expected} in {paths:?}");
+        }
+    }
+
+    #[test]
+    fn broken_toml_is_one_clear_error() {
+        let errors = Config::parse("[gateway\nstate_dir=", Path::new(".")).unwrap_err();
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].message.starts_with("not valid TOML"), "{}", errors[0]);
+    }
+}

@@ -1,0 +1,397 @@
+//! The gateway: start-up, the reload controller and shutdown.
+//!
+//! Every reload trigger — SIGUSR1, SIGHUP, the admin API — becomes one [`ControlMessage`]
+//! handled by one controller task (Vector's rule). A reload re-reads the config and the plugin
+//! directory, validates *everything* (collecting all errors; the running config stays on any
+//! error), then diffs by channel instance: only instances whose config or plugin file changed
+//! get a new adapter generation; the others are not touched.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    future::Future,
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{
+    admin::{self, AdminState},
+    catalog::{Catalog, Entry},
+    channel::{self, InstanceHandle, Shared},
+    config::{ChannelConfig, Config, ConfigError, ConfigErrors},
+    ledger::Ledger,
+    loader::FileDigest,
+    metrics::Metrics,
+    routing::Router,
+    session::MemorySessions,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Config(#[from] ConfigErrors),
+    #[error("state directory {dir}: {reason}")]
+    StateDir { dir: PathBuf, reason: String },
+    #[error("plugin directory {dir}: {reason}")]
+    PluginDir { dir: PathBuf, reason: String },
+}
+
+/// A request to the controller.
+pub enum ControlMessage {
+    Reload { trigger: &'static str, done: Option<oneshot::Sender<ReloadOutcome>> },
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum ReloadOutcome {
+    Applied { changed: Vec<String>, added: Vec<String>, removed: Vec<String>, unchanged: Vec<String>, failed: Vec<String> },
+    Rejected { errors: Vec<String> },
+}
+
+struct RunningChannel {
+    handle: InstanceHandle,
+    config: ChannelConfig,
+    digest: FileDigest,
+}
+
+struct Controller {
+    config_path: PathBuf,
+    config: Config,
+    catalog: Catalog,
+    channels: BTreeMap<String, RunningChannel>,
+    next_generation: BTreeMap<String, u64>,
+    shared: Arc<Shared>,
+    expected_channels: Arc<RwLock<BTreeSet<String>>>,
+}
+
+/// Run the gateway until `shutdown` completes. The admin listener, when given, is served
+/// for the whole run (tests bind it on port 0).
+pub async fn run(
+    config_path: PathBuf,
+    exe: PathBuf,
+    admin_listener: Option<tokio::net::TcpListener>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), GatewayError> {
+    let config = Config::load(&config_path)?;
+    let (control_tx, mut control_rx) = mpsc::channel(16);
+    let mut controller = Controller::start(config_path, config, exe).await?;
+    spawn_signal_triggers(control_tx.clone());
+    if let Some(listener) = admin_listener {
+        let state = AdminState {
+            shared: controller.shared.clone(),
+            control: control_tx.clone(),
+            expected_channels: controller.expected_channels.clone(),
+        };
+        match listener.local_addr() {
+            Ok(addr) => tracing::info!("admin listening on {addr}"),
+            Err(e) => tracing::warn!("admin listener has no local address: {e}"),
+        }
+        tokio::spawn(admin::serve(listener, state));
+    }
+    tracing::info!(channels = controller.channels.len(), "gateway running");
+    tokio::select! {
+        _ = controller.serve(&mut control_rx) => {}
+        _ = shutdown => tracing::info!("shutting down"),
+    }
+    controller.stop().await;
+    Ok(())
+}
+
+fn spawn_signal_triggers(control: mpsc::Sender<ControlMessage>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    for (kind, name) in [(SignalKind::user_defined1(), "SIGUSR1"), (SignalKind::hangup(), "SIGHUP")] {
+        let control = control.clone();
+        match signal(kind) {
+            Ok(mut stream) => {
+                tokio::spawn(async move {
+                    while stream.recv().await.is_some() {
+                        if control.send(ControlMessage::Reload { trigger: name, done: None }).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            Err(e) => tracing::warn!("cannot listen for {name}: {e}"),
+        }
+    }
+}
+
+impl Controller {
+    async fn start(config_path: PathBuf, config: Config, exe: PathBuf) -> Result<Controller, GatewayError> {
+        prepare_state_dir(&config.gateway.state_dir)?;
+        let mut catalog = Catalog::new(config.plugins.dir.clone(), exe);
+        let entries = resolve(&config, &mut catalog)
+            .await
+            .map_err(|errors| GatewayError::Config(ConfigErrors { file: config_path.clone(), errors }))?;
+        let metrics = Arc::new(Metrics::new());
+        let router = Router::new(&config, Arc::new(MemorySessions::default()), metrics.clone());
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("switchboard/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| GatewayError::StateDir { dir: config.gateway.state_dir.clone(), reason: format!("HTTP client: {e}") })?;
+        let shared = Arc::new(Shared { router, metrics, ledger: Ledger::default(), http });
+        let mut controller = Controller {
+            config_path,
+            config: config.clone(),
+            catalog,
+            channels: BTreeMap::new(),
+            next_generation: BTreeMap::new(),
+            shared,
+            expected_channels: Arc::new(RwLock::new(config.channels.keys().cloned().collect())),
+        };
+        for (id, channel) in &config.channels {
+            controller.add_channel(id, channel.clone(), &entries[id]).await;
+        }
+        Ok(controller)
+    }
+
+    async fn serve(&mut self, control: &mut mpsc::Receiver<ControlMessage>) {
+        while let Some(message) = control.recv().await {
+            match message {
+                ControlMessage::Reload { trigger, done } => {
+                    let outcome = self.reload(trigger).await;
+                    let label = match &outcome {
+                        ReloadOutcome::Applied { failed, .. } if failed.is_empty() => "applied",
+                        ReloadOutcome::Applied { .. } => "partly_applied",
+                        ReloadOutcome::Rejected { .. } => "rejected",
+                    };
+                    self.shared
+                        .metrics
+                        .reloads
+                        .get_or_create(&vec![("trigger", trigger.to_string()), ("outcome", label.to_string())])
+                        .inc();
+                    if let Some(done) = done {
+                        let _ = done.send(outcome);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn reload(&mut self, trigger: &'static str) -> ReloadOutcome {
+        tracing::info!(trigger, config = %self.config_path.display(), "reload requested");
+        let new = match Config::load(&self.config_path) {
+            Ok(config) => config,
+            Err(errors) => return self.reject(trigger, errors.errors),
+        };
+        if new.plugins.dir != self.catalog.dir() {
+            self.catalog = Catalog::new(new.plugins.dir.clone(), self.catalog_exe());
+        }
+        let entries = match resolve(&new, &mut self.catalog).await {
+            Ok(entries) => entries,
+            Err(errors) => return self.reject(trigger, errors),
+        };
+        if new.gateway.state_dir != self.config.gateway.state_dir || new.gateway.admin_listen != self.config.gateway.admin_listen {
+            tracing::warn!("gateway.state_dir and gateway.admin_listen take effect at the next start");
+        }
+        self.shared.router.apply(&new);
+
+        let (mut changed, mut added, mut removed, mut unchanged, mut failed) = (vec![], vec![], vec![], vec![], vec![]);
+        let gone: Vec<String> = self.channels.keys().filter(|id| !new.channels.contains_key(*id)).cloned().collect();
+        for id in gone {
+            if let Some(running) = self.channels.remove(&id) {
+                running.handle.stop().await;
+                tracing::info!(channel = %id, "channel instance removed");
+                removed.push(id);
+            }
+        }
+        for (id, channel) in &new.channels {
+            let entry = &entries[id];
+            match self.channels.get(id) {
+                None => {
+                    if self.add_channel(id, channel.clone(), entry).await {
+                        added.push(id.clone());
+                    } else {
+                        failed.push(id.clone());
+                    }
+                }
+                Some(running) if running.config == *channel && running.digest == entry.digest => unchanged.push(id.clone()),
+                Some(_) => {
+                    if self.replace_channel(id, channel.clone(), entry).await {
+                        changed.push(id.clone());
+                    } else {
+                        failed.push(id.clone());
+                    }
+                }
+            }
+        }
+        *self.expected_channels.write().unwrap() = self.channels.keys().cloned().collect();
+        self.config = new;
+        tracing::info!(
+            trigger,
+            changed = ?changed,
+            added = ?added,
+            removed = ?removed,
+            unchanged = ?unchanged,
+            failed = ?failed,
+            "reload applied"
+        );
+        ReloadOutcome::Applied { changed, added, removed, unchanged, failed }
+    }
+
+    fn reject(&self, trigger: &'static str, errors: Vec<ConfigError>) -> ReloadOutcome {
+        for error in &errors {
+            tracing::error!(trigger, key = %error.key_path, "config error: {}", error.message);
+        }
+        tracing::error!(
+            trigger,
+            problems = errors.len(),
+            "reload rejected: {} problem(s) in {}; the running config stays in force",
+            errors.len(),
+            self.config_path.display()
+        );
+        ReloadOutcome::Rejected { errors: errors.iter().map(ToString::to_string).collect() }
+    }
+
+    fn catalog_exe(&self) -> PathBuf {
+        std::env::current_exe().unwrap_or_else(|_| PathBuf::from("switchboard"))
+    }
+
+    fn generation_number(&mut self, id: &str) -> u64 {
+        let next = self.next_generation.entry(id.to_string()).or_insert(1);
+        let number = *next;
+        *next += 1;
+        number
+    }
+
+    async fn add_channel(&mut self, id: &str, config: ChannelConfig, entry: &Entry) -> bool {
+        let number = self.generation_number(id);
+        let generations = generations_dir(&self.config.gateway.state_dir);
+        match channel::prepare(entry, generations, id, number).await {
+            Ok(prepared) => {
+                let digest = prepared.digest.clone();
+                let handle = channel::spawn(id.to_string(), config.clone(), prepared, self.shared.clone()).await;
+                self.channels.insert(id.to_string(), RunningChannel { handle, config, digest });
+                true
+            }
+            Err(e) => {
+                self.shared.metrics.generations_refused.inc();
+                tracing::error!(channel = %id, "cannot start the channel instance: {e}");
+                false
+            }
+        }
+    }
+
+    async fn replace_channel(&mut self, id: &str, config: ChannelConfig, entry: &Entry) -> bool {
+        let number = self.generation_number(id);
+        let generations = generations_dir(&self.config.gateway.state_dir);
+        let prepared = match channel::prepare(entry, generations, id, number).await {
+            Ok(prepared) => prepared,
+            Err(e) => {
+                self.shared.metrics.generations_refused.inc();
+                tracing::error!(channel = %id, "new generation refused; the running one keeps serving: {e}");
+                return false;
+            }
+        };
+        let digest = prepared.digest.clone();
+        let Some(running) = self.channels.get_mut(id) else { return false };
+        match running.handle.replace(prepared, config.clone()).await {
+            Ok(()) => {
+                running.config = config;
+                running.digest = digest;
+                true
+            }
+            // The instance logged why and kept its generation.
+            Err(_) => false,
+        }
+    }
+
+    async fn stop(&mut self) {
+        for (id, running) in std::mem::take(&mut self.channels) {
+            running.handle.stop().await;
+            tracing::info!(channel = %id, "channel instance stopped");
+        }
+        // Let tear-downs started by the stops finish before the process exits.
+        for _ in 0..100 {
+            if self.shared.ledger.snapshot().iter().all(|r| r.state != crate::ledger::GenerationState::Retiring) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Validate `config` against the plugin directory: every channel's adapter must be found,
+/// and must accept its config. Returns each channel's plugin file, or every problem.
+pub async fn resolve(config: &Config, catalog: &mut Catalog) -> Result<BTreeMap<String, Entry>, Vec<ConfigError>> {
+    let mut errors = Vec::new();
+    match catalog.scan().await {
+        Ok(refused) => {
+            for (file, reason) in refused {
+                tracing::warn!(file = %file.display(), "plugin file refused: {reason}");
+            }
+        }
+        Err(e) => errors.push(ConfigError {
+            key_path: "plugins.dir".into(),
+            message: format!("cannot read {}: {e}", catalog.dir().display()),
+        }),
+    }
+    let mut entries = BTreeMap::new();
+    let mut by_file: BTreeMap<PathBuf, Vec<String>> = BTreeMap::new();
+    for (id, channel) in &config.channels {
+        match catalog.find(&channel.plugin) {
+            Ok(entry) => {
+                by_file.entry(entry.path.clone()).or_default().push(id.clone());
+                entries.insert(id.clone(), entry.clone());
+            }
+            Err(e) if errors.iter().all(|e| e.key_path != "plugins.dir") => {
+                errors.push(ConfigError { key_path: format!("channels.{id}.plugin"), message: e.to_string() })
+            }
+            Err(_) => {}
+        }
+    }
+    for ids in by_file.values() {
+        let entry = &entries[&ids[0]];
+        let configs: Vec<String> = ids.iter().map(|id| config.channels[id].adapter_config_json()).collect();
+        match catalog.validate(entry, &configs).await {
+            Ok(results) => {
+                for (id, problems) in ids.iter().zip(results) {
+                    for problem in problems {
+                        let key_path = if problem.key_path.is_empty() {
+                            format!("channels.{id}")
+                        } else {
+                            format!("channels.{id}.{}", problem.key_path)
+                        };
+                        errors.push(ConfigError { key_path, message: problem.message });
+                    }
+                }
+            }
+            Err(reason) => {
+                for id in ids {
+                    errors.push(ConfigError {
+                        key_path: format!("channels.{id}.plugin"),
+                        message: format!("{} could not validate this config: {reason}", entry.path.display()),
+                    });
+                }
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(entries)
+    } else {
+        errors.sort();
+        Err(errors)
+    }
+}
+
+pub fn generations_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("generations")
+}
+
+/// Create the state directory and clear copies left by an earlier process.
+fn prepare_state_dir(state_dir: &Path) -> Result<(), GatewayError> {
+    let failed = |reason: String| GatewayError::StateDir { dir: state_dir.to_path_buf(), reason };
+    let generations = generations_dir(state_dir);
+    std::fs::create_dir_all(&generations).map_err(|e| failed(format!("cannot create {}: {e}", generations.display())))?;
+    let probe = state_dir.join(".write-test");
+    std::fs::write(&probe, b"ok").map_err(|e| failed(format!("not writable: {e}")))?;
+    let _ = std::fs::remove_file(probe);
+    if let Ok(stale) = std::fs::read_dir(&generations) {
+        for entry in stale.flatten() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    Ok(())
+}

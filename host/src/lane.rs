@@ -1,0 +1,119 @@
+//! Lanes: each session's turns run one at a time, in arrival order; different sessions run
+//! concurrently, up to a global cap.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::sync::{mpsc, Semaphore};
+
+pub type Turn = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+#[derive(Clone)]
+pub struct Lanes {
+    inner: Arc<LanesInner>,
+}
+
+struct LanesInner {
+    lanes: Mutex<HashMap<String, mpsc::UnboundedSender<Turn>>>,
+    permits: Arc<Semaphore>,
+    idle_after: Duration,
+}
+
+impl Lanes {
+    pub fn new(max_concurrent_turns: usize) -> Self {
+        Self {
+            inner: Arc::new(LanesInner {
+                lanes: Mutex::new(HashMap::new()),
+                permits: Arc::new(Semaphore::new(max_concurrent_turns.max(1))),
+                idle_after: Duration::from_secs(60),
+            }),
+        }
+    }
+
+    /// Queue `turn` on the lane of `session_key`, starting the lane if needed.
+    pub fn submit(&self, session_key: &str, turn: Turn) {
+        // Sending under the lock pairs with the lane's retirement check under the same lock:
+        // a lane never retires with a turn still queued.
+        let mut lanes = self.inner.lanes.lock().unwrap();
+        let turn = match lanes.get(session_key) {
+            Some(lane) => match lane.send(turn) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(turn)) => turn,
+            },
+            None => turn,
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = tx.send(turn);
+        lanes.insert(session_key.to_string(), tx);
+        tokio::spawn(run_lane(self.inner.clone(), session_key.to_string(), rx));
+    }
+
+    pub fn active(&self) -> usize {
+        self.inner.lanes.lock().unwrap().len()
+    }
+}
+
+async fn run_lane(inner: Arc<LanesInner>, key: String, mut turns: mpsc::UnboundedReceiver<Turn>) {
+    loop {
+        let turn = match tokio::time::timeout(inner.idle_after, turns.recv()).await {
+            Ok(Some(turn)) => turn,
+            Ok(None) => return,
+            Err(_idle) => {
+                let mut lanes = inner.lanes.lock().unwrap();
+                match turns.try_recv() {
+                    Ok(turn) => {
+                        drop(lanes);
+                        turn
+                    }
+                    Err(_) => {
+                        lanes.remove(&key);
+                        return;
+                    }
+                }
+            }
+        };
+        let Ok(_permit) = inner.permits.clone().acquire_owned().await else { return };
+        turn.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn turns_of_one_session_run_in_order_and_sessions_run_concurrently() {
+        let lanes = Lanes::new(4);
+        let log = Arc::new(Mutex::new(Vec::new()));
+        // Session a's first turn waits for session b's turn: with lanes that were not
+        // concurrent this would never finish.
+        let (b_ran_tx, b_ran_rx) = tokio::sync::oneshot::channel::<()>();
+        let mut b_ran_rx = Some(b_ran_rx);
+        for i in 0..5u64 {
+            let log = log.clone();
+            let wait_for_b = if i == 0 { b_ran_rx.take() } else { None };
+            lanes.submit("a", Box::pin(async move {
+                if let Some(b) = wait_for_b {
+                    let _ = b.await;
+                }
+                tokio::time::sleep(Duration::from_millis(5 - i)).await;
+                log.lock().unwrap().push(format!("a{i}"));
+            }));
+        }
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        lanes.submit("a", Box::pin(async move {
+            let _ = done_tx.send(());
+        }));
+        lanes.submit("b", Box::pin(async move {
+            let _ = b_ran_tx.send(());
+        }));
+        tokio::time::timeout(Duration::from_secs(5), done_rx).await.expect("lanes deadlocked").unwrap();
+        let log = log.lock().unwrap().clone();
+        assert_eq!(log, vec!["a0", "a1", "a2", "a3", "a4"]);
+    }
+}

@@ -1,0 +1,66 @@
+//! The ledger: every adapter generation this process started, for `/status` and the logs.
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GenerationState {
+    Running,
+    /// Replaced; being torn down.
+    Retiring,
+    /// Torn down and no longer mapped.
+    Unloaded,
+    /// Torn down but the copy is still mapped (leaked).
+    StillMapped,
+    /// Its constructor failed; never served.
+    Refused,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerationRecord {
+    pub channel: String,
+    pub generation: u64,
+    pub adapter_name: String,
+    pub adapter_version: String,
+    pub build: String,
+    pub source: PathBuf,
+    pub sha256: String,
+    pub copy: PathBuf,
+    pub loaded_at_ms: i64,
+    pub state: GenerationState,
+    pub events_handled: u64,
+    /// Whether `/proc/self/maps` still lists the copy (`null` where it cannot be told).
+    pub mapped: Option<bool>,
+}
+
+#[derive(Clone, Default)]
+pub struct Ledger {
+    records: Arc<Mutex<Vec<GenerationRecord>>>,
+}
+
+impl Ledger {
+    pub fn add(&self, record: GenerationRecord) {
+        self.records.lock().unwrap().push(record);
+    }
+
+    pub fn update(&self, channel: &str, generation: u64, change: impl FnOnce(&mut GenerationRecord)) {
+        let mut records = self.records.lock().unwrap();
+        if let Some(record) = records.iter_mut().rev().find(|r| r.channel == channel && r.generation == generation) {
+            change(record);
+        }
+    }
+
+    pub fn snapshot(&self) -> Vec<GenerationRecord> {
+        self.records.lock().unwrap().clone()
+    }
+
+    /// The running generation of each channel.
+    pub fn running(&self) -> Vec<GenerationRecord> {
+        self.snapshot().into_iter().filter(|r| r.state == GenerationState::Running).collect()
+    }
+}

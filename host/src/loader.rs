@@ -1,0 +1,181 @@
+//! Loading adapter libraries the way ARCHITECTURE.md §3 requires.
+//!
+//! - Each generation is *copied* to a unique path before `dlopen` (§3.3): `dlopen` of a path
+//!   that is already loaded returns the old library even after the file was replaced.
+//! - The low-level abi_stable path is used (§3.1): the safe loader leaks libraries and caches
+//!   the first root module per type, which makes reload impossible.
+//! - The layout is checked against fresh [`CheckingGlobals`] on every load (§3.2): the global
+//!   cache keeps pointers into unloaded libraries and can segfault on a later check.
+//! - [`open_adapter`] runs plugin code (C-ABI self-tests, globals init, the root module
+//!   constructor, the manifest), so it is only ever called on an apartment thread (§3.4).
+
+use std::{
+    fs,
+    io::{self, Read},
+    path::{Path, PathBuf},
+};
+
+use abi_stable::{
+    abi_stability::abi_checking::{check_layout_compatibility_with_globals, CheckingGlobals},
+    library::{lib_header_from_raw_library, LibraryError, RawLibrary},
+    StableAbi,
+};
+use sha2::{Digest, Sha256};
+use switchboard_plugin_api::{AdapterModuleRef, Manifest, ABI_VERSION};
+
+/// Why a plugin file was refused. Every variant names the file and says why in words an
+/// operator can act on; none carries a pointer into the refused library.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read plugin file {file}: {reason}")]
+    Unreadable { file: PathBuf, reason: String },
+    #[error("cannot stage plugin file {file} for loading: {reason}")]
+    Stage { file: PathBuf, reason: String },
+    #[error("{file} is not a loadable library: {reason}")]
+    NotALibrary { file: PathBuf, reason: String },
+    #[error("{file} is a library but not a switchboard adapter (it exports no root module)")]
+    NotAnAdapter { file: PathBuf },
+    #[error("{file} was built with an incompatible abi_stable or C ABI: {reason}")]
+    IncompatibleAbiStable { file: PathBuf, reason: String },
+    #[error("{file} was built against an incompatible version of the adapter interface: {reason}")]
+    IncompatibleVersion { file: PathBuf, reason: String },
+    #[error("{file} was built against an incompatible adapter interface (layout check failed):\n{reason}")]
+    IncompatibleLayout { file: PathBuf, reason: String },
+    #[error("{file} speaks adapter ABI v{found}; this gateway speaks v{expected}")]
+    AbiVersion { file: PathBuf, found: u32, expected: u32 },
+    #[error("{file}: the adapter's root module failed to initialise: {reason}")]
+    InitFailed { file: PathBuf, reason: String },
+    #[error("{file}: the adapter's manifest could not be read: {reason}")]
+    Manifest { file: PathBuf, reason: String },
+}
+
+/// A plugin file's content identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileDigest {
+    pub sha256_hex: String,
+    pub len: u64,
+}
+
+impl FileDigest {
+    pub fn short(&self) -> &str {
+        &self.sha256_hex[..12]
+    }
+}
+
+pub fn digest(file: &Path) -> Result<FileDigest, LoadError> {
+    let unreadable = |e: io::Error| LoadError::Unreadable { file: file.to_path_buf(), reason: e.to_string() };
+    let mut reader = fs::File::open(file).map_err(unreadable)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 64 * 1024];
+    let mut len = 0u64;
+    loop {
+        let n = reader.read(&mut buffer).map_err(unreadable)?;
+        if n == 0 {
+            break;
+        }
+        len += n as u64;
+        hasher.update(&buffer[..n]);
+    }
+    let sha256_hex = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    Ok(FileDigest { sha256_hex, len })
+}
+
+/// Copy `file` to `<generations_dir>/<instance>.<generation>.<sha prefix>.<ext>` (a real copy,
+/// never a hard link, so a later overwrite of `file` cannot change a loaded generation).
+pub fn stage(
+    file: &Path,
+    generations_dir: &Path,
+    instance: &str,
+    generation: u64,
+    digest: &FileDigest,
+) -> Result<PathBuf, LoadError> {
+    let failed = |e: io::Error| LoadError::Stage { file: file.to_path_buf(), reason: e.to_string() };
+    fs::create_dir_all(generations_dir).map_err(failed)?;
+    let extension = file.extension().and_then(|e| e.to_str()).unwrap_or("so");
+    let copy = generations_dir.join(format!("{instance}.{generation}.{}.{extension}", digest.short()));
+    let partial = copy.with_extension("partial");
+    fs::copy(file, &partial).map_err(failed)?;
+    fs::rename(&partial, &copy).map_err(failed)?;
+    Ok(copy)
+}
+
+/// An adapter library opened on the current (apartment) thread.
+pub struct OpenedAdapter {
+    /// Dropping this `dlclose`s the library; only after the apartment thread has exited.
+    pub library: RawLibrary,
+    pub module: AdapterModuleRef,
+    pub manifest: Manifest,
+}
+
+/// Open, check and initialise the adapter at `path`. On failure the library (when it was
+/// opened at all) is handed back so that it is closed after the apartment thread exits.
+pub fn open_adapter(path: &Path) -> Result<OpenedAdapter, (LoadError, Option<RawLibrary>)> {
+    let file = path.to_path_buf();
+    let library = RawLibrary::load_at(path).map_err(|e| (classify(&file, e), None))?;
+    match initialise(&file, &library) {
+        Ok((module, manifest)) => Ok(OpenedAdapter { library, module, manifest }),
+        Err(e) => Err((e, Some(library))),
+    }
+}
+
+fn initialise(file: &Path, library: &RawLibrary) -> Result<(AdapterModuleRef, Manifest), LoadError> {
+    // SAFETY: the header is only used while `library` is open (it is dropped after the
+    // apartment thread, which owns every value derived from it, has exited).
+    let header = unsafe { lib_header_from_raw_library(library) }.map_err(|e| classify(file, e))?;
+    let layout = header.layout().ok_or_else(|| LoadError::IncompatibleLayout {
+        file: file.to_path_buf(),
+        reason: "the library exports no layout information to check".into(),
+    })?;
+    check_layout_compatibility_with_globals(
+        <AdapterModuleRef as StableAbi>::LAYOUT,
+        layout,
+        &CheckingGlobals::new(),
+    )
+    .map_err(|errors| LoadError::IncompatibleLayout { file: file.to_path_buf(), reason: errors.to_string() })?;
+    // SAFETY: the layout was checked just above, against fresh checking globals.
+    let module = unsafe { header.init_root_module_with_unchecked_layout::<AdapterModuleRef>() }
+        .map_err(|e| classify(file, e))?;
+    let manifest = (module.manifest())()
+        .into_result()
+        .map_err(|e| LoadError::Manifest { file: file.to_path_buf(), reason: e.to_string() })?;
+    if manifest.abi_version != ABI_VERSION {
+        return Err(LoadError::AbiVersion {
+            file: file.to_path_buf(),
+            found: manifest.abi_version,
+            expected: ABI_VERSION,
+        });
+    }
+    Ok((module, manifest))
+}
+
+/// Turn abi_stable's error into ours, formatting it to an owned string right away: its
+/// `Display` may follow pointers into the library, which is about to be closed.
+fn classify(file: &Path, error: LibraryError) -> LoadError {
+    let file = file.to_path_buf();
+    let reason = error.to_string();
+    match error {
+        LibraryError::OpenError { .. } => LoadError::NotALibrary { file, reason: first_line(&reason) },
+        LibraryError::GetSymbolError { .. } => LoadError::NotAnAdapter { file },
+        LibraryError::InvalidAbiHeader(_) | LibraryError::InvalidCAbi { .. } => {
+            LoadError::IncompatibleAbiStable { file, reason }
+        }
+        LibraryError::ParseVersionError(_) | LibraryError::IncompatibleVersionNumber { .. } => {
+            LoadError::IncompatibleVersion { file, reason }
+        }
+        LibraryError::AbiInstability(_) => LoadError::IncompatibleLayout { file, reason },
+        LibraryError::RootModule { .. } => LoadError::InitFailed { file, reason },
+        _ => LoadError::InitFailed { file, reason },
+    }
+}
+
+fn first_line(text: &str) -> String {
+    text.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
+}
+
+/// Whether `path` is still mapped into this process (Linux: `/proc/self/maps`).
+/// `None` where the platform has no way to tell.
+pub fn is_mapped(path: &Path) -> Option<bool> {
+    let maps = fs::read_to_string("/proc/self/maps").ok()?;
+    let needle = path.to_string_lossy();
+    Some(maps.lines().any(|line| line.ends_with(needle.as_ref())))
+}

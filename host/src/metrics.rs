@@ -1,0 +1,80 @@
+//! Prometheus metrics, served on the admin listener at `/metrics`.
+
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+type Labels = Vec<(&'static str, String)>;
+
+pub struct Metrics {
+    registry: Registry,
+    pub inbound_messages: Family<Labels, Counter>,
+    pub replies_delivered: Family<Labels, Counter>,
+    pub replies_failed: Family<Labels, Counter>,
+    pub adapter_panics: Family<Labels, Counter>,
+    pub events_dispatched: Family<Labels, Counter>,
+    pub agent_errors: Family<Labels, Counter>,
+    pub reloads: Family<Labels, Counter>,
+    pub generations_started: Counter,
+    pub generations_refused: Counter,
+    pub generations_unloaded: Counter,
+    /// Retired generations whose copy is still mapped (should stay 0 on Linux).
+    pub generations_still_mapped: Gauge,
+    pub generations_loaded: Gauge,
+    /// Time events were held back while a generation was swapped.
+    pub swap_pause_seconds: Histogram,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("switchboard");
+        let metrics = Metrics {
+            inbound_messages: Family::default(),
+            replies_delivered: Family::default(),
+            replies_failed: Family::default(),
+            adapter_panics: Family::default(),
+            events_dispatched: Family::default(),
+            agent_errors: Family::default(),
+            reloads: Family::default(),
+            generations_started: Counter::default(),
+            generations_refused: Counter::default(),
+            generations_unloaded: Counter::default(),
+            generations_still_mapped: Gauge::default(),
+            generations_loaded: Gauge::default(),
+            swap_pause_seconds: Histogram::new([0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0].into_iter()),
+            registry: Registry::default(),
+        };
+        registry.register("inbound_messages", "Inbound messages routed to a session", metrics.inbound_messages.clone());
+        registry.register("replies_delivered", "Replies the chat server confirmed", metrics.replies_delivered.clone());
+        registry.register("replies_failed", "Replies the adapter gave up on", metrics.replies_failed.clone());
+        registry.register("adapter_panics", "Panics caught at the adapter ABI edge", metrics.adapter_panics.clone());
+        registry.register("events_dispatched", "Events handed to adapters", metrics.events_dispatched.clone());
+        registry.register("agent_errors", "Agent turns that failed", metrics.agent_errors.clone());
+        registry.register("reloads", "Reloads by trigger and outcome", metrics.reloads.clone());
+        registry.register("generations_started", "Adapter generations started", metrics.generations_started.clone());
+        registry.register("generations_refused", "Adapter generations refused or rolled back", metrics.generations_refused.clone());
+        registry.register("generations_unloaded", "Adapter generations unloaded and unmapped", metrics.generations_unloaded.clone());
+        registry.register("generations_still_mapped", "Retired generations whose copy is still mapped", metrics.generations_still_mapped.clone());
+        registry.register("generations_loaded", "Adapter libraries loaded into this process (each costs a TLS key)", metrics.generations_loaded.clone());
+        registry.register("swap_pause_seconds", "Time events were buffered during a generation swap", metrics.swap_pause_seconds.clone());
+        Metrics { registry, ..metrics }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        let _ = encode(&mut text, &self.registry);
+        text
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub fn channel(channel: &str) -> Labels {
+    vec![("channel", channel.to_string())]
+}

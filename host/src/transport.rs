@@ -1,0 +1,245 @@
+//! The host transport of one channel instance: it carries out adapter commands (WebSocket,
+//! HTTP, timers) and turns what happens into events on the instance's queue.
+//!
+//! It belongs to the channel instance, not to an adapter generation: a reload hands the new
+//! generation the same open sockets, so the chat server never sees a reconnect.
+
+use std::{collections::HashMap, time::Duration};
+
+use futures_util::{SinkExt, StreamExt};
+use switchboard_plugin_api::{Event, Header, OpenConnection};
+use tokio::{sync::mpsc, task::JoinHandle};
+use tokio_tungstenite::tungstenite::{
+    client::IntoClientRequest,
+    http::{HeaderName, HeaderValue},
+    protocol::{frame::coding::CloseCode, CloseFrame},
+    Message,
+};
+
+/// The largest HTTP response body handed to an adapter.
+const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+
+enum Outgoing {
+    Text(String),
+    Close(u16, String),
+}
+
+struct Socket {
+    url: String,
+    outgoing: mpsc::UnboundedSender<Outgoing>,
+    task: JoinHandle<()>,
+}
+
+pub struct Transport {
+    events: mpsc::UnboundedSender<Event>,
+    http: reqwest::Client,
+    sockets: HashMap<u64, Socket>,
+    timers: HashMap<u64, JoinHandle<()>>,
+}
+
+impl Transport {
+    pub fn new(events: mpsc::UnboundedSender<Event>, http: reqwest::Client) -> Self {
+        Self { events, http, sockets: HashMap::new(), timers: HashMap::new() }
+    }
+
+    /// The sockets a new generation inherits.
+    pub fn open_connections(&self) -> Vec<OpenConnection> {
+        let mut open: Vec<OpenConnection> = self
+            .sockets
+            .iter()
+            .filter(|(_, socket)| !socket.task.is_finished())
+            .map(|(conn, socket)| OpenConnection { conn: *conn, url: socket.url.as_str().into() })
+            .collect();
+        open.sort_by_key(|c| c.conn);
+        open
+    }
+
+    pub fn ws_open(&mut self, conn: u64, url: String, headers: Vec<(String, String)>) {
+        if let Some(old) = self.sockets.remove(&conn) {
+            old.task.abort();
+        }
+        let (outgoing, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(run_socket(conn, url.clone(), headers, rx, self.events.clone()));
+        self.sockets.insert(conn, Socket { url, outgoing, task });
+    }
+
+    pub fn ws_send(&mut self, conn: u64, text: String) {
+        match self.sockets.get(&conn) {
+            Some(socket) => {
+                let _ = socket.outgoing.send(Outgoing::Text(text));
+            }
+            None => tracing::debug!(conn, "adapter sent on a connection that is not open; dropped"),
+        }
+    }
+
+    pub fn ws_close(&mut self, conn: u64, code: u16, reason: String) {
+        if let Some(socket) = self.sockets.get(&conn) {
+            let _ = socket.outgoing.send(Outgoing::Close(code, reason));
+        }
+    }
+
+    /// Forget a socket whose `WsClosed` the adapter has now seen.
+    pub fn forget_socket(&mut self, conn: u64) {
+        if let Some(socket) = self.sockets.get(&conn) {
+            if socket.task.is_finished() {
+                self.sockets.remove(&conn);
+            }
+        }
+    }
+
+    pub fn http(&mut self, request: u64, method: String, url: String, headers: Vec<(String, String)>, body: String, timeout_ms: u64) {
+        let events = self.events.clone();
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap_or(reqwest::Method::GET);
+        let mut builder = self.http.request(method, &url);
+        if timeout_ms > 0 {
+            builder = builder.timeout(Duration::from_millis(timeout_ms));
+        }
+        for (name, value) in headers {
+            builder = builder.header(name, value);
+        }
+        if !body.is_empty() {
+            builder = builder.body(body);
+        }
+        tokio::spawn(async move {
+            let event = match builder.send().await {
+                Ok(response) => read_response(request, response).await,
+                // Never include the URL: it may carry credentials in a query string.
+                Err(e) => Event::HttpFailed { request, error: e.without_url().to_string().into() },
+            };
+            let _ = events.send(event);
+        });
+    }
+
+    pub fn set_timer(&mut self, timer: u64, after_ms: u64) {
+        self.cancel_timer(timer);
+        let events = self.events.clone();
+        let task = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(after_ms)).await;
+            let _ = events.send(Event::TimerFired { timer });
+        });
+        self.timers.insert(timer, task);
+    }
+
+    pub fn cancel_timer(&mut self, timer: u64) {
+        if let Some(task) = self.timers.remove(&timer) {
+            task.abort();
+        }
+    }
+
+    pub fn timer_fired(&mut self, timer: u64) {
+        if self.timers.get(&timer).is_some_and(|t| t.is_finished()) {
+            self.timers.remove(&timer);
+        }
+    }
+
+    /// Drop every socket and timer (the instance is stopping).
+    pub fn shut_down(&mut self) {
+        for (_, socket) in self.sockets.drain() {
+            socket.task.abort();
+        }
+        for (_, timer) in self.timers.drain() {
+            timer.abort();
+        }
+    }
+}
+
+impl Drop for Transport {
+    fn drop(&mut self) {
+        self.shut_down();
+    }
+}
+
+async fn read_response(request: u64, response: reqwest::Response) -> Event {
+    let status = response.status().as_u16();
+    let headers = response
+        .headers()
+        .iter()
+        .filter_map(|(name, value)| value.to_str().ok().map(|v| Header::new(name.as_str(), v)))
+        .collect();
+    let mut body = Vec::new();
+    let mut response = response;
+    loop {
+        match response.chunk().await {
+            Ok(None) => break,
+            Ok(Some(chunk)) if body.len() + chunk.len() <= MAX_BODY_BYTES => body.extend_from_slice(&chunk),
+            Ok(Some(_)) => {
+                return Event::HttpFailed { request, error: format!("response body larger than {MAX_BODY_BYTES} bytes").into() }
+            }
+            Err(e) => return Event::HttpFailed { request, error: e.without_url().to_string().into() },
+        }
+    }
+    Event::HttpResponse { request, status, headers, body: String::from_utf8_lossy(&body).into_owned().into() }
+}
+
+async fn run_socket(
+    conn: u64,
+    url: String,
+    headers: Vec<(String, String)>,
+    mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    let closed = |code: u16, reason: String| Event::WsClosed { conn, code, reason: reason.into() };
+    let mut request = match url.as_str().into_client_request() {
+        Ok(request) => request,
+        Err(e) => {
+            let _ = events.send(closed(1006, format!("invalid WebSocket URL: {e}")));
+            return;
+        }
+    };
+    for (name, value) in headers {
+        match (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(&value)) {
+            (Ok(name), Ok(value)) => {
+                request.headers_mut().insert(name, value);
+            }
+            // The value may be a secret: name the header only.
+            _ => tracing::warn!(conn, header = %name, "adapter asked for an invalid WebSocket header; skipped"),
+        }
+    }
+    let mut socket = match tokio_tungstenite::connect_async(request).await {
+        Ok((socket, _response)) => socket,
+        Err(e) => {
+            let _ = events.send(closed(1006, format!("connect failed: {e}")));
+            return;
+        }
+    };
+    if events.send(Event::WsOpened { conn }).is_err() {
+        return;
+    }
+    let (code, reason) = loop {
+        tokio::select! {
+            incoming = socket.next() => match incoming {
+                Some(Ok(Message::Text(text))) => {
+                    if events.send(Event::WsFrame { conn, text: text.as_str().into() }).is_err() {
+                        break (1001, "gateway stopping".to_string());
+                    }
+                }
+                // tungstenite queues the pong; flush so it goes out now, not with the next send.
+                Some(Ok(Message::Ping(_))) => {
+                    if let Err(e) = socket.flush().await {
+                        break (1006, format!("write failed: {e}"));
+                    }
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    break frame.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
+                }
+                Some(Ok(_binary_or_pong)) => {}
+                Some(Err(e)) => break (1006, format!("read failed: {e}")),
+                None => break (1006, "connection closed without a close frame".to_string()),
+            },
+            command = outgoing.recv() => match command {
+                Some(Outgoing::Text(text)) => {
+                    if let Err(e) = socket.send(Message::Text(text.into())).await {
+                        break (1006, format!("write failed: {e}"));
+                    }
+                }
+                Some(Outgoing::Close(code, reason)) => {
+                    let frame = CloseFrame { code: CloseCode::from(code), reason: reason.clone().into() };
+                    let _ = tokio::time::timeout(Duration::from_secs(2), socket.close(Some(frame))).await;
+                    break (code, reason);
+                }
+                None => break (1001, "gateway stopping".to_string()),
+            },
+        }
+    };
+    let _ = events.send(closed(code, reason));
+}
