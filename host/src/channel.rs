@@ -63,7 +63,7 @@ pub async fn prepare(entry: &Entry, generations_dir: PathBuf, channel: &str, num
 
 pub enum Control {
     /// Start `prepared` with `config` and retire the current generation; rolls back on failure.
-    Replace { prepared: Prepared, config: ChannelConfig, done: oneshot::Sender<Result<(), String>> },
+    Replace { prepared: Box<Prepared>, config: ChannelConfig, done: oneshot::Sender<Result<(), String>> },
     Stop { done: oneshot::Sender<()> },
 }
 
@@ -79,7 +79,7 @@ impl InstanceHandle {
     pub async fn replace(&self, prepared: Prepared, config: ChannelConfig) -> Result<(), String> {
         let (done, result) = oneshot::channel();
         self.control
-            .send(Control::Replace { prepared, config, done })
+            .send(Control::Replace { prepared: Box::new(prepared), config, done })
             .await
             .map_err(|_| "the channel instance is gone".to_string())?;
         result.await.unwrap_or_else(|_| Err("the channel instance is gone".into()))
@@ -158,7 +158,7 @@ impl Instance {
             tokio::select! {
                 biased;
                 control = self.control.recv() => match control {
-                    Some(Control::Replace { prepared, config, done }) => self.replace(prepared, config, done).await,
+                    Some(Control::Replace { prepared, config, done }) => self.replace(*prepared, config, done).await,
                     Some(Control::Stop { done }) => {
                         self.stop().await;
                         let _ = done.send(());

@@ -43,7 +43,7 @@ impl Metrics {
             generations_unloaded: Counter::default(),
             generations_still_mapped: Gauge::default(),
             generations_loaded: Gauge::default(),
-            swap_pause_seconds: Histogram::new([0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0].into_iter()),
+            swap_pause_seconds: Histogram::new([0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0]),
             registry: Registry::default(),
         };
         registry.register("inbound_messages", "Inbound messages routed to a session", metrics.inbound_messages.clone());

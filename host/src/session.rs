@@ -38,6 +38,9 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Sessions of one channel instance whose key starts with `prefix`.
     fn list(&self, channel_instance: &str, prefix: &str) -> Vec<Session>;
     fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// The in-memory registry.
