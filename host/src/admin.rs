@@ -49,7 +49,8 @@ async fn readyz(State(state): State<AdminState>) -> Response {
     if missing.is_empty() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: no running adapter for {}\n", missing.join(", "))).into_response()
+        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: no running adapter for {}\n", missing.join(", ")))
+            .into_response()
     }
 }
 
@@ -75,7 +76,9 @@ async fn reload(State(state): State<AdminState>) -> Response {
     }
     match outcome.await {
         Ok(outcome @ ReloadOutcome::Applied { .. }) => (StatusCode::OK, Json(outcome)).into_response(),
-        Ok(outcome @ ReloadOutcome::Rejected { .. }) => (StatusCode::UNPROCESSABLE_ENTITY, Json(outcome)).into_response(),
+        Ok(outcome @ ReloadOutcome::Rejected { .. }) => {
+            (StatusCode::UNPROCESSABLE_ENTITY, Json(outcome)).into_response()
+        }
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the gateway is stopping\n").into_response(),
     }
 }

@@ -17,8 +17,7 @@ use std::{
 
 use abi_stable::std_types::RStr;
 use switchboard_plugin_api::{
-    Action, AdapterBox, AdapterModuleRef, Event, Handover, HostHandle, LogLevel, Manifest, PeerKind,
-    PluginError,
+    Action, AdapterBox, AdapterModuleRef, Event, Handover, HostHandle, LogLevel, Manifest, PeerKind, PluginError,
 };
 use tokio::sync::oneshot;
 
@@ -56,17 +55,53 @@ pub struct TearDown {
 /// An adapter action, copied into host-owned types on the apartment.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
-    WsOpen { conn: u64, url: String, headers: Vec<(String, String)> },
-    WsSend { conn: u64, text: String },
-    WsClose { conn: u64, code: u16, reason: String },
-    Http { request: u64, method: String, url: String, headers: Vec<(String, String)>, body: String, timeout_ms: u64 },
-    SetTimer { timer: u64, after_ms: u64 },
-    CancelTimer { timer: u64 },
+    WsOpen {
+        conn: u64,
+        url: String,
+        headers: Vec<(String, String)>,
+    },
+    WsSend {
+        conn: u64,
+        text: String,
+    },
+    WsClose {
+        conn: u64,
+        code: u16,
+        reason: String,
+    },
+    Http {
+        request: u64,
+        method: String,
+        url: String,
+        headers: Vec<(String, String)>,
+        body: String,
+        timeout_ms: u64,
+    },
+    SetTimer {
+        timer: u64,
+        after_ms: u64,
+    },
+    CancelTimer {
+        timer: u64,
+    },
     Inbound(Inbound),
-    ReplyDelivered { reply_id: u64, platform_message_id: String },
-    ReplyFailed { reply_id: u64, error: String, retryable: bool },
-    SaveState { format_version: u32, data: String },
-    Log { level: LogLevel, message: String },
+    ReplyDelivered {
+        reply_id: u64,
+        platform_message_id: String,
+    },
+    ReplyFailed {
+        reply_id: u64,
+        error: String,
+        retryable: bool,
+    },
+    SaveState {
+        format_version: u32,
+        data: String,
+    },
+    Log {
+        level: LogLevel,
+        message: String,
+    },
     /// A variant from a newer plugin than this host knows.
     Unknown,
 }
@@ -116,7 +151,10 @@ impl Apartment {
             reason: format!("cannot start the apartment thread: {e}"),
         })?;
         let outcome = ready_rx.recv().unwrap_or_else(|_| {
-            Err(LoadError::InitFailed { file: copy_path.to_path_buf(), reason: "the apartment thread died while loading".into() })
+            Err(LoadError::InitFailed {
+                file: copy_path.to_path_buf(),
+                reason: "the apartment thread died while loading".into(),
+            })
         });
         let mut apartment = Apartment {
             jobs: Some(jobs_tx),
@@ -214,7 +252,8 @@ impl Resident {
 
     /// Export the adapter's state for the next generation (owned copy).
     pub fn export_state(&mut self) -> Result<(u32, String), PluginError> {
-        let adapter = self.adapter.as_mut().ok_or_else(|| PluginError::Failed("the adapter is not constructed".into()))?;
+        let adapter =
+            self.adapter.as_mut().ok_or_else(|| PluginError::Failed("the adapter is not constructed".into()))?;
         let blob = adapter.export_state().into_result()?;
         Ok((blob.format_version, blob.data.as_str().to_owned()))
     }

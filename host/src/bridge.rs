@@ -60,11 +60,7 @@ impl HostApi for HostBridge {
     }
 
     fn session(&self, key: RStr<'_>) -> ROption<SessionInfo> {
-        self.sessions
-            .get(key.as_str())
-            .filter(|s| s.target.channel_instance == self.channel_instance)
-            .map(info)
-            .into()
+        self.sessions.get(key.as_str()).filter(|s| s.target.channel_instance == self.channel_instance).map(info).into()
     }
 
     fn sessions(&self, key_prefix: RStr<'_>) -> RVec<SessionInfo> {

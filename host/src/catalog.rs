@@ -67,18 +67,18 @@ pub fn check_plugin(file: &Path, configs: &[String]) -> PluginReport {
     let configs = configs.to_vec();
     let runtime = tokio::runtime::Builder::new_current_thread().build();
     let outcome = match runtime {
-        Ok(rt) => rt.block_on(apartment.run(move |resident| {
-            configs.iter().map(|c| resident.validate_config(c)).collect::<Vec<_>>()
-        })),
+        Ok(rt) => rt.block_on(
+            apartment.run(move |resident| configs.iter().map(|c| resident.validate_config(c)).collect::<Vec<_>>()),
+        ),
         Err(_) => Err(crate::apartment::ApartmentGone),
     };
     match outcome {
         Ok(results) => {
             for result in results {
                 match result {
-                    Ok(problems) => report.validations.push(
-                        problems.into_iter().map(|(key_path, message)| Problem { key_path, message }).collect(),
-                    ),
+                    Ok(problems) => report
+                        .validations
+                        .push(problems.into_iter().map(|(key_path, message)| Problem { key_path, message }).collect()),
                     Err(e) => {
                         report.error = Some(format!("validate_config failed: {e}"));
                         break;
@@ -190,11 +190,8 @@ impl Catalog {
 
     /// The one file that provides adapter `name`.
     pub fn find(&self, name: &str) -> Result<&Entry, FindError> {
-        let matching: Vec<&Entry> = self
-            .entries
-            .values()
-            .filter(|e| e.probe.as_ref().is_ok_and(|m| m.adapter_name == name))
-            .collect();
+        let matching: Vec<&Entry> =
+            self.entries.values().filter(|e| e.probe.as_ref().is_ok_and(|m| m.adapter_name == name)).collect();
         match matching.as_slice() {
             [one] => Ok(one),
             [] => Err(FindError::NotFound {
@@ -203,7 +200,9 @@ impl Catalog {
                 refused: self
                     .entries
                     .values()
-                    .filter_map(|e| e.probe.as_ref().err().map(|why| format!("{}: {}", e.path.display(), first_line(why))))
+                    .filter_map(|e| {
+                        e.probe.as_ref().err().map(|why| format!("{}: {}", e.path.display(), first_line(why)))
+                    })
                     .collect(),
             }),
             many => Err(FindError::Ambiguous {

@@ -42,7 +42,12 @@ pub struct Prepared {
 }
 
 /// Stage the plugin file and open it on a new apartment.
-pub async fn prepare(entry: &Entry, generations_dir: PathBuf, channel: &str, number: u64) -> Result<Prepared, LoadError> {
+pub async fn prepare(
+    entry: &Entry,
+    generations_dir: PathBuf,
+    channel: &str,
+    number: u64,
+) -> Result<Prepared, LoadError> {
     let source = entry.path.clone();
     let digest = entry.digest.clone();
     let channel = channel.to_string();
@@ -63,8 +68,14 @@ pub async fn prepare(entry: &Entry, generations_dir: PathBuf, channel: &str, num
 
 pub enum Control {
     /// Start `prepared` with `config` and retire the current generation; rolls back on failure.
-    Replace { prepared: Box<Prepared>, config: ChannelConfig, done: oneshot::Sender<Result<(), String>> },
-    Stop { done: oneshot::Sender<()> },
+    Replace {
+        prepared: Box<Prepared>,
+        config: ChannelConfig,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+    Stop {
+        done: oneshot::Sender<()>,
+    },
 }
 
 /// The gateway's handle on a running instance.
@@ -261,7 +272,9 @@ impl Instance {
                         "delivered reply to channel:{}",
                         reply.conversation_id
                     ),
-                    None => tracing::info!(channel = %self.id, reply_id, post_id = %platform_message_id, "delivered reply"),
+                    None => {
+                        tracing::info!(channel = %self.id, reply_id, post_id = %platform_message_id, "delivered reply")
+                    }
                 }
             }
             Command::ReplyFailed { reply_id, error, retryable } => {
@@ -312,7 +325,14 @@ impl Instance {
         let previous_state = match &self.current {
             Some(running) => match running.apartment.run(|resident| resident.export_state()).await {
                 Ok(Ok((format_version, data))) => Some(StateBlob { format_version, data: data.into() }),
-                Ok(Err(e)) => return self.refuse(number, apartment, format!("the running generation could not export its state: {e}"), done),
+                Ok(Err(e)) => {
+                    return self.refuse(
+                        number,
+                        apartment,
+                        format!("the running generation could not export its state: {e}"),
+                        done,
+                    )
+                }
                 Err(gone) => return self.refuse(number, apartment, gone.to_string(), done),
             },
             None => self.saved_state.clone(),

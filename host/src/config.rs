@@ -118,8 +118,7 @@ impl Config {
             errors: vec![ConfigError { key_path: String::new(), message: format!("cannot read the file: {e}") }],
         })?;
         let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        Config::parse(&text, base)
-            .map_err(|errors| ConfigErrors { file: path.to_path_buf(), errors })
+        Config::parse(&text, base).map_err(|errors| ConfigErrors { file: path.to_path_buf(), errors })
     }
 
     pub fn parse(text: &str, base_dir: &Path) -> Result<Config, Vec<ConfigError>> {
@@ -139,11 +138,7 @@ impl Config {
 
     /// The agent serving a channel instance.
     pub fn agent_for(&self, channel: &str) -> &str {
-        self.bindings
-            .iter()
-            .find(|b| b.channel == channel)
-            .map(|b| b.agent.as_str())
-            .unwrap_or(DEFAULT_AGENT)
+        self.bindings.iter().find(|b| b.channel == channel).map(|b| b.agent.as_str()).unwrap_or(DEFAULT_AGENT)
     }
 }
 
@@ -211,11 +206,7 @@ impl Reader<'_> {
     }
 
     fn gateway(&mut self, table: &Table) -> GatewayConfig {
-        self.known_keys(
-            "gateway",
-            table,
-            &["state_dir", "admin_listen", "max_concurrent_turns", "typing_interval_ms"],
-        );
+        self.known_keys("gateway", table, &["state_dir", "admin_listen", "max_concurrent_turns", "typing_interval_ms"]);
         let state_dir = self.path(table, "gateway", "state_dir", "state");
         let admin_listen = match table.get("admin_listen") {
             None => Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
@@ -223,7 +214,10 @@ impl Reader<'_> {
             Some(Value::String(s)) => match s.parse() {
                 Ok(addr) => Some(addr),
                 Err(_) => {
-                    self.problem("gateway.admin_listen", format!("expected an address like \"127.0.0.1:9464\" or \"off\", got {s:?}"));
+                    self.problem(
+                        "gateway.admin_listen",
+                        format!("expected an address like \"127.0.0.1:9464\" or \"off\", got {s:?}"),
+                    );
                     None
                 }
             },
@@ -257,7 +251,10 @@ impl Reader<'_> {
             None => false,
             Some(Value::Boolean(b)) => *b,
             Some(other) => {
-                self.problem(format!("{path}.thread_sessions"), format!("expected true or false, got {}", other.type_str()));
+                self.problem(
+                    format!("{path}.thread_sessions"),
+                    format!("expected true or false, got {}", other.type_str()),
+                );
                 false
             }
         };
@@ -308,11 +305,17 @@ impl Reader<'_> {
                     }
                     Some(Value::String(program)) if !program.trim().is_empty() => vec![program.clone()],
                     Some(_) => {
-                        self.problem(format!("{path}.command"), "expected a program path or a non-empty array [program, args...]");
+                        self.problem(
+                            format!("{path}.command"),
+                            "expected a program path or a non-empty array [program, args...]",
+                        );
                         Vec::new()
                     }
                     None => {
-                        self.problem(format!("{path}.command"), "missing: the program to run, e.g. [\"/usr/local/bin/my-agent\", \"--json\"]");
+                        self.problem(
+                            format!("{path}.command"),
+                            "missing: the program to run, e.g. [\"/usr/local/bin/my-agent\", \"--json\"]",
+                        );
                         Vec::new()
                     }
                 };
@@ -320,7 +323,10 @@ impl Reader<'_> {
                 (!argv.is_empty()).then_some(AgentConfig { kind: AgentKind::Command { argv, timeout } })
             }
             other => {
-                self.problem(format!("{path}.kind"), format!("unknown agent kind {other:?}: expected one of echo, command"));
+                self.problem(
+                    format!("{path}.kind"),
+                    format!("unknown agent kind {other:?}: expected one of echo, command"),
+                );
                 None
             }
         }
@@ -352,7 +358,10 @@ impl Reader<'_> {
                     self.problem(format!("{path}.channel"), format!("no channel instance [channels.{channel}]"));
                 }
                 if bindings.iter().any(|b: &Binding| &b.channel == channel) {
-                    self.problem(format!("{path}.channel"), format!("channel {channel:?} is already bound to an agent"));
+                    self.problem(
+                        format!("{path}.channel"),
+                        format!("channel {channel:?} is already bound to an agent"),
+                    );
                 }
             }
             if let Some(agent) = &agent {
@@ -411,7 +420,10 @@ impl Reader<'_> {
             None => default.to_string(),
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
             Some(other) => {
-                self.problem(format!("{path}.{key}"), format!("expected a non-empty path string, got {}", other.type_str()));
+                self.problem(
+                    format!("{path}.{key}"),
+                    format!("expected a non-empty path string, got {}", other.type_str()),
+                );
                 default.to_string()
             }
         };

@@ -46,8 +46,16 @@ pub enum ControlMessage {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum ReloadOutcome {
-    Applied { changed: Vec<String>, added: Vec<String>, removed: Vec<String>, unchanged: Vec<String>, failed: Vec<String> },
-    Rejected { errors: Vec<String> },
+    Applied {
+        changed: Vec<String>,
+        added: Vec<String>,
+        removed: Vec<String>,
+        unchanged: Vec<String>,
+        failed: Vec<String>,
+    },
+    Rejected {
+        errors: Vec<String>,
+    },
 }
 
 struct RunningChannel {
@@ -130,7 +138,10 @@ impl Controller {
         let http = reqwest::Client::builder()
             .user_agent(concat!("switchboard/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| GatewayError::StateDir { dir: config.gateway.state_dir.clone(), reason: format!("HTTP client: {e}") })?;
+            .map_err(|e| GatewayError::StateDir {
+                dir: config.gateway.state_dir.clone(),
+                reason: format!("HTTP client: {e}"),
+            })?;
         let shared = Arc::new(Shared { router, metrics, ledger: Ledger::default(), http });
         let mut controller = Controller {
             config_path,
@@ -183,7 +194,9 @@ impl Controller {
             Ok(entries) => entries,
             Err(errors) => return self.reject(trigger, errors),
         };
-        if new.gateway.state_dir != self.config.gateway.state_dir || new.gateway.admin_listen != self.config.gateway.admin_listen {
+        if new.gateway.state_dir != self.config.gateway.state_dir
+            || new.gateway.admin_listen != self.config.gateway.admin_listen
+        {
             tracing::warn!("gateway.state_dir and gateway.admin_listen take effect at the next start");
         }
         self.shared.router.apply(&new);
@@ -207,7 +220,9 @@ impl Controller {
                         failed.push(id.clone());
                     }
                 }
-                Some(running) if running.config == *channel && running.digest == entry.digest => unchanged.push(id.clone()),
+                Some(running) if running.config == *channel && running.digest == entry.digest => {
+                    unchanged.push(id.clone())
+                }
                 Some(_) => {
                     if self.replace_channel(id, channel.clone(), entry).await {
                         changed.push(id.clone());
@@ -384,7 +399,8 @@ pub fn generations_dir(state_dir: &Path) -> PathBuf {
 fn prepare_state_dir(state_dir: &Path) -> Result<(), GatewayError> {
     let failed = |reason: String| GatewayError::StateDir { dir: state_dir.to_path_buf(), reason };
     let generations = generations_dir(state_dir);
-    std::fs::create_dir_all(&generations).map_err(|e| failed(format!("cannot create {}: {e}", generations.display())))?;
+    std::fs::create_dir_all(&generations)
+        .map_err(|e| failed(format!("cannot create {}: {e}", generations.display())))?;
     let probe = state_dir.join(".write-test");
     std::fs::write(&probe, b"ok").map_err(|e| failed(format!("not writable: {e}")))?;
     let _ = std::fs::remove_file(probe);

@@ -97,21 +97,30 @@ mod tests {
         for i in 0..5u64 {
             let log = log.clone();
             let wait_for_b = if i == 0 { b_ran_rx.take() } else { None };
-            lanes.submit("a", Box::pin(async move {
-                if let Some(b) = wait_for_b {
-                    let _ = b.await;
-                }
-                tokio::time::sleep(Duration::from_millis(5 - i)).await;
-                log.lock().unwrap().push(format!("a{i}"));
-            }));
+            lanes.submit(
+                "a",
+                Box::pin(async move {
+                    if let Some(b) = wait_for_b {
+                        let _ = b.await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5 - i)).await;
+                    log.lock().unwrap().push(format!("a{i}"));
+                }),
+            );
         }
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        lanes.submit("a", Box::pin(async move {
-            let _ = done_tx.send(());
-        }));
-        lanes.submit("b", Box::pin(async move {
-            let _ = b_ran_tx.send(());
-        }));
+        lanes.submit(
+            "a",
+            Box::pin(async move {
+                let _ = done_tx.send(());
+            }),
+        );
+        lanes.submit(
+            "b",
+            Box::pin(async move {
+                let _ = b_ran_tx.send(());
+            }),
+        );
         tokio::time::timeout(Duration::from_secs(5), done_rx).await.expect("lanes deadlocked").unwrap();
         let log = log.lock().unwrap().clone();
         assert_eq!(log, vec!["a0", "a1", "a2", "a3", "a4"]);

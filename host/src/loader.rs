@@ -126,12 +126,8 @@ fn initialise(file: &Path, library: &RawLibrary) -> Result<(AdapterModuleRef, Ma
         file: file.to_path_buf(),
         reason: "the library exports no layout information to check".into(),
     })?;
-    check_layout_compatibility_with_globals(
-        <AdapterModuleRef as StableAbi>::LAYOUT,
-        layout,
-        &CheckingGlobals::new(),
-    )
-    .map_err(|errors| LoadError::IncompatibleLayout { file: file.to_path_buf(), reason: errors.to_string() })?;
+    check_layout_compatibility_with_globals(<AdapterModuleRef as StableAbi>::LAYOUT, layout, &CheckingGlobals::new())
+        .map_err(|errors| LoadError::IncompatibleLayout { file: file.to_path_buf(), reason: errors.to_string() })?;
     // SAFETY: the layout was checked just above, against fresh checking globals.
     let module = unsafe { header.init_root_module_with_unchecked_layout::<AdapterModuleRef>() }
         .map_err(|e| classify(file, e))?;

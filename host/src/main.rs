@@ -8,7 +8,11 @@ use switchboard::{catalog, config::Config, gateway};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "switchboard", version, about = "A gateway between chat platforms and AI agents, with hot-reloadable channel adapters")]
+#[command(
+    name = "switchboard",
+    version,
+    about = "A gateway between chat platforms and AI agents, with hot-reloadable channel adapters"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

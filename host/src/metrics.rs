@@ -54,11 +54,31 @@ impl Metrics {
         registry.register("agent_errors", "Agent turns that failed", metrics.agent_errors.clone());
         registry.register("reloads", "Reloads by trigger and outcome", metrics.reloads.clone());
         registry.register("generations_started", "Adapter generations started", metrics.generations_started.clone());
-        registry.register("generations_refused", "Adapter generations refused or rolled back", metrics.generations_refused.clone());
-        registry.register("generations_unloaded", "Adapter generations unloaded and unmapped", metrics.generations_unloaded.clone());
-        registry.register("generations_still_mapped", "Retired generations whose copy is still mapped", metrics.generations_still_mapped.clone());
-        registry.register("generations_loaded", "Adapter libraries loaded into this process (each costs a TLS key)", metrics.generations_loaded.clone());
-        registry.register("swap_pause_seconds", "Time events were buffered during a generation swap", metrics.swap_pause_seconds.clone());
+        registry.register(
+            "generations_refused",
+            "Adapter generations refused or rolled back",
+            metrics.generations_refused.clone(),
+        );
+        registry.register(
+            "generations_unloaded",
+            "Adapter generations unloaded and unmapped",
+            metrics.generations_unloaded.clone(),
+        );
+        registry.register(
+            "generations_still_mapped",
+            "Retired generations whose copy is still mapped",
+            metrics.generations_still_mapped.clone(),
+        );
+        registry.register(
+            "generations_loaded",
+            "Adapter libraries loaded into this process (each costs a TLS key)",
+            metrics.generations_loaded.clone(),
+        );
+        registry.register(
+            "swap_pause_seconds",
+            "Time events were buffered during a generation swap",
+            metrics.swap_pause_seconds.clone(),
+        );
         Metrics { registry, ..metrics }
     }
 

@@ -97,7 +97,13 @@ impl SessionStore for MemorySessions {
 
 /// The session key for a conversation. In DMs the peer is the person, so a DM session follows
 /// them; elsewhere it is the conversation.
-pub fn session_key(agent: &str, channel_instance: &str, kind: PeerKind, peer: &str, thread_root: Option<&str>) -> String {
+pub fn session_key(
+    agent: &str,
+    channel_instance: &str,
+    kind: PeerKind,
+    peer: &str,
+    thread_root: Option<&str>,
+) -> String {
     let mut key = format!("agent:{agent}:{channel_instance}:{}:{peer}", kind.as_str());
     if let Some(root) = thread_root.filter(|r| !r.is_empty()) {
         key.push_str(":thread:");
@@ -116,7 +122,10 @@ mod tests {
 
     #[test]
     fn keys_follow_the_grammar() {
-        assert_eq!(session_key("main", "mattermost", PeerKind::Channel, "c1", None), "agent:main:mattermost:channel:c1");
+        assert_eq!(
+            session_key("main", "mattermost", PeerKind::Channel, "c1", None),
+            "agent:main:mattermost:channel:c1"
+        );
         assert_eq!(session_key("main", "mm", PeerKind::Group, "g1", Some("")), "agent:main:mm:group:g1");
         assert_eq!(session_key("ops", "mm", PeerKind::Dm, "u1", Some("r1")), "agent:ops:mm:dm:u1:thread:r1");
     }
@@ -124,7 +133,11 @@ mod tests {
     #[test]
     fn open_is_get_or_create_and_keeps_the_first_target() {
         let store = MemorySessions::default();
-        let target = DeliveryTarget { channel_instance: "mm".into(), conversation_id: "c1".into(), thread_root_id: String::new() };
+        let target = DeliveryTarget {
+            channel_instance: "mm".into(),
+            conversation_id: "c1".into(),
+            thread_root_id: String::new(),
+        };
         let first = store.open("k", "main", &target);
         let other = DeliveryTarget { conversation_id: "c2".into(), ..target.clone() };
         let again = store.open("k", "other", &other);

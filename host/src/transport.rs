@@ -87,7 +87,15 @@ impl Transport {
         }
     }
 
-    pub fn http(&mut self, request: u64, method: String, url: String, headers: Vec<(String, String)>, body: String, timeout_ms: u64) {
+    pub fn http(
+        &mut self,
+        request: u64,
+        method: String,
+        url: String,
+        headers: Vec<(String, String)>,
+        body: String,
+        timeout_ms: u64,
+    ) {
         let events = self.events.clone();
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap_or(reqwest::Method::GET);
         let mut builder = self.http.request(method, &url);
@@ -163,7 +171,10 @@ async fn read_response(request: u64, response: reqwest::Response) -> Event {
             Ok(None) => break,
             Ok(Some(chunk)) if body.len() + chunk.len() <= MAX_BODY_BYTES => body.extend_from_slice(&chunk),
             Ok(Some(_)) => {
-                return Event::HttpFailed { request, error: format!("response body larger than {MAX_BODY_BYTES} bytes").into() }
+                return Event::HttpFailed {
+                    request,
+                    error: format!("response body larger than {MAX_BODY_BYTES} bytes").into(),
+                }
             }
             Err(e) => return Event::HttpFailed { request, error: e.without_url().to_string().into() },
         }

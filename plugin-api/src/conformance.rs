@@ -116,10 +116,7 @@ pub struct Harness {
 impl Harness {
     /// Construct generation 1 of `A` and deliver `Started`; returns the harness and the
     /// actions `Started` produced.
-    pub fn start<A: AdapterPlugin>(
-        host: TestHost,
-        config_json: &str,
-    ) -> Result<(Self, Vec<Action>), String> {
+    pub fn start<A: AdapterPlugin>(host: TestHost, config_json: &str) -> Result<(Self, Vec<Action>), String> {
         let handover = Handover { generation: 1, previous_state: RNone, connections: RVec::new() };
         Self::start_with::<A>(host, config_json, handover)
     }
@@ -184,10 +181,7 @@ pub fn check_contract<A: AdapterPlugin>(
         violations.push("manifest: adapter_version is empty".to_string());
     }
     if manifest.abi_version != ABI_VERSION {
-        violations.push(format!(
-            "manifest: abi_version {} but this crate is {ABI_VERSION}",
-            manifest.abi_version
-        ));
+        violations.push(format!("manifest: abi_version {} but this crate is {ABI_VERSION}", manifest.abi_version));
     }
     let problems = A::validate_config(valid_config);
     if !problems.is_empty() {
@@ -196,9 +190,8 @@ pub fn check_contract<A: AdapterPlugin>(
     for (config, key_path) in invalid_configs {
         let problems = A::validate_config(config);
         if !problems.iter().any(|p| p.key_path.as_str() == *key_path) {
-            violations.push(format!(
-                "validate_config: expected a problem at `{key_path}` for {config}, got {problems:?}"
-            ));
+            violations
+                .push(format!("validate_config: expected a problem at `{key_path}` for {config}, got {problems:?}"));
         }
     }
 
@@ -234,18 +227,14 @@ pub fn check_contract<A: AdapterPlugin>(
                     violations.push(format!("Shutdown(Replaced) closed connection {conn}"));
                 }
             }
-            let handover = Handover {
-                generation: 2,
-                previous_state: RSome(state),
-                connections: connections.clone().into(),
-            };
+            let handover =
+                Handover { generation: 2, previous_state: RSome(state), connections: connections.clone().into() };
             match Harness::start_with::<A>(host, valid_config, handover) {
                 Err(e) => violations.push(format!("generation 2 refused the handover: {e}")),
                 Ok((_, actions)) => {
                     if !connections.is_empty() && !opened_connections(&actions).is_empty() {
                         violations.push(
-                            "generation 2 opened a new WebSocket instead of adopting the handed-over one"
-                                .to_string(),
+                            "generation 2 opened a new WebSocket instead of adopting the handed-over one".to_string(),
                         );
                     }
                 }

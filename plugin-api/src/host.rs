@@ -43,8 +43,7 @@ pub trait HostApi: Send + Sync {
 
     /// Look up a session, creating it for `agent_id` with `target` when it does not exist.
     #[sabi(last_prefix_field)]
-    fn open_session(&self, key: RStr<'_>, agent_id: RStr<'_>, target: ReplyTarget)
-        -> SessionInfo;
+    fn open_session(&self, key: RStr<'_>, agent_id: RStr<'_>, target: ReplyTarget) -> SessionInfo;
 }
 
 /// The host handle as handed to an adapter (host-made, cheap to clone).

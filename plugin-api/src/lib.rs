@@ -40,10 +40,7 @@ pub use adapter::{Adapter, AdapterBox, Adapter_TO, PluginError};
 pub use event::{Event, Event_NE, OutboundReply, ShutdownReason};
 pub use export::AdapterPlugin;
 pub use host::{HostApi, HostApi_TO, HostHandle, SessionInfo};
-pub use module::{
-    AdapterModule, AdapterModuleRef, ConfigProblem, Handover, Manifest, OpenConnection,
-    StateBlob,
-};
+pub use module::{AdapterModule, AdapterModuleRef, ConfigProblem, Handover, Manifest, OpenConnection, StateBlob};
 
 /// The version of the adapter contract. A plugin whose manifest names another version is
 /// refused by the host even when its layout happens to check out.

@@ -75,14 +75,10 @@ pub struct Handover {
 pub struct AdapterModule {
     pub manifest: extern "C" fn() -> RResult<Manifest, PluginError>,
     /// Pure: returns every problem with the config, or none.
-    pub validate_config:
-        extern "C" fn(config_json: RStr<'_>) -> RResult<RVec<ConfigProblem>, PluginError>,
+    pub validate_config: extern "C" fn(config_json: RStr<'_>) -> RResult<RVec<ConfigProblem>, PluginError>,
     #[sabi(last_prefix_field)]
-    pub new_adapter: extern "C" fn(
-        host: HostHandle,
-        config_json: RStr<'_>,
-        handover: Handover,
-    ) -> RResult<AdapterBox, PluginError>,
+    pub new_adapter:
+        extern "C" fn(host: HostHandle, config_json: RStr<'_>, handover: Handover) -> RResult<AdapterBox, PluginError>,
 }
 
 impl RootModule for AdapterModuleRef {

@@ -88,7 +88,8 @@ fn dylib_name(stem: &str) -> String {
 fn cargo(root: &Path, args: &[&str]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     eprintln!("xtask: cargo {}", args.join(" "));
-    let status = Command::new(&cargo).args(args).current_dir(root).status().with_context(|| format!("cannot run {cargo}"))?;
+    let status =
+        Command::new(&cargo).args(args).current_dir(root).status().with_context(|| format!("cannot run {cargo}"))?;
     if !status.success() {
         bail!("cargo {} failed ({status})", args.join(" "));
     }
@@ -100,7 +101,8 @@ fn install(from: &Path, to: &Path) -> Result<()> {
     let dir = to.parent().context("destination has a parent")?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let staging = dir.join(format!(".{}.tmp", to.file_name().unwrap_or_default().to_string_lossy()));
-    std::fs::copy(from, &staging).with_context(|| format!("cannot copy {} to {}", from.display(), staging.display()))?;
+    std::fs::copy(from, &staging)
+        .with_context(|| format!("cannot copy {} to {}", from.display(), staging.display()))?;
     std::fs::rename(&staging, to).with_context(|| format!("cannot move {} into place", to.display()))?;
     Ok(())
 }
