@@ -1,0 +1,249 @@
+//! The end-to-end harness: finds the built `switchboard` binary, plugin and fixtures, runs the
+//! real gateway as a child process in a scratch directory, captures its log, and waits for
+//! conditions with [`assert_eventually!`](crate::assert_eventually) instead of sleeping.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+/// How long [`assert_eventually!`](crate::assert_eventually) waits unless told otherwise.
+pub const DEFAULT_PATIENCE: Duration = Duration::from_secs(20);
+
+/// Poll `$cond` (a boolean expression, re-evaluated each time) every 20 ms until it holds, or
+/// panic with the message after the timeout (default [`DEFAULT_PATIENCE`]). Async context only.
+#[macro_export]
+macro_rules! assert_eventually {
+    ($cond:expr, $($msg:tt)+) => {
+        $crate::assert_eventually!(@within $crate::harness::DEFAULT_PATIENCE, $cond, $($msg)+)
+    };
+    (@within $patience:expr, $cond:expr, $($msg:tt)+) => {{
+        let deadline = ::std::time::Instant::now() + $patience;
+        loop {
+            if $cond {
+                break;
+            }
+            if ::std::time::Instant::now() >= deadline {
+                panic!("not within {:?}: {}", $patience, format!($($msg)+));
+            }
+            ::tokio::time::sleep(::std::time::Duration::from_millis(20)).await;
+        }
+    }};
+}
+
+/// Where the built artifacts are. `cargo xtask build` / `cargo xtask fixtures` make them;
+/// `SWITCHBOARD_BIN`, `SWITCHBOARD_PLUGIN_DIR` and `SWITCHBOARD_FIXTURE_DIR` override.
+#[derive(Clone, Debug)]
+pub struct Artifacts {
+    pub switchboard: PathBuf,
+    pub plugin_dir: PathBuf,
+    pub fixture_dir: PathBuf,
+}
+
+impl Artifacts {
+    pub fn discover() -> Result<Self> {
+        let target = target_dir()?;
+        let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+        let from_env = |name: &str, default: PathBuf| std::env::var_os(name).map(PathBuf::from).unwrap_or(default);
+        let artifacts = Self {
+            switchboard: from_env("SWITCHBOARD_BIN", target.join(profile).join("switchboard")),
+            plugin_dir: from_env("SWITCHBOARD_PLUGIN_DIR", target.join("plugins").join(profile)),
+            fixture_dir: from_env("SWITCHBOARD_FIXTURE_DIR", target.join("fixtures")),
+        };
+        if !artifacts.switchboard.is_file() {
+            bail!("{} is missing: run `cargo xtask build` (or `cargo xtask test`)", artifacts.switchboard.display());
+        }
+        if !artifacts.mattermost_plugin().is_file() {
+            bail!(
+                "{} is missing: run `cargo xtask build` (or `cargo xtask test`)",
+                artifacts.mattermost_plugin().display()
+            );
+        }
+        Ok(artifacts)
+    }
+
+    pub fn mattermost_plugin(&self) -> PathBuf {
+        self.plugin_dir.join(mattermost_file_name())
+    }
+
+    /// A broken build from `cargo xtask fixtures`, e.g. `abi-skew`.
+    pub fn fixture(&self, name: &str) -> Result<PathBuf> {
+        let path = self.fixture_dir.join(format!("{name}{}", std::env::consts::DLL_SUFFIX));
+        if !path.is_file() {
+            bail!("{} is missing: run `cargo xtask fixtures` (or `cargo xtask test`)", path.display());
+        }
+        Ok(path)
+    }
+}
+
+pub fn mattermost_file_name() -> String {
+    format!("{}switchboard_mattermost{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX)
+}
+
+/// The cargo target directory this test binary was built into (`target/<profile>/deps/<exe>`
+/// or `target/<profile>/<exe>`).
+fn target_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    let exe = std::env::current_exe().context("cannot find the running executable")?;
+    let mut dir = exe.parent();
+    while let Some(candidate) = dir {
+        if candidate.file_name().is_some_and(|n| n == "debug" || n == "release") {
+            return candidate.parent().map(Path::to_path_buf).context("profile directory has a parent");
+        }
+        dir = candidate.parent();
+    }
+    bail!("cannot tell the target directory from {}", exe.display())
+}
+
+/// Put a plugin file into `dir` the way an operator should: copy beside it, then rename.
+pub fn install_plugin(from: &Path, dir: &Path, name: &str) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let staging = dir.join(format!(".{name}.partial"));
+    std::fs::copy(from, &staging).with_context(|| format!("cannot copy {}", from.display()))?;
+    let to = dir.join(name);
+    std::fs::rename(&staging, &to)?;
+    Ok(to)
+}
+
+/// A running `switchboard run` child process with its log captured.
+pub struct Gateway {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+    pub admin: SocketAddr,
+    pub config_path: PathBuf,
+    http: reqwest::Client,
+}
+
+impl Gateway {
+    /// Start `switchboard run --config <config_path>` in `workdir` and wait until its admin
+    /// listener is up. `SWITCHBOARD_ECHO_LOG=1` echoes the gateway's log to stderr.
+    pub async fn start(binary: &Path, workdir: &Path, config_path: &Path, env: &[(&str, &str)]) -> Result<Self> {
+        let mut command = Command::new(binary);
+        command
+            .arg("run")
+            .arg("--config")
+            .arg(config_path)
+            .current_dir(workdir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if std::env::var_os("SWITCHBOARD_LOG").is_none() {
+            command.env("SWITCHBOARD_LOG", "info,switchboard=debug");
+        }
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let mut child = command.spawn().with_context(|| format!("cannot start {}", binary.display()))?;
+        let stderr = child.stderr.take().context("child stderr is piped")?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let echo = std::env::var_os("SWITCHBOARD_ECHO_LOG").is_some();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if echo {
+                    eprintln!("[gateway] {line}");
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let admin = loop {
+            let found = log.lock().unwrap().iter().find_map(|line| {
+                let (_, rest) = line.split_once("admin listening on ")?;
+                rest.trim().parse::<SocketAddr>().ok()
+            });
+            if let Some(addr) = found {
+                break addr;
+            }
+            if let Some(status) = child.try_wait()? {
+                bail!("the gateway exited during start-up ({status}):\n{}", log.lock().unwrap().join("\n"));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("the gateway did not open its admin listener:\n{}", log.lock().unwrap().join("\n"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        Ok(Self { child, log, admin, config_path: config_path.to_path_buf(), http: reqwest::Client::new() })
+    }
+
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log().join("\n")
+    }
+
+    /// Lines containing every one of `needles`.
+    pub fn lines_with(&self, needles: &[&str]) -> Vec<String> {
+        self.log.lock().unwrap().iter().filter(|line| needles.iter().all(|n| line.contains(n))).cloned().collect()
+    }
+
+    pub fn count(&self, needles: &[&str]) -> usize {
+        self.lines_with(needles).len()
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, signal);
+        }
+    }
+
+    /// Rewrite the config file and send SIGUSR1.
+    pub fn reload_with(&self, config: &str) -> Result<()> {
+        std::fs::write(&self.config_path, config)?;
+        self.signal(libc::SIGUSR1);
+        Ok(())
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// `GET /status` on the admin listener.
+    pub async fn status(&self) -> Result<serde_json::Value> {
+        let url = format!("http://{}/status", self.admin);
+        Ok(self.http.get(url).send().await?.error_for_status()?.json().await?)
+    }
+
+    pub async fn admin_get(&self, path: &str) -> Result<(u16, String)> {
+        let response = self.http.get(format!("http://{}{path}", self.admin)).send().await?;
+        Ok((response.status().as_u16(), response.text().await?))
+    }
+
+    /// SIGTERM, then wait up to 15 s (SIGKILL after that).
+    pub async fn stop(mut self) -> Result<ExitStatus> {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                self.child.kill()?;
+                bail!("the gateway ignored SIGTERM for 15 s:\n{}", self.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

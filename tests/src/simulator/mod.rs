@@ -1,1 +1,0 @@
-//! The Mattermost simulator (being written).
