@@ -136,7 +136,10 @@ impl Apartment {
                     return library;
                 }
             };
-            let _ = ready_tx.send(Ok(manifest));
+            // Strings the plugin made carry its vtable: hand the host a copy made here, so
+            // nothing that outlives the library points into it.
+            let _ = ready_tx.send(Ok(host_copy(&manifest)));
+            drop(manifest);
             let mut resident = Resident { module, adapter: None };
             while let Ok(job) = jobs_rx.recv() {
                 // A host bug in a job must not kill the thread that owns the library.
@@ -214,6 +217,23 @@ impl Drop for Apartment {
     }
 }
 
+fn host_copy(manifest: &Manifest) -> Manifest {
+    Manifest {
+        adapter_name: manifest.adapter_name.as_str().into(),
+        adapter_version: manifest.adapter_version.as_str().into(),
+        abi_version: manifest.abi_version,
+        build: manifest.build.as_str().into(),
+    }
+}
+
+/// A plugin's error rebuilt with host-made strings (the plugin's may outlive its library).
+fn host_owned(error: PluginError) -> PluginError {
+    match error {
+        PluginError::Panicked(message) => PluginError::Panicked(message.as_str().into()),
+        PluginError::Failed(message) => PluginError::Failed(message.as_str().into()),
+    }
+}
+
 fn placeholder_manifest() -> Manifest {
     Manifest { adapter_name: "".into(), adapter_version: "".into(), abi_version: 0, build: "".into() }
 }
@@ -221,13 +241,16 @@ fn placeholder_manifest() -> Manifest {
 impl Resident {
     /// Validate an adapter config (pure, plugin code).
     pub fn validate_config(&self, config_json: &str) -> Result<Vec<(String, String)>, PluginError> {
-        let problems = (self.module.validate_config())(RStr::from_str(config_json)).into_result()?;
+        let problems =
+            (self.module.validate_config())(RStr::from_str(config_json)).into_result().map_err(host_owned)?;
         Ok(problems.iter().map(|p| (p.key_path.to_string(), p.message.to_string())).collect())
     }
 
     /// Construct the adapter of this generation.
     pub fn construct(&mut self, host: HostHandle, config_json: &str, handover: Handover) -> Result<(), PluginError> {
-        let adapter = (self.module.new_adapter())(host, RStr::from_str(config_json), handover).into_result()?;
+        let adapter = (self.module.new_adapter())(host, RStr::from_str(config_json), handover)
+            .into_result()
+            .map_err(host_owned)?;
         self.adapter = Some(adapter);
         Ok(())
     }
@@ -240,7 +263,7 @@ impl Resident {
         events
             .into_iter()
             .map(|event| {
-                let actions = adapter.handle(event.into_ne()).into_result()?;
+                let actions = adapter.handle(event.into_ne()).into_result().map_err(host_owned)?;
                 // `actions` is plugin-made: copy it into host types, then drop it here.
                 Ok(actions
                     .iter()
@@ -254,7 +277,7 @@ impl Resident {
     pub fn export_state(&mut self) -> Result<(u32, String), PluginError> {
         let adapter =
             self.adapter.as_mut().ok_or_else(|| PluginError::Failed("the adapter is not constructed".into()))?;
-        let blob = adapter.export_state().into_result()?;
+        let blob = adapter.export_state().into_result().map_err(host_owned)?;
         Ok((blob.format_version, blob.data.as_str().to_owned()))
     }
 
