@@ -121,6 +121,34 @@ impl Config {
         Config::parse(&text, base).map_err(|errors| ConfigErrors { file: path.to_path_buf(), errors })
     }
 
+    /// Like [`Config::load`], but also returns the config as far as it could be read, so the
+    /// adapters can check their keys too and every problem is reported in one pass.
+    pub fn load_best_effort(path: &Path) -> (Option<Config>, Vec<ConfigError>) {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) => {
+                return (
+                    None,
+                    vec![ConfigError { key_path: String::new(), message: format!("cannot read the file: {e}") }],
+                )
+            }
+        };
+        let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let root: Table = match text.parse() {
+            Ok(root) => root,
+            Err(e) => {
+                let e: toml::de::Error = e;
+                let message = format!("not valid TOML: {}", e.message().trim());
+                return (None, vec![ConfigError { key_path: String::new(), message }]);
+            }
+        };
+        let mut reader = Reader { errors: Vec::new(), base_dir: base };
+        let config = reader.config(&root);
+        reader.errors.sort();
+        reader.errors.dedup();
+        (Some(config), reader.errors)
+    }
+
     pub fn parse(text: &str, base_dir: &Path) -> Result<Config, Vec<ConfigError>> {
         let root: Table = text.parse().map_err(|e: toml::de::Error| {
             vec![ConfigError { key_path: String::new(), message: format!("not valid TOML: {}", e.message().trim()) }]

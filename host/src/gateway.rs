@@ -183,17 +183,25 @@ impl Controller {
 
     async fn reload(&mut self, trigger: &'static str) -> ReloadOutcome {
         tracing::info!(trigger, config = %self.config_path.display(), "reload requested");
-        let new = match Config::load(&self.config_path) {
-            Ok(config) => config,
-            Err(errors) => return self.reject(trigger, errors.errors),
+        let (new, mut errors) = Config::load_best_effort(&self.config_path);
+        let Some(new) = new else { return self.reject(trigger, errors) };
+        let plugin_dir_changed = new.plugins.dir != self.catalog.dir();
+        let mut other_catalog = plugin_dir_changed.then(|| Catalog::new(new.plugins.dir.clone(), self.catalog_exe()));
+        let resolved = resolve(&new, other_catalog.as_mut().unwrap_or(&mut self.catalog)).await;
+        // Adapter problems are reported together with the host's, all in one pass.
+        let entries = match resolved {
+            Ok(entries) if errors.is_empty() => entries,
+            Ok(_) => return self.reject(trigger, errors),
+            Err(more) => {
+                errors.extend(more);
+                errors.sort();
+                errors.dedup();
+                return self.reject(trigger, errors);
+            }
         };
-        if new.plugins.dir != self.catalog.dir() {
-            self.catalog = Catalog::new(new.plugins.dir.clone(), self.catalog_exe());
+        if let Some(catalog) = other_catalog {
+            self.catalog = catalog;
         }
-        let entries = match resolve(&new, &mut self.catalog).await {
-            Ok(entries) => entries,
-            Err(errors) => return self.reject(trigger, errors),
-        };
         if new.gateway.state_dir != self.config.gateway.state_dir
             || new.gateway.admin_listen != self.config.gateway.admin_listen
         {

@@ -106,17 +106,16 @@ async fn shutdown_signal() {
 }
 
 async fn check_config(config_path: PathBuf) -> anyhow::Result<ExitCode> {
-    let errors = match Config::load(&config_path) {
-        Err(errors) => errors.errors,
-        Ok(config) => {
-            let exe = std::env::current_exe().context("cannot find the switchboard executable")?;
-            let mut catalog = catalog::Catalog::new(config.plugins.dir.clone(), exe);
-            match gateway::resolve(&config, &mut catalog).await {
-                Ok(_) => Vec::new(),
-                Err(errors) => errors,
-            }
+    let (config, mut errors) = Config::load_best_effort(&config_path);
+    if let Some(config) = config {
+        let exe = std::env::current_exe().context("cannot find the switchboard executable")?;
+        let mut catalog = catalog::Catalog::new(config.plugins.dir.clone(), exe);
+        if let Err(more) = gateway::resolve(&config, &mut catalog).await {
+            errors.extend(more);
+            errors.sort();
+            errors.dedup();
         }
-    };
+    }
     if errors.is_empty() {
         println!("{}: OK", config_path.display());
         Ok(ExitCode::SUCCESS)
