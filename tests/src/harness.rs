@@ -113,6 +113,39 @@ pub fn install_plugin(from: &Path, dir: &Path, name: &str) -> Result<PathBuf> {
     Ok(to)
 }
 
+/// The gateway config of the seed scenario: one Mattermost channel instance `mattermost`
+/// against the simulator at `base_url`, bound to agent `main` whose table body is `agent`.
+pub fn seed_config(base_url: &str, plugin_dir: &Path, chatmode: &str, agent: &str) -> String {
+    format!(
+        r#"[gateway]
+state_dir = "state"
+admin_listen = "127.0.0.1:0"
+typing_interval_ms = 200
+
+[plugins]
+dir = "{plugins}"
+
+[channels.mattermost]
+plugin = "mattermost"
+base_url = "{base_url}"
+bot_token_env = "MM_BOT_TOKEN"
+chatmode = "{chatmode}"
+onchar_prefixes = [">", "!"]
+dm_policy = "open"
+group_policy = "open"
+allow_from = []
+
+[agents.main]
+{agent}
+
+[[bindings]]
+channel = "mattermost"
+agent = "main"
+"#,
+        plugins = plugin_dir.display(),
+    )
+}
+
 /// A running `switchboard run` child process with its log captured.
 pub struct Gateway {
     child: Child,

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use switchboard_tests::{
     assert_eventually,
-    harness::{install_plugin, mattermost_file_name, Artifacts, Gateway},
+    harness::{install_plugin, mattermost_file_name, seed_config, Artifacts, Gateway},
     sim::{demo_world, DemoWorld, SimPost, Simulator},
 };
 
@@ -36,38 +36,7 @@ impl Settings {
 }
 
 fn config_text(sim: &Simulator, plugin_dir: &Path, settings: &Settings) -> String {
-    format!(
-        r#"
-[gateway]
-state_dir = "state"
-admin_listen = "127.0.0.1:0"
-typing_interval_ms = 200
-
-[plugins]
-dir = "{plugins}"
-
-[channels.mattermost]
-plugin = "mattermost"
-base_url = "{base}"
-bot_token_env = "MM_BOT_TOKEN"
-chatmode = "{chatmode}"
-onchar_prefixes = [">", "!"]
-dm_policy = "open"
-group_policy = "open"
-allow_from = []
-
-[agents.main]
-{agent}
-
-[[bindings]]
-channel = "mattermost"
-agent = "main"
-"#,
-        plugins = plugin_dir.display(),
-        base = sim.base_url(),
-        chatmode = settings.chatmode,
-        agent = settings.agent,
-    )
+    seed_config(&sim.base_url(), plugin_dir, settings.chatmode, &settings.agent)
 }
 
 impl Scene {

@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use switchboard_tests::{
-    harness::Gateway,
+    harness::{seed_config, Gateway},
     sim::{demo_world, DemoWorld, SimPost, Simulator},
 };
 
@@ -38,34 +38,7 @@ fn parse_args() -> Result<Args> {
 }
 
 fn config(sim: &Simulator, plugins: &Path, chatmode: &str) -> String {
-    format!(
-        r#"[gateway]
-state_dir = "state"
-admin_listen = "127.0.0.1:0"
-
-[plugins]
-dir = "{}"
-
-[channels.mattermost]
-plugin = "mattermost"
-base_url = "{}"
-bot_token_env = "MM_BOT_TOKEN"
-chatmode = "{chatmode}"
-onchar_prefixes = [">", "!"]
-dm_policy = "open"
-group_policy = "open"
-allow_from = []
-
-[agents.main]
-kind = "echo"
-
-[[bindings]]
-channel = "mattermost"
-agent = "main"
-"#,
-        plugins.display(),
-        sim.base_url()
-    )
+    seed_config(&sim.base_url(), plugins, chatmode, "kind = \"echo\"")
 }
 
 struct Demo {
