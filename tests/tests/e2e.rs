@@ -131,8 +131,8 @@ async fn chatmode_reload_keeps_sessions_routing_and_the_connection() -> Result<(
         scene.bot_reply(&protocol, "just chatting, no mention").is_none(),
         "oncall answered an un-mentioned message"
     );
-    assert!(scene.session_lines(&protocol_key, "inbound") >= 2, "inbound lines carry {protocol_key}");
-    assert!(
+    assert_eventually!(scene.session_lines(&protocol_key, "inbound") >= 2, "inbound lines carry {protocol_key}");
+    assert_eventually!(
         scene.gateway.count(&[&format!("delivered reply to channel:{protocol}"), &format!("session={protocol_key}")])
             >= 2,
         "delivery lines carry {protocol_key}"
@@ -152,7 +152,10 @@ async fn chatmode_reload_keeps_sessions_routing_and_the_connection() -> Result<(
     let inbound_before = scene.session_lines(&protocol_key, "inbound");
     let reply = scene.ask(&protocol, "no mention after the reload", "no mention after the reload").await;
     assert_eq!(reply.channel_id, protocol, "answered in protocol-evolution");
-    assert_eq!(scene.session_lines(&protocol_key, "inbound"), inbound_before + 1, "logged under {protocol_key}");
+    assert_eventually!(
+        scene.session_lines(&protocol_key, "inbound") == inbound_before + 1,
+        "logged under {protocol_key}"
+    );
     assert_eventually!(
         scene.gateway.count(&[&format!("delivered reply to channel:{protocol}"), &format!("session={protocol_key}")])
             >= 3,
@@ -161,7 +164,7 @@ async fn chatmode_reload_keeps_sessions_routing_and_the_connection() -> Result<(
 
     let reply = scene.ask(&general, "also no mention here", "also no mention here").await;
     assert_eq!(reply.channel_id, general, "answered in office-general");
-    assert!(scene.session_lines(&general_key, "inbound") >= 2, "office-general stays under {general_key}");
+    assert_eventually!(scene.session_lines(&general_key, "inbound") >= 2, "office-general stays under {general_key}");
 
     assert_eq!(scene.sim.ws_connections_opened(), connections_before, "the reload opened no new WebSocket");
     assert_eq!(scene.sim.ws_connections_active(), 1);
@@ -185,7 +188,10 @@ async fn chatmode_reload_keeps_sessions_routing_and_the_connection() -> Result<(
         scene.generations().await
     );
     assert_eq!(scene.generation_state(2).await.map(|s| s.0), Some("running".into()));
-    assert!(scene.gateway.count(&["generation unloaded", "generation=1"]) == 1);
+    assert_eventually!(
+        scene.gateway.count(&["generation unloaded", "generation=1"]) == 1,
+        "generation 1 unloaded is logged"
+    );
 
     let status = scene.gateway.stop().await?;
     assert!(status.success(), "clean exit after SIGTERM: {status}");
@@ -201,7 +207,11 @@ async fn direct_messages_and_threads_are_answered_where_they_were_asked() -> Res
     let reply = scene.ask(&world.alice_dm, "hello in private", "hello in private").await;
     assert_eq!(reply.root_id, "");
     let dm_key = format!("agent:main:mattermost:dm:{}", world.alice.id);
-    assert!(scene.session_lines(&dm_key, "inbound") == 1, "DM logged under {dm_key}:\n{}", scene.gateway.log_text());
+    assert_eventually!(
+        scene.session_lines(&dm_key, "inbound") == 1,
+        "DM logged under {dm_key}:\n{}",
+        scene.gateway.log_text()
+    );
     assert_eventually!(
         scene.gateway.count(&[&format!("delivered reply to channel:{}", world.alice_dm), &format!("session={dm_key}")])
             == 1,
