@@ -304,13 +304,21 @@ async fn broken_plugin_files_are_refused_and_the_running_adapter_keeps_serving()
     let not_a_library = scene._scratch.path().join("not-a-library.so");
     std::fs::write(&not_a_library, "this is a text file, not a shared library\n")?;
     let cases: Vec<(&str, PathBuf, &[&str])> = vec![
-        ("not a library", not_a_library, &["plugin file refused"]),
-        ("incompatible ABI layout", scene.artifacts.fixture("abi-skew")?, &["plugin file refused"]),
-        ("other ABI version", scene.artifacts.fixture("abi-version")?, &["plugin file refused", "ABI"]),
+        ("not a library", not_a_library, &["plugin file refused", "is not a loadable library"]),
+        (
+            "incompatible ABI layout",
+            scene.artifacts.fixture("abi-skew")?,
+            &["plugin file refused", "incompatible adapter interface"],
+        ),
+        (
+            "other ABI version",
+            scene.artifacts.fixture("abi-version")?,
+            &["plugin file refused", "speaks adapter ABI v2"],
+        ),
         (
             "constructor panics",
             scene.artifacts.fixture("panicking-constructor")?,
-            &["refused", "constructor panics on purpose"],
+            &["generation refused, rolled back", "adapter panicked", "constructor panics on purpose"],
         ),
     ];
     for (round, (what, file, expected)) in cases.iter().enumerate() {
