@@ -1,5 +1,6 @@
 //! The admin listener: `/livez`, `/readyz`, `/metrics`, `/status` (every adapter generation,
-//! mapped or not) and `POST /reload` (the admin reload trigger).
+//! mapped or not, and the store's counts), `POST /reload` (the admin reload trigger) and
+//! `POST /restart` (graceful stop, then the same binary is started again in this process).
 
 use std::{
     collections::BTreeSet,
@@ -35,6 +36,7 @@ pub async fn serve(listener: tokio::net::TcpListener, state: AdminState) {
         .route("/metrics", get(metrics))
         .route("/status", get(status))
         .route("/reload", post(reload))
+        .route("/restart", post(restart))
         .with_state(state);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!("admin listener stopped: {e}");
@@ -63,10 +65,25 @@ async fn metrics(State(state): State<AdminState>) -> Response {
 }
 
 async fn status(State(state): State<AdminState>) -> Json<serde_json::Value> {
+    let store = state.shared.router.store();
+    let counts = tokio::task::spawn_blocking(move || store.counts()).await;
+    let store = match counts {
+        Ok(Ok(counts)) => json!(counts),
+        Ok(Err(e)) => json!({"error": e.to_string()}),
+        Err(e) => json!({"error": e.to_string()}),
+    };
     Json(json!({
         "generations": state.shared.ledger.snapshot(),
         "sessions": state.shared.router.sessions().len(),
+        "store": store,
     }))
+}
+
+async fn restart(State(state): State<AdminState>) -> Response {
+    match state.control.send(ControlMessage::Restart { trigger: "admin" }).await {
+        Ok(()) => (StatusCode::ACCEPTED, "restarting\n").into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the gateway is stopping\n").into_response(),
+    }
 }
 
 async fn reload(State(state): State<AdminState>) -> Response {

@@ -27,6 +27,7 @@ use crate::{
     metrics::{self, Metrics},
     routing::Router,
     session::now_ms,
+    store::BatchRecord,
     transport::Transport,
 };
 
@@ -134,9 +135,23 @@ struct Instance {
     /// Events that arrived while no generation was running; delivered to the next one.
     parked: Vec<Event>,
     pending_replies: HashMap<u64, PendingReply>,
-    /// The last state the adapter asked to save (handed to a generation that starts without
-    /// a predecessor, e.g. after its predecessor died).
+    /// The last state stored for the adapter (handed to a generation that starts without
+    /// a predecessor: the first one of this process, or after its predecessor died).
     saved_state: Option<StateBlob>,
+    /// No generation has run on this transport yet: nothing of an earlier one survives.
+    cold: bool,
+    /// Replies the adapter gave up on (retryable) and how often the host sent them again.
+    host_retries: HashMap<u64, u32>,
+}
+
+/// How often the host hands a reply back to the adapter after it gave up (retryable), and
+/// how long it waits first (times the round).
+const HOST_DELIVERY_ROUNDS: u32 = 5;
+const HOST_RETRY_AFTER: Duration = Duration::from_secs(20);
+
+/// Whether a batch can have moved the adapter's state (everything but typing indicators).
+fn moves_state(event: &Event) -> bool {
+    !matches!(event, Event::AgentWorking { .. })
 }
 
 /// Start a channel instance with its first generation.
@@ -145,6 +160,14 @@ pub async fn spawn(id: String, config: ChannelConfig, prepared: Prepared, shared
     let (control_tx, control) = mpsc::channel(8);
     shared.router.register_instance(&id, events_tx.clone());
     let transport = Transport::new(events_tx.clone(), shared.http.clone());
+    let saved_state = match shared.router.store().adapter_state(&id) {
+        Ok(saved) => saved.map(|(format_version, data)| StateBlob { format_version, data: data.into() }),
+        Err(e) => {
+            shared.metrics.store_errors.inc();
+            tracing::error!(channel = %id, "cannot read the saved adapter state; the adapter starts fresh: {e}");
+            None
+        }
+    };
     let mut instance = Instance {
         id: id.clone(),
         config: config.clone(),
@@ -155,10 +178,14 @@ pub async fn spawn(id: String, config: ChannelConfig, prepared: Prepared, shared
         current: None,
         parked: Vec::new(),
         pending_replies: HashMap::new(),
-        saved_state: None,
+        saved_state,
+        cold: true,
+        host_retries: HashMap::new(),
     };
     let (done, _) = oneshot::channel();
     instance.replace(prepared, config, done).await;
+    // Before any live event is handled: what the last process left unanswered goes first.
+    instance.shared.router.recover(&id);
     tokio::spawn(instance.run());
     InstanceHandle { id, events: events_tx, control: control_tx }
 }
@@ -220,8 +247,17 @@ impl Instance {
             }
         }
         let count = batch.len() as u64;
-        let handled = match running.apartment.run(move |resident| resident.handle_all(batch)).await {
-            Ok(handled) => handled,
+        let export = batch.iter().any(moves_state);
+        let outcome = running
+            .apartment
+            .run(move |resident| {
+                let handled = resident.handle_all(batch);
+                let state = if export { Some(resident.export_state()) } else { None };
+                (handled, state)
+            })
+            .await;
+        let (handled, exported) = match outcome {
+            Ok(outcome) => outcome,
             Err(gone) => {
                 tracing::error!(channel = %self.id, generation = running.number, "{gone}; the instance has no running adapter");
                 self.retire_current(false);
@@ -233,17 +269,87 @@ impl Instance {
         let id = self.id.clone();
         self.shared.ledger.update(&id, number, |r| r.events_handled += count);
         self.shared.metrics.events_dispatched.get_or_create(&metrics::channel(&id)).inc_by(count);
+        let mut commands = Vec::new();
         for (kind, outcome) in kinds.into_iter().zip(handled) {
             match outcome {
-                Ok(commands) => {
-                    for command in commands {
-                        self.execute(number, command);
-                    }
-                }
+                Ok(more) => commands.extend(more),
                 Err(error) => {
                     self.shared.metrics.adapter_panics.get_or_create(&metrics::channel(&id)).inc();
                     tracing::error!(channel = %id, generation = number, event = kind, "adapter failed to handle an event: {error}");
                 }
+            }
+        }
+        let state = match exported {
+            Some(Ok(state)) => Some(state),
+            Some(Err(e)) => {
+                tracing::error!(channel = %id, generation = number, "adapter could not export its state: {e}");
+                None
+            }
+            None => None,
+        };
+        // Write ahead: the batch's inbound, reply outcomes and the adapter's cursor are stored
+        // together before anything the batch asked for is carried out.
+        let inbound_ids = self.commit(number, &commands, state);
+        let mut inbound_ids = inbound_ids.into_iter();
+        for command in commands {
+            match command {
+                Command::Inbound(inbound) => match inbound_ids.next().flatten() {
+                    Some(inbound_id) => self.shared.router.route(&self.id, inbound_id, inbound),
+                    None => {
+                        self.shared.metrics.inbound_redelivered.get_or_create(&metrics::channel(&self.id)).inc();
+                        tracing::info!(
+                            channel = %self.id,
+                            message_id = %inbound.message_id,
+                            "inbound seen before (replay or catch-up); not answered twice"
+                        );
+                    }
+                },
+                command => self.execute(number, command),
+            }
+        }
+    }
+
+    /// Store one batch. Returns, per inbound command in order, its new id or `None` for a
+    /// redelivery. When the store fails the messages are still answered (and said so).
+    fn commit(&mut self, generation: u64, commands: &[Command], state: Option<(u32, String)>) -> Vec<Option<i64>> {
+        let mut record = BatchRecord { adapter_state: state, ..Default::default() };
+        for command in commands {
+            match command {
+                Command::Inbound(inbound) => record.inbound.push(inbound.clone()),
+                Command::ReplyDelivered { reply_id, platform_message_id } => {
+                    record.delivered.push((*reply_id, platform_message_id.clone()))
+                }
+                Command::ReplyFailed { reply_id, error, retryable: false } => {
+                    record.failed.push((*reply_id, error.clone()))
+                }
+                Command::SaveState { format_version, data } if record.adapter_state.is_none() => {
+                    record.adapter_state = Some((*format_version, data.clone()))
+                }
+                _ => {}
+            }
+        }
+        if record.inbound.is_empty()
+            && record.delivered.is_empty()
+            && record.failed.is_empty()
+            && record.adapter_state.is_none()
+        {
+            return Vec::new();
+        }
+        if let Some((format_version, data)) = &record.adapter_state {
+            self.saved_state = Some(StateBlob { format_version: *format_version, data: data.as_str().into() });
+        }
+        match self.shared.router.store().commit_batch(&self.id, &record, now_ms()) {
+            Ok(ids) => ids,
+            Err(e) => {
+                self.shared.metrics.store_errors.inc();
+                tracing::error!(
+                    channel = %self.id,
+                    generation,
+                    inbound = record.inbound.len(),
+                    "cannot store this batch; its messages are answered but a crash now could lose them: {e}"
+                );
+                // Without the store there is no telling a redelivery; answer rather than drop.
+                (0..record.inbound.len()).map(|_| Some(0)).collect()
             }
         }
     }
@@ -261,8 +367,9 @@ impl Instance {
             }
             Command::SetTimer { timer, after_ms } => self.transport.set_timer(timer, after_ms),
             Command::CancelTimer { timer } => self.transport.cancel_timer(timer),
-            Command::Inbound(inbound) => self.shared.router.route(&self.id, inbound),
+            Command::Inbound(_) => unreachable!("inbound is routed by dispatch"),
             Command::ReplyDelivered { reply_id, platform_message_id } => {
+                self.host_retries.remove(&reply_id);
                 self.shared.metrics.replies_delivered.get_or_create(&metrics::channel(&self.id)).inc();
                 match self.pending_replies.remove(&reply_id) {
                     Some(reply) => tracing::info!(
@@ -278,24 +385,52 @@ impl Instance {
                 }
             }
             Command::ReplyFailed { reply_id, error, retryable } => {
-                self.shared.metrics.replies_failed.get_or_create(&metrics::channel(&self.id)).inc();
                 let reply = self.pending_replies.remove(&reply_id);
-                tracing::error!(
-                    channel = %self.id,
-                    session = reply.as_ref().map_or("", |r| r.session_key.as_str()),
-                    conversation = reply.as_ref().map_or("", |r| r.conversation_id.as_str()),
-                    retryable,
-                    "reply could not be delivered: {error}"
-                );
+                let session = reply.as_ref().map_or("", |r| r.session_key.as_str());
+                let conversation = reply.as_ref().map_or("", |r| r.conversation_id.as_str());
+                let round = self.host_retries.entry(reply_id).or_insert(0);
+                *round += 1;
+                if retryable && *round <= HOST_DELIVERY_ROUNDS {
+                    let wait = HOST_RETRY_AFTER * *round;
+                    tracing::warn!(channel = %self.id, session, conversation, reply_id, round = *round, "reply not delivered yet ({error}); handing it to the adapter again in {wait:?}");
+                    self.retry_delivery_later(reply_id, wait);
+                } else {
+                    self.host_retries.remove(&reply_id);
+                    self.shared.metrics.replies_failed.get_or_create(&metrics::channel(&self.id)).inc();
+                    if retryable {
+                        // Dead-lettered: stays in the store as failed, with the reason.
+                        let record = BatchRecord { failed: vec![(reply_id, error.clone())], ..Default::default() };
+                        if let Err(e) = self.shared.router.store().commit_batch(&self.id, &record, now_ms()) {
+                            tracing::error!(channel = %self.id, reply_id, "cannot mark the reply failed: {e}");
+                        }
+                    }
+                    tracing::error!(channel = %self.id, session, conversation, reply_id, retryable, "reply could not be delivered: {error}");
+                }
             }
-            Command::SaveState { format_version, data } => {
-                self.saved_state = Some(StateBlob { format_version, data: data.into() });
-            }
+            Command::SaveState { .. } => {}
             Command::Log { level, message } => emit_adapter_log(&self.id, generation, level, &message),
             Command::Unknown => {
                 tracing::debug!(channel = %self.id, generation, "adapter asked for an action this host does not know; ignored")
             }
         }
+    }
+
+    /// Hand a reply the adapter gave up on back to it later, from the store (it may have been
+    /// confirmed meanwhile).
+    fn retry_delivery_later(&self, reply_id: u64, wait: Duration) {
+        let router = self.shared.router.clone();
+        let channel = self.id.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            match router.store().queued_replies(&channel) {
+                Ok(queued) => {
+                    if let Some(reply) = queued.into_iter().find(|r| r.id as u64 == reply_id) {
+                        router.deliver(reply);
+                    }
+                }
+                Err(e) => tracing::error!(channel, reply_id, "cannot read the delivery queue: {e}"),
+            }
+        });
     }
 
     /// Swap in `prepared`. Events wait in the queue meanwhile. On any failure the current
@@ -344,6 +479,7 @@ impl Instance {
             generation: number,
             previous_state: previous_state.map_or(RNone, RSome),
             connections: self.transport.open_connections().into(),
+            cold: self.cold,
         };
         let host = HostBridge {
             channel_instance: self.id.clone(),
@@ -361,6 +497,7 @@ impl Instance {
         // 3. Cut over: the old generation is told it was replaced (it must leave the
         //    connections alone), the new one starts, and queued events flow to it.
         let previous = self.current.replace(Running { number, apartment, events_handled: 0 });
+        self.cold = false;
         self.config = config;
         if let Some(old) = previous {
             if let Ok(outcomes) = old
@@ -458,13 +595,21 @@ impl Instance {
     async fn stop(&mut self) {
         if let Some(running) = self.current.as_ref() {
             let number = running.number;
-            if let Ok(outcomes) = running
+            if let Ok((outcomes, state)) = running
                 .apartment
-                .run(|resident| resident.handle_all(vec![Event::Shutdown { reason: ShutdownReason::Stopping }]))
+                .run(|resident| {
+                    let handled = resident.handle_all(vec![Event::Shutdown { reason: ShutdownReason::Stopping }]);
+                    (handled, resident.export_state())
+                })
                 .await
             {
-                for command in outcomes.into_iter().flatten().flatten() {
-                    self.execute(number, command);
+                let commands: Vec<Command> = outcomes.into_iter().flatten().flatten().collect();
+                // The last state (cursor, deliveries) is what the next start resumes from.
+                self.commit(number, &commands, state.ok());
+                for command in commands {
+                    if !matches!(command, Command::Inbound(_)) {
+                        self.execute(number, command);
+                    }
                 }
             }
             // Give close frames a moment to go out before the sockets are dropped.

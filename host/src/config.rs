@@ -38,6 +38,12 @@ pub struct GatewayConfig {
     pub max_concurrent_turns: usize,
     /// How often the typing indicator is renewed while an agent works.
     pub typing_interval: Duration,
+    /// How many turns may wait in one session's lane; more are refused (logged, counted).
+    pub lane_capacity: usize,
+    /// On SIGTERM/SIGINT: how long running turns and queued replies get to finish.
+    pub stop_deadline: Duration,
+    /// `full` survives a power loss, `normal` a crash of the process (SQLite `synchronous`).
+    pub durability: crate::store::Durability,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -58,7 +64,20 @@ pub struct ChannelConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AgentConfig {
     pub kind: AgentKind,
+    /// How many earlier transcript turns of the session the agent is given.
+    pub history_limit: usize,
+    pub on_error: OnError,
 }
+
+/// What the person sees when the agent fails.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OnError {
+    /// This text is posted (the failure itself goes to the log only).
+    Reply(String),
+    Silent,
+}
+
+pub const DEFAULT_ERROR_REPLY: &str = "Sorry, I could not answer that just now. Please try again in a moment.";
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum AgentKind {
@@ -66,6 +85,24 @@ pub enum AgentKind {
     Echo,
     /// Runs a program with a JSON request on stdin; its stdout is the reply.
     Command { argv: Vec<String>, timeout: Duration },
+    /// An OpenAI-compatible chat completions API.
+    OpenAi(OpenAiAgent),
+    /// POSTs the JSON request to a webhook; the reply is the response's `text` field.
+    Http { url: String, timeout: Duration, token_env: Option<String> },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpenAiAgent {
+    /// Up to and including the version, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    pub model: String,
+    /// The environment variable that holds the API key (none: no `Authorization` header).
+    pub api_key_env: Option<String>,
+    pub system_prompt: Option<String>,
+    pub temperature: Option<f64>,
+    pub max_tokens: Option<u64>,
+    pub timeout: Duration,
+    pub stream: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -234,7 +271,19 @@ impl Reader<'_> {
     }
 
     fn gateway(&mut self, table: &Table) -> GatewayConfig {
-        self.known_keys("gateway", table, &["state_dir", "admin_listen", "max_concurrent_turns", "typing_interval_ms"]);
+        self.known_keys(
+            "gateway",
+            table,
+            &[
+                "state_dir",
+                "admin_listen",
+                "max_concurrent_turns",
+                "typing_interval_ms",
+                "lane_capacity",
+                "stop_deadline_ms",
+                "durability",
+            ],
+        );
         let state_dir = self.path(table, "gateway", "state_dir", "state");
         let admin_listen = match table.get("admin_listen") {
             None => Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
@@ -256,7 +305,21 @@ impl Reader<'_> {
         };
         let max_concurrent_turns = self.positive_int(table, "gateway", "max_concurrent_turns", 64) as usize;
         let typing_interval = Duration::from_millis(self.positive_int(table, "gateway", "typing_interval_ms", 3000));
-        GatewayConfig { state_dir, admin_listen, max_concurrent_turns, typing_interval }
+        let lane_capacity = self.positive_int(table, "gateway", "lane_capacity", 256) as usize;
+        let stop_deadline = Duration::from_millis(self.positive_int(table, "gateway", "stop_deadline_ms", 10_000));
+        let durability = match self.choice(table, "gateway", "durability", &["full", "normal"]).as_deref() {
+            Some("normal") => crate::store::Durability::Normal,
+            _ => crate::store::Durability::Full,
+        };
+        GatewayConfig {
+            state_dir,
+            admin_listen,
+            max_concurrent_turns,
+            typing_interval,
+            lane_capacity,
+            stop_deadline,
+            durability,
+        }
     }
 
     fn channel(&mut self, path: &str, table: &Table) -> Option<ChannelConfig> {
@@ -302,6 +365,8 @@ impl Reader<'_> {
     }
 
     fn agent(&mut self, path: &str, table: &Table) -> Option<AgentConfig> {
+        const KINDS: &str = "one of echo, command, openai, http";
+        const COMMON: &[&str] = &["kind", "history_limit", "on_error", "error_reply"];
         let kind = match table.get("kind") {
             Some(Value::String(kind)) => kind.as_str(),
             Some(other) => {
@@ -309,52 +374,168 @@ impl Reader<'_> {
                 return None;
             }
             None => {
-                self.problem(format!("{path}.kind"), "missing: one of echo, command");
+                self.problem(format!("{path}.kind"), format!("missing: {KINDS}"));
                 return None;
             }
         };
-        match kind {
+        let history_limit = match table.get("history_limit") {
+            None => 20,
+            Some(Value::Integer(n)) if *n >= 0 => *n as usize,
+            Some(other) => {
+                self.problem(format!("{path}.history_limit"), format!("expected a number ≥ 0, got {other}"));
+                20
+            }
+        };
+        let on_error = match self.choice(table, path, "on_error", &["reply", "silent"]).as_deref() {
+            Some("silent") => OnError::Silent,
+            _ => OnError::Reply(
+                self.optional_string(table, path, "error_reply").unwrap_or_else(|| DEFAULT_ERROR_REPLY.to_string()),
+            ),
+        };
+        let keys = |own: &[&'static str]| -> Vec<&'static str> { COMMON.iter().chain(own).copied().collect() };
+        let kind = match kind {
             "echo" => {
-                self.known_keys(path, table, &["kind"]);
-                Some(AgentConfig { kind: AgentKind::Echo })
+                self.known_keys(path, table, &keys(&[]));
+                AgentKind::Echo
             }
             "command" => {
-                self.known_keys(path, table, &["kind", "command", "timeout_ms"]);
-                let argv = match table.get("command") {
-                    Some(Value::Array(items)) if !items.is_empty() => {
-                        let mut argv = Vec::new();
-                        for (i, item) in items.iter().enumerate() {
-                            match item.as_str() {
-                                Some(s) => argv.push(s.to_string()),
-                                None => self.problem(format!("{path}.command[{i}]"), "expected a string"),
-                            }
-                        }
-                        argv
-                    }
-                    Some(Value::String(program)) if !program.trim().is_empty() => vec![program.clone()],
-                    Some(_) => {
+                self.known_keys(path, table, &keys(&["command", "timeout_ms"]));
+                let argv = self.argv(table, path);
+                let timeout = Duration::from_millis(self.positive_int(table, path, "timeout_ms", 30_000));
+                if argv.is_empty() {
+                    return None;
+                }
+                AgentKind::Command { argv, timeout }
+            }
+            "openai" => {
+                self.known_keys(
+                    path,
+                    table,
+                    &keys(&[
+                        "base_url",
+                        "model",
+                        "api_key_env",
+                        "system_prompt",
+                        "temperature",
+                        "max_tokens",
+                        "timeout_ms",
+                        "stream",
+                    ]),
+                );
+                let base_url = self.url(table, path, "base_url");
+                let model = self.required_string(table, path, "model");
+                let api_key_env = self.optional_string(table, path, "api_key_env");
+                let system_prompt = self.optional_string(table, path, "system_prompt");
+                let temperature = match table.get("temperature") {
+                    None => None,
+                    Some(Value::Float(t)) if (0.0..=2.0).contains(t) => Some(*t),
+                    Some(Value::Integer(t)) if (0..=2).contains(t) => Some(*t as f64),
+                    Some(other) => {
                         self.problem(
-                            format!("{path}.command"),
-                            "expected a program path or a non-empty array [program, args...]",
+                            format!("{path}.temperature"),
+                            format!("expected a number from 0 to 2, got {other}"),
                         );
-                        Vec::new()
-                    }
-                    None => {
-                        self.problem(
-                            format!("{path}.command"),
-                            "missing: the program to run, e.g. [\"/usr/local/bin/my-agent\", \"--json\"]",
-                        );
-                        Vec::new()
+                        None
                     }
                 };
+                let max_tokens = table.get("max_tokens").map(|_| self.positive_int(table, path, "max_tokens", 1));
+                let timeout = Duration::from_millis(self.positive_int(table, path, "timeout_ms", 60_000));
+                let stream = self.boolean(table, path, "stream", true);
+                AgentKind::OpenAi(OpenAiAgent {
+                    base_url: base_url?.trim_end_matches('/').to_string(),
+                    model: model?,
+                    api_key_env,
+                    system_prompt,
+                    temperature,
+                    max_tokens,
+                    timeout,
+                    stream,
+                })
+            }
+            "http" => {
+                self.known_keys(path, table, &keys(&["url", "timeout_ms", "token_env"]));
+                let url = self.url(table, path, "url");
                 let timeout = Duration::from_millis(self.positive_int(table, path, "timeout_ms", 30_000));
-                (!argv.is_empty()).then_some(AgentConfig { kind: AgentKind::Command { argv, timeout } })
+                let token_env = self.optional_string(table, path, "token_env");
+                AgentKind::Http { url: url?, timeout, token_env }
             }
             other => {
+                self.problem(format!("{path}.kind"), format!("unknown agent kind {other:?}: expected {KINDS}"));
+                return None;
+            }
+        };
+        Some(AgentConfig { kind, history_limit, on_error })
+    }
+
+    fn argv(&mut self, table: &Table, path: &str) -> Vec<String> {
+        match table.get("command") {
+            Some(Value::Array(items)) if !items.is_empty() => {
+                let mut argv = Vec::new();
+                for (i, item) in items.iter().enumerate() {
+                    match item.as_str() {
+                        Some(s) => argv.push(s.to_string()),
+                        None => self.problem(format!("{path}.command[{i}]"), "expected a string"),
+                    }
+                }
+                argv
+            }
+            Some(Value::String(program)) if !program.trim().is_empty() => vec![program.clone()],
+            Some(_) => {
                 self.problem(
-                    format!("{path}.kind"),
-                    format!("unknown agent kind {other:?}: expected one of echo, command"),
+                    format!("{path}.command"),
+                    "expected a program path or a non-empty array [program, args...]",
                 );
+                Vec::new()
+            }
+            None => {
+                self.problem(
+                    format!("{path}.command"),
+                    "missing: the program to run, e.g. [\"/usr/local/bin/my-agent\", \"--json\"]",
+                );
+                Vec::new()
+            }
+        }
+    }
+
+    fn url(&mut self, table: &Table, path: &str, key: &str) -> Option<String> {
+        let url = self.required_string(table, path, key)?;
+        if url.starts_with("http://") || url.starts_with("https://") {
+            Some(url)
+        } else {
+            self.problem(format!("{path}.{key}"), format!("expected an http:// or https:// URL, got {url:?}"));
+            None
+        }
+    }
+
+    fn optional_string(&mut self, table: &Table, path: &str, key: &str) -> Option<String> {
+        match table.get(key) {
+            None => None,
+            Some(Value::String(s)) if !s.trim().is_empty() => Some(s.clone()),
+            Some(other) => {
+                self.problem(format!("{path}.{key}"), format!("expected a non-empty string, got {other}"));
+                None
+            }
+        }
+    }
+
+    fn boolean(&mut self, table: &Table, path: &str, key: &str, default: bool) -> bool {
+        match table.get(key) {
+            None => default,
+            Some(Value::Boolean(b)) => *b,
+            Some(other) => {
+                self.problem(format!("{path}.{key}"), format!("expected true or false, got {}", other.type_str()));
+                default
+            }
+        }
+    }
+
+    /// One of `allowed`, or `None` (with a problem when the key is there but wrong).
+    fn choice(&mut self, table: &Table, path: &str, key: &str, allowed: &[&str]) -> Option<String> {
+        match table.get(key) {
+            None => None,
+            Some(Value::String(s)) if allowed.contains(&s.as_str()) => Some(s.clone()),
+            Some(other) => {
+                self.problem(format!("{path}.{key}"), format!("expected one of {}, got {other}", allowed.join(", ")));
                 None
             }
         }

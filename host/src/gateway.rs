@@ -5,6 +5,10 @@
 //! directory, validates *everything* (collecting all errors; the running config stays on any
 //! error), then diffs by channel instance: only instances whose config or plugin file changed
 //! get a new adapter generation; the others are not touched.
+//!
+//! Stopping is graceful: new inbound is only recorded, running turns and the delivery queue
+//! get `gateway.stop_deadline_ms` to finish, the adapters store their last state. A restart
+//! is the same stop followed by the caller starting the binary again ([`Exit::Restart`]).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -25,7 +29,8 @@ use crate::{
     loader::FileDigest,
     metrics::Metrics,
     routing::Router,
-    session::MemorySessions,
+    session::DurableSessions,
+    store::{Store, StoreError},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -36,11 +41,28 @@ pub enum GatewayError {
     StateDir { dir: PathBuf, reason: String },
     #[error("plugin directory {dir}: {reason}")]
     PluginDir { dir: PathBuf, reason: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// A request to the controller.
 pub enum ControlMessage {
-    Reload { trigger: &'static str, done: Option<oneshot::Sender<ReloadOutcome>> },
+    Reload {
+        trigger: &'static str,
+        done: Option<oneshot::Sender<ReloadOutcome>>,
+    },
+    /// Stop gracefully, then have the caller start the binary again.
+    Restart {
+        trigger: &'static str,
+    },
+}
+
+/// How [`run`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Stopped,
+    /// Stopped so the same binary can be started again (everything is in the store).
+    Restart,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -81,7 +103,7 @@ pub async fn run(
     exe: PathBuf,
     admin_listener: Option<tokio::net::TcpListener>,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), GatewayError> {
+) -> Result<Exit, GatewayError> {
     let config = Config::load(&config_path)?;
     let (control_tx, mut control_rx) = mpsc::channel(16);
     let mut controller = Controller::start(config_path, config, exe).await?;
@@ -99,23 +121,35 @@ pub async fn run(
         tokio::spawn(admin::serve(listener, state));
     }
     tracing::info!(channels = controller.channels.len(), "gateway running");
-    tokio::select! {
-        _ = controller.serve(&mut control_rx) => {}
-        _ = shutdown => tracing::info!("shutting down"),
-    }
+    let exit = tokio::select! {
+        exit = controller.serve(&mut control_rx) => exit,
+        _ = shutdown => {
+            tracing::info!("stop requested");
+            Exit::Stopped
+        }
+    };
     controller.stop().await;
-    Ok(())
+    Ok(exit)
 }
 
 fn spawn_signal_triggers(control: mpsc::Sender<ControlMessage>) {
     use tokio::signal::unix::{signal, SignalKind};
-    for (kind, name) in [(SignalKind::user_defined1(), "SIGUSR1"), (SignalKind::hangup(), "SIGHUP")] {
+    for (kind, name) in [
+        (SignalKind::user_defined1(), "SIGUSR1"),
+        (SignalKind::hangup(), "SIGHUP"),
+        (SignalKind::user_defined2(), "SIGUSR2"),
+    ] {
         let control = control.clone();
         match signal(kind) {
             Ok(mut stream) => {
                 tokio::spawn(async move {
                     while stream.recv().await.is_some() {
-                        if control.send(ControlMessage::Reload { trigger: name, done: None }).await.is_err() {
+                        let message = if name == "SIGUSR2" {
+                            ControlMessage::Restart { trigger: name }
+                        } else {
+                            ControlMessage::Reload { trigger: name, done: None }
+                        };
+                        if control.send(message).await.is_err() {
                             return;
                         }
                     }
@@ -133,8 +167,28 @@ impl Controller {
         let entries = resolve(&config, &mut catalog)
             .await
             .map_err(|errors| GatewayError::Config(ConfigErrors { file: config_path.clone(), errors }))?;
+        let store = Arc::new(Store::open(&config.gateway.state_dir, config.gateway.durability)?);
+        let sessions = DurableSessions::load(store.clone())?;
+        let counts = store.counts()?;
+        tracing::info!(
+            database = %store.path().display(),
+            sessions = counts.sessions,
+            turns = counts.turns,
+            inbound_pending = counts.inbound_pending,
+            outbound_queued = counts.outbound_queued,
+            "state loaded"
+        );
+        let week_ago = crate::session::now_ms() - 7 * 24 * 3600 * 1000;
+        if let Ok((inbound, outbound)) = store.prune(week_ago) {
+            if inbound + outbound > 0 {
+                tracing::info!(
+                    inbound,
+                    outbound,
+                    "forgot answered inbound ids and delivered replies older than a week"
+                );
+            }
+        }
         let metrics = Arc::new(Metrics::new());
-        let router = Router::new(&config, Arc::new(MemorySessions::default()), metrics.clone());
         let http = reqwest::Client::builder()
             .user_agent(concat!("switchboard/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -142,6 +196,7 @@ impl Controller {
                 dir: config.gateway.state_dir.clone(),
                 reason: format!("HTTP client: {e}"),
             })?;
+        let router = Router::new(&config, Arc::new(sessions), store, metrics.clone(), http.clone());
         let shared = Arc::new(Shared { router, metrics, ledger: Ledger::default(), http });
         let mut controller = Controller {
             config_path,
@@ -158,9 +213,13 @@ impl Controller {
         Ok(controller)
     }
 
-    async fn serve(&mut self, control: &mut mpsc::Receiver<ControlMessage>) {
+    async fn serve(&mut self, control: &mut mpsc::Receiver<ControlMessage>) -> Exit {
         while let Some(message) = control.recv().await {
             match message {
+                ControlMessage::Restart { trigger } => {
+                    tracing::info!(trigger, "restart requested");
+                    return Exit::Restart;
+                }
                 ControlMessage::Reload { trigger, done } => {
                     let outcome = self.reload(trigger).await;
                     let label = match &outcome {
@@ -179,6 +238,7 @@ impl Controller {
                 }
             }
         }
+        std::future::pending().await
     }
 
     async fn reload(&mut self, trigger: &'static str) -> ReloadOutcome {
@@ -322,6 +382,25 @@ impl Controller {
     }
 
     async fn stop(&mut self) {
+        let router = self.shared.router.clone();
+        let deadline = tokio::time::Instant::now() + self.config.gateway.stop_deadline;
+        router.drain();
+        let turns_done = wait_until(deadline, || router.busy_turns() == 0).await;
+        if !turns_done {
+            tracing::warn!(
+                turns = router.busy_turns(),
+                "stop deadline reached with turns still running; they are answered after the next start"
+            );
+        }
+        let store = router.store();
+        let channels: Vec<String> = self.channels.keys().cloned().collect();
+        let queued = || channels.iter().map(|c| store.queued_replies(c).map_or(0, |q| q.len())).sum::<usize>();
+        if !wait_until(deadline, || queued() == 0).await {
+            tracing::warn!(
+                replies = queued(),
+                "stop deadline reached with replies still queued; they are sent after the next start"
+            );
+        }
         for (id, running) in std::mem::take(&mut self.channels) {
             running.handle.stop().await;
             tracing::info!(channel = %id, "channel instance stopped");
@@ -333,6 +412,28 @@ impl Controller {
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
+        match store.counts() {
+            Ok(counts) => tracing::info!(
+                sessions = counts.sessions,
+                inbound_pending = counts.inbound_pending,
+                outbound_queued = counts.outbound_queued,
+                "gateway stopped; state stored"
+            ),
+            Err(e) => tracing::error!("gateway stopped; the store cannot be read: {e}"),
+        }
+    }
+}
+
+/// Poll `done` until it holds or `deadline` passes; whether it held.
+async fn wait_until(deadline: tokio::time::Instant, mut done: impl FnMut() -> bool) -> bool {
+    loop {
+        if done() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
     }
 }
 

@@ -1,11 +1,15 @@
 //! Lanes: each session's turns run one at a time, in arrival order; different sessions run
-//! concurrently, up to a global cap.
+//! concurrently, up to a global cap. A lane holds at most `capacity` waiting turns: a turn
+//! beyond that is handed back to the caller, which logs and counts it.
 
 use std::{
     collections::HashMap,
     future::Future,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
@@ -19,46 +23,63 @@ pub struct Lanes {
 }
 
 struct LanesInner {
-    lanes: Mutex<HashMap<String, mpsc::UnboundedSender<Turn>>>,
+    lanes: Mutex<HashMap<String, mpsc::Sender<Turn>>>,
     permits: Arc<Semaphore>,
+    capacity: usize,
     idle_after: Duration,
+    /// Turns submitted and not finished, across all lanes.
+    busy: AtomicUsize,
 }
 
 impl Lanes {
-    pub fn new(max_concurrent_turns: usize) -> Self {
+    pub fn new(max_concurrent_turns: usize, capacity: usize) -> Self {
         Self {
             inner: Arc::new(LanesInner {
                 lanes: Mutex::new(HashMap::new()),
                 permits: Arc::new(Semaphore::new(max_concurrent_turns.max(1))),
+                capacity: capacity.max(1),
                 idle_after: Duration::from_secs(60),
+                busy: AtomicUsize::new(0),
             }),
         }
     }
 
-    /// Queue `turn` on the lane of `session_key`, starting the lane if needed.
-    pub fn submit(&self, session_key: &str, turn: Turn) {
+    /// Queue `turn` on the lane of `session_key`, starting the lane if needed. A full lane
+    /// hands the turn back.
+    pub fn submit(&self, session_key: &str, turn: Turn) -> Result<(), Turn> {
         // Sending under the lock pairs with the lane's retirement check under the same lock:
         // a lane never retires with a turn still queued.
         let mut lanes = self.inner.lanes.lock().unwrap();
         let turn = match lanes.get(session_key) {
-            Some(lane) => match lane.send(turn) {
-                Ok(()) => return,
-                Err(mpsc::error::SendError(turn)) => turn,
+            Some(lane) => match lane.try_send(turn) {
+                Ok(()) => {
+                    self.inner.busy.fetch_add(1, Ordering::SeqCst);
+                    return Ok(());
+                }
+                Err(mpsc::error::TrySendError::Full(turn)) => return Err(turn),
+                Err(mpsc::error::TrySendError::Closed(turn)) => turn,
             },
             None => turn,
         };
-        let (tx, rx) = mpsc::unbounded_channel();
-        let _ = tx.send(turn);
+        let (tx, rx) = mpsc::channel(self.inner.capacity);
+        let _ = tx.try_send(turn);
+        self.inner.busy.fetch_add(1, Ordering::SeqCst);
         lanes.insert(session_key.to_string(), tx);
         tokio::spawn(run_lane(self.inner.clone(), session_key.to_string(), rx));
+        Ok(())
     }
 
     pub fn active(&self) -> usize {
         self.inner.lanes.lock().unwrap().len()
     }
+
+    /// Turns waiting or running.
+    pub fn busy(&self) -> usize {
+        self.inner.busy.load(Ordering::SeqCst)
+    }
 }
 
-async fn run_lane(inner: Arc<LanesInner>, key: String, mut turns: mpsc::UnboundedReceiver<Turn>) {
+async fn run_lane(inner: Arc<LanesInner>, key: String, mut turns: mpsc::Receiver<Turn>) {
     loop {
         let turn = match tokio::time::timeout(inner.idle_after, turns.recv()).await {
             Ok(Some(turn)) => turn,
@@ -79,6 +100,7 @@ async fn run_lane(inner: Arc<LanesInner>, key: String, mut turns: mpsc::Unbounde
         };
         let Ok(_permit) = inner.permits.clone().acquire_owned().await else { return };
         turn.await;
+        inner.busy.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -88,7 +110,7 @@ mod tests {
 
     #[tokio::test]
     async fn turns_of_one_session_run_in_order_and_sessions_run_concurrently() {
-        let lanes = Lanes::new(4);
+        let lanes = Lanes::new(4, 16);
         let log = Arc::new(Mutex::new(Vec::new()));
         // Session a's first turn waits for session b's turn: with lanes that were not
         // concurrent this would never finish.
@@ -97,7 +119,7 @@ mod tests {
         for i in 0..5u64 {
             let log = log.clone();
             let wait_for_b = if i == 0 { b_ran_rx.take() } else { None };
-            lanes.submit(
+            let _ = lanes.submit(
                 "a",
                 Box::pin(async move {
                     if let Some(b) = wait_for_b {
@@ -109,13 +131,13 @@ mod tests {
             );
         }
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        lanes.submit(
+        let _ = lanes.submit(
             "a",
             Box::pin(async move {
                 let _ = done_tx.send(());
             }),
         );
-        lanes.submit(
+        let _ = lanes.submit(
             "b",
             Box::pin(async move {
                 let _ = b_ran_tx.send(());
@@ -124,5 +146,37 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), done_rx).await.expect("lanes deadlocked").unwrap();
         let log = log.lock().unwrap().clone();
         assert_eq!(log, vec!["a0", "a1", "a2", "a3", "a4"]);
+        assert_eventually_idle(&lanes).await;
+    }
+
+    async fn assert_eventually_idle(lanes: &Lanes) {
+        for _ in 0..100 {
+            if lanes.busy() == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{} turns still counted as busy", lanes.busy());
+    }
+
+    #[tokio::test]
+    async fn a_full_lane_hands_the_turn_back() {
+        let lanes = Lanes::new(1, 2);
+        let (release, hold) = tokio::sync::oneshot::channel::<()>();
+        // The first turn runs (and blocks), two wait, the fourth does not fit.
+        let _ = lanes.submit(
+            "a",
+            Box::pin(async move {
+                let _ = hold.await;
+            }),
+        );
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(lanes.submit("a", Box::pin(async {})).is_ok());
+        assert!(lanes.submit("a", Box::pin(async {})).is_ok());
+        assert!(lanes.submit("a", Box::pin(async {})).is_err());
+        assert!(lanes.submit("b", Box::pin(async {})).is_ok(), "other sessions are not affected");
+        let _ = release.send(());
+        assert_eventually_idle(&lanes).await;
     }
 }

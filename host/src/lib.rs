@@ -18,7 +18,9 @@
 //! - [`transport`]: WebSocket, HTTP and timers carried out for adapters.
 //! - [`bridge`]: the host handle adapters hold (sessions, secrets, clock, log bridge).
 //! - [`routing`]: inbound → binding → session key → lane → agent → reply delivery.
-//! - [`session`]: the session registry and the session key grammar.
+//! - [`session`]: the session registry (a cache over the store) and the session key grammar.
+//! - [`store`]: the durable store (SQLite, WAL): sessions, transcripts, inbound ids, the
+//!   delivery queue and adapter state; the transactions that keep the ordering rules.
 //! - [`lane`]: per-session ordered turns under a global concurrency cap.
 //! - [`agent`]: the agents (`echo`, `command`).
 //! - [`admin`], [`metrics`], [`ledger`]: `/livez`, `/readyz`, `/metrics`, `/status`.
@@ -37,4 +39,5 @@ pub mod loader;
 pub mod metrics;
 pub mod routing;
 pub mod session;
+pub mod store;
 pub mod transport;

@@ -20,7 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the gateway. SIGUSR1 or SIGHUP reloads the config; SIGTERM or SIGINT stops.
+    /// Run the gateway. SIGUSR1 or SIGHUP reloads the config; SIGTERM or SIGINT stops
+    /// gracefully; SIGUSR2 (or `POST /restart`) stops gracefully and starts the binary again.
     Run {
         #[arg(long, short)]
         config: PathBuf,
@@ -61,7 +62,13 @@ fn main() -> ExitCode {
         Command::Run { config } => {
             init_logging();
             match runtime().and_then(|rt| rt.block_on(run(config))) {
-                Ok(()) => ExitCode::SUCCESS,
+                Ok(gateway::Exit::Stopped) => ExitCode::SUCCESS,
+                Ok(gateway::Exit::Restart) => {
+                    let error = re_exec();
+                    tracing::error!("cannot start the gateway again: {error}");
+                    eprintln!("error: cannot start the gateway again: {error}");
+                    ExitCode::FAILURE
+                }
                 Err(e) => {
                     tracing::error!("{e:#}");
                     eprintln!("error: {e:#}");
@@ -81,7 +88,19 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")
 }
 
-async fn run(config_path: PathBuf) -> anyhow::Result<()> {
+/// Replace this process with a fresh start of the same binary and arguments (the runtime,
+/// adapters and sockets are gone by now; everything else is in the store). Returns only on error.
+fn re_exec() -> std::io::Error {
+    use std::os::unix::process::CommandExt;
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => return e,
+    };
+    tracing::info!(exe = %exe.display(), "starting the gateway again");
+    std::process::Command::new(exe).args(std::env::args_os().skip(1)).exec()
+}
+
+async fn run(config_path: PathBuf) -> anyhow::Result<gateway::Exit> {
     let config = Config::load(&config_path)?;
     let admin = match config.gateway.admin_listen {
         Some(addr) => Some(
@@ -92,8 +111,7 @@ async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         None => None,
     };
     let exe = std::env::current_exe().context("cannot find the switchboard executable")?;
-    gateway::run(config_path, exe, admin, shutdown_signal()).await?;
-    Ok(())
+    Ok(gateway::run(config_path, exe, admin, shutdown_signal()).await?)
 }
 
 async fn shutdown_signal() {

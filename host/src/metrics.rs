@@ -17,6 +17,12 @@ pub struct Metrics {
     pub events_dispatched: Family<Labels, Counter>,
     pub agent_errors: Family<Labels, Counter>,
     pub reloads: Family<Labels, Counter>,
+    /// Inbound messages recognised as already recorded (resume replay, catch-up) and not answered again.
+    pub inbound_redelivered: Family<Labels, Counter>,
+    /// Turns refused because their session's lane was full.
+    pub lane_overflow: Family<Labels, Counter>,
+    /// Failures to write the state database.
+    pub store_errors: Counter,
     pub generations_started: Counter,
     pub generations_refused: Counter,
     pub generations_unloaded: Counter,
@@ -38,6 +44,9 @@ impl Metrics {
             events_dispatched: Family::default(),
             agent_errors: Family::default(),
             reloads: Family::default(),
+            inbound_redelivered: Family::default(),
+            lane_overflow: Family::default(),
+            store_errors: Counter::default(),
             generations_started: Counter::default(),
             generations_refused: Counter::default(),
             generations_unloaded: Counter::default(),
@@ -53,6 +62,17 @@ impl Metrics {
         registry.register("events_dispatched", "Events handed to adapters", metrics.events_dispatched.clone());
         registry.register("agent_errors", "Agent turns that failed", metrics.agent_errors.clone());
         registry.register("reloads", "Reloads by trigger and outcome", metrics.reloads.clone());
+        registry.register(
+            "inbound_redelivered",
+            "Inbound messages seen before (resume replay, catch-up), not answered again",
+            metrics.inbound_redelivered.clone(),
+        );
+        registry.register(
+            "lane_overflow",
+            "Turns refused because the session's lane was full",
+            metrics.lane_overflow.clone(),
+        );
+        registry.register("store_errors", "Failed writes to the state database", metrics.store_errors.clone());
         registry.register("generations_started", "Adapter generations started", metrics.generations_started.clone());
         registry.register(
             "generations_refused",

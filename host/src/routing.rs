@@ -8,7 +8,7 @@
 use std::{
     collections::HashMap,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
         Arc, RwLock,
     },
     time::Duration,
@@ -18,12 +18,13 @@ use switchboard_plugin_api::{Event, OutboundReply, PeerKind, ReplyTarget};
 use tokio::sync::mpsc;
 
 use crate::{
-    agent::{Agent, AgentRequest, Sender},
+    agent::{Agent, AgentRequest, HistoryTurn, Sender},
     apartment::Inbound,
-    config::{Config, DEFAULT_AGENT},
+    config::{Config, OnError, DEFAULT_AGENT},
     lane::Lanes,
     metrics::{self, Metrics},
     session::{now_ms, session_key, DeliveryTarget, Session, SessionStore},
+    store::{FinishedTurn, QueuedReply, Store, Turn},
 };
 
 /// The part of the config routing needs; replaced as a whole on reload.
@@ -38,21 +39,33 @@ struct Table {
 pub struct Router {
     table: RwLock<Table>,
     sessions: Arc<dyn SessionStore>,
+    store: Arc<Store>,
     lanes: Lanes,
     instances: RwLock<HashMap<String, mpsc::UnboundedSender<Event>>>,
-    next_reply_id: AtomicU64,
     metrics: Arc<Metrics>,
+    http: reqwest::Client,
+    /// Set when the gateway is stopping: inbound is still recorded, but answered after the
+    /// next start.
+    draining: AtomicBool,
 }
 
 impl Router {
-    pub fn new(config: &Config, sessions: Arc<dyn SessionStore>, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        config: &Config,
+        sessions: Arc<dyn SessionStore>,
+        store: Arc<Store>,
+        metrics: Arc<Metrics>,
+        http: reqwest::Client,
+    ) -> Arc<Self> {
         let router = Arc::new(Router {
             table: RwLock::new(Table::default()),
             sessions,
-            lanes: Lanes::new(config.gateway.max_concurrent_turns),
+            store,
+            lanes: Lanes::new(config.gateway.max_concurrent_turns, config.gateway.lane_capacity),
             instances: RwLock::new(HashMap::new()),
-            next_reply_id: AtomicU64::new(1),
             metrics,
+            http,
+            draining: AtomicBool::new(false),
         });
         router.apply(config);
         router
@@ -63,7 +76,7 @@ impl Router {
         let agents = config
             .agents
             .iter()
-            .map(|(id, agent)| (id.clone(), Arc::new(Agent { id: id.clone(), kind: agent.kind.clone() })))
+            .map(|(id, agent)| (id.clone(), Arc::new(Agent { id: id.clone(), config: agent.clone() })))
             .collect();
         let bindings = config.bindings.iter().map(|b| (b.channel.clone(), b.agent.clone())).collect();
         let thread_sessions = config.channels.iter().map(|(id, c)| (id.clone(), c.thread_sessions)).collect();
@@ -75,6 +88,10 @@ impl Router {
         self.sessions.clone()
     }
 
+    pub fn store(&self) -> Arc<Store> {
+        self.store.clone()
+    }
+
     pub fn register_instance(&self, id: &str, events: mpsc::UnboundedSender<Event>) {
         self.instances.write().unwrap().insert(id.to_string(), events);
     }
@@ -83,12 +100,79 @@ impl Router {
         self.instances.write().unwrap().remove(id);
     }
 
-    /// Route one inbound message from channel instance `channel`.
-    pub fn route(self: &Arc<Self>, channel: &str, inbound: Inbound) {
+    /// Stop starting turns; what arrives from now on waits in the store for the next start.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Turns waiting or running.
+    pub fn busy_turns(&self) -> usize {
+        self.lanes.busy()
+    }
+
+    /// After a start: answer what was recorded but not answered, and send what was queued but
+    /// not confirmed, in their original order.
+    pub fn recover(self: &Arc<Self>, channel: &str) {
+        match self.store.pending_inbound(channel) {
+            Ok(pending) => {
+                if !pending.is_empty() {
+                    tracing::info!(channel, messages = pending.len(), "answering inbound recorded before the restart");
+                }
+                for (inbound_id, inbound) in pending {
+                    self.route(channel, inbound_id, inbound);
+                }
+            }
+            Err(e) => {
+                self.metrics.store_errors.inc();
+                tracing::error!(channel, "cannot read unanswered inbound from the store: {e}");
+            }
+        }
+        match self.store.queued_replies(channel) {
+            Ok(queued) => {
+                if !queued.is_empty() {
+                    tracing::info!(channel, replies = queued.len(), "sending replies queued before the restart");
+                }
+                for reply in queued {
+                    self.deliver(reply);
+                }
+            }
+            Err(e) => {
+                self.metrics.store_errors.inc();
+                tracing::error!(channel, "cannot read the delivery queue from the store: {e}");
+            }
+        }
+    }
+
+    /// Hand a queued reply to the channel instance that owns its target.
+    pub fn deliver(&self, reply: QueuedReply) {
+        let event = Event::DeliverReply(OutboundReply {
+            reply_id: reply.id as u64,
+            session_key: reply.session_key.as_str().into(),
+            target: ReplyTarget::new(&reply.target.conversation_id, &reply.target.thread_root_id),
+            text: reply.text.into(),
+        });
+        if !self.send_to(&reply.target.channel_instance, event) {
+            tracing::warn!(
+                session = %reply.session_key,
+                channel = %reply.target.channel_instance,
+                reply_id = reply.id,
+                "the session's channel instance is not running; the reply stays queued for its next start"
+            );
+        }
+    }
+
+    /// Route one inbound message from channel instance `channel`, already recorded in the
+    /// store as `inbound_id`.
+    pub fn route(self: &Arc<Self>, channel: &str, inbound_id: i64, inbound: Inbound) {
+        if self.draining.load(Ordering::SeqCst) {
+            tracing::info!(channel, message_id = %inbound.message_id, "stopping: inbound recorded, answered after the next start");
+            return;
+        }
         let table = self.table.read().unwrap();
         let agent_id = table.bindings.get(channel).map_or(DEFAULT_AGENT, String::as_str).to_string();
         let Some(agent) = table.agents.get(&agent_id).cloned() else {
             tracing::error!(channel, agent = %agent_id, message_id = %inbound.message_id, "no such agent; message not answered");
+            self.set_status(inbound_id, "no_agent");
             return;
         };
         let per_thread = table.thread_sessions.get(channel).copied().unwrap_or(false);
@@ -118,14 +202,47 @@ impl Router {
             "inbound"
         );
         let router = self.clone();
-        self.lanes.submit(&key, Box::pin(async move { router.turn(session, agent, inbound, typing_interval).await }));
+        let message_id = inbound.message_id.clone();
+        let turn = Box::pin(async move { router.turn(session, agent, inbound_id, inbound, typing_interval).await });
+        if self.lanes.submit(&key, turn).is_err() {
+            self.metrics.lane_overflow.get_or_create(&metrics::channel(channel)).inc();
+            tracing::error!(
+                session = %key,
+                channel,
+                message_id = %message_id,
+                "the session's lane is full (gateway.lane_capacity); this message is not answered"
+            );
+            self.set_status(inbound_id, "overflow");
+        }
+    }
+
+    fn set_status(&self, inbound_id: i64, status: &str) {
+        if let Err(e) = self.store.set_inbound_status(inbound_id, status) {
+            self.metrics.store_errors.inc();
+            tracing::error!(inbound_id, "cannot store the inbound status {status}: {e}");
+        }
     }
 
     /// One agent turn for `session`, with a typing indicator while the agent works.
-    async fn turn(self: Arc<Self>, session: Session, agent: Arc<Agent>, inbound: Inbound, typing_interval: Duration) {
+    async fn turn(
+        self: Arc<Self>,
+        session: Session,
+        agent: Arc<Agent>,
+        inbound_id: i64,
+        inbound: Inbound,
+        typing_interval: Duration,
+    ) {
         // The reply goes where the registry says the session lives, into the thread the
         // message came from.
         let target = ReplyTarget::new(&session.target.conversation_id, &inbound.thread_root_id);
+        let history = match self.store.history(&session.key, agent.config.history_limit) {
+            Ok(turns) => turns.into_iter().map(|t| HistoryTurn { role: t.role, content: t.content }).collect(),
+            Err(e) => {
+                self.metrics.store_errors.inc();
+                tracing::error!(session = %session.key, "cannot read the session's history; answering without it: {e}");
+                Vec::new()
+            }
+        };
         let request = AgentRequest {
             session_key: session.key.clone(),
             agent_id: agent.id.clone(),
@@ -135,6 +252,7 @@ impl Router {
             message_id: inbound.message_id.clone(),
             sender: Sender { id: inbound.sender_id.clone(), name: inbound.sender_name.clone() },
             text: inbound.text.clone(),
+            history,
         };
         let typing = async {
             loop {
@@ -143,30 +261,51 @@ impl Router {
             }
         };
         let outcome = tokio::select! {
-            outcome = agent.respond(&request) => outcome,
+            outcome = agent.respond(&self.http, &request) => outcome,
             _ = typing => unreachable!("the typing loop never ends"),
         };
-        match outcome {
-            Ok(Some(text)) => {
-                let reply = OutboundReply {
-                    reply_id: self.next_reply_id.fetch_add(1, Ordering::Relaxed),
-                    session_key: session.key.as_str().into(),
-                    target,
-                    text: text.into(),
-                };
-                if !self.send_to(&session.target.channel_instance, Event::DeliverReply(reply)) {
-                    tracing::error!(session = %session.key, channel = %session.target.channel_instance, "the session's channel instance is not running; reply dropped");
-                }
+        let user = Turn { role: "user".into(), content: inbound.text.clone() };
+        let (transcript, reply) = match outcome {
+            Ok(Some(text)) => (vec![user, Turn { role: "assistant".into(), content: text.clone() }], Some(text)),
+            Ok(None) => {
+                tracing::debug!(session = %session.key, "agent chose not to reply");
+                (vec![user], None)
             }
-            Ok(None) => tracing::debug!(session = %session.key, "agent chose not to reply"),
             Err(error) => {
                 self.metrics.agent_errors.get_or_create(&metrics::channel(&session.target.channel_instance)).inc();
-                tracing::error!(session = %session.key, agent = %agent.id, "agent failed: {error}");
+                tracing::error!(session = %session.key, agent = %agent.id, message_id = %inbound.message_id, "agent failed: {error}");
+                match &agent.config.on_error {
+                    OnError::Reply(text) => (vec![user], Some(text.clone())),
+                    OnError::Silent => (vec![user], None),
+                }
+            }
+        };
+        let delivery_target =
+            DeliveryTarget { thread_root_id: inbound.thread_root_id.clone(), ..session.target.clone() };
+        let finished = FinishedTurn {
+            inbound_id,
+            session_key: &session.key,
+            transcript,
+            message_id: &inbound.message_id,
+            reply: reply.as_deref().map(|text| (&delivery_target, text)),
+        };
+        match self.store.finish_turn(&finished, now_ms()) {
+            Ok(Some(reply_id)) => self.deliver(QueuedReply {
+                id: reply_id,
+                session_key: session.key.clone(),
+                target: delivery_target.clone(),
+                text: reply.unwrap_or_default(),
+            }),
+            Ok(None) => {}
+            Err(e) => {
+                // Not sent: a reply that is not queued could be sent twice after a restart.
+                self.metrics.store_errors.inc();
+                tracing::error!(session = %session.key, message_id = %inbound.message_id, "cannot store the turn; it will be answered after the next start: {e}");
             }
         }
     }
 
-    fn send_to(&self, channel: &str, event: Event) -> bool {
+    pub fn send_to(&self, channel: &str, event: Event) -> bool {
         match self.instances.read().unwrap().get(channel) {
             Some(events) => events.send(event).is_ok(),
             None => false,

@@ -2,16 +2,18 @@
 //! reach it only through the host handle, so a reload never loses or re-keys a session.
 //!
 //! Keys follow `agent:<agent>:<channel instance>:<channel|group|dm>:<peer>[:thread:<root>]`
-//! (ARCHITECTURE.md §5). The store is a trait so the in-memory registry here can be backed by
-//! a durable store later without changing what adapters see.
+//! (ARCHITECTURE.md §5). [`DurableSessions`] is the gateway's registry: a cache over the
+//! [`Store`], so a restart keeps every session; adapters see the same handle either way.
 
 use std::{
     collections::HashMap,
-    sync::RwLock,
+    sync::{Arc, RwLock},
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use switchboard_plugin_api::PeerKind;
+
+use crate::store::{Store, StoreError};
 
 /// Where a session's replies go: a channel instance and a conversation on it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -92,6 +94,57 @@ impl SessionStore for MemorySessions {
 
     fn len(&self) -> usize {
         self.sessions.read().unwrap().len()
+    }
+}
+
+/// The registry backed by the store: reads come from memory, a new session is written
+/// through before it is handed out. `last_active` reaches the store with each finished turn.
+pub struct DurableSessions {
+    cache: MemorySessions,
+    store: Arc<Store>,
+}
+
+impl DurableSessions {
+    pub fn load(store: Arc<Store>) -> Result<Self, StoreError> {
+        let cache = MemorySessions::default();
+        {
+            let mut sessions = cache.sessions.write().unwrap();
+            for session in store.sessions()? {
+                sessions.insert(session.key.clone(), session);
+            }
+        }
+        Ok(Self { cache, store })
+    }
+}
+
+impl SessionStore for DurableSessions {
+    fn get(&self, key: &str) -> Option<Session> {
+        self.cache.get(key)
+    }
+
+    fn open(&self, key: &str, agent_id: &str, target: &DeliveryTarget) -> Session {
+        if let Some(session) = self.cache.get(key) {
+            return session;
+        }
+        let session = self.cache.open(key, agent_id, target);
+        if let Err(e) = self.store.insert_session(&session) {
+            // The session still works for this process; the next turn's commit retries nothing,
+            // so say so loudly.
+            tracing::error!(session = %key, "cannot store the new session: {e}");
+        }
+        session
+    }
+
+    fn touch(&self, key: &str, now_ms: i64) {
+        self.cache.touch(key, now_ms);
+    }
+
+    fn list(&self, channel_instance: &str, prefix: &str) -> Vec<Session> {
+        self.cache.list(channel_instance, prefix)
+    }
+
+    fn len(&self) -> usize {
+        self.cache.len()
     }
 }
 

@@ -36,7 +36,10 @@ pub trait Adapter {
     fn handle(&mut self, event: Event_NE) -> RResult<RVec<Action_NE>, PluginError>;
 
     /// Export the private state the next generation needs (connection ids, cursors,
-    /// pending work). Called after `Shutdown { reason: Replaced }`.
+    /// pending work). Called after `Shutdown { reason: Replaced }`, and after each batch of
+    /// events: the host stores it in the same transaction as the inbound messages of that
+    /// batch, before it carries out the batch's actions, and hands it back (cold) after a
+    /// restart. It must therefore be cheap and must not change the adapter.
     #[sabi(last_prefix_field)]
     fn export_state(&mut self) -> RResult<StateBlob, PluginError>;
 }

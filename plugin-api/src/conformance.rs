@@ -117,7 +117,7 @@ impl Harness {
     /// Construct generation 1 of `A` and deliver `Started`; returns the harness and the
     /// actions `Started` produced.
     pub fn start<A: AdapterPlugin>(host: TestHost, config_json: &str) -> Result<(Self, Vec<Action>), String> {
-        let handover = Handover { generation: 1, previous_state: RNone, connections: RVec::new() };
+        let handover = Handover { generation: 1, previous_state: RNone, connections: RVec::new(), cold: true };
         Self::start_with::<A>(host, config_json, handover)
     }
 
@@ -227,8 +227,12 @@ pub fn check_contract<A: AdapterPlugin>(
                     violations.push(format!("Shutdown(Replaced) closed connection {conn}"));
                 }
             }
-            let handover =
-                Handover { generation: 2, previous_state: RSome(state), connections: connections.clone().into() };
+            let handover = Handover {
+                generation: 2,
+                previous_state: RSome(state),
+                connections: connections.clone().into(),
+                cold: false,
+            };
             match Harness::start_with::<A>(host, valid_config, handover) {
                 Err(e) => violations.push(format!("generation 2 refused the handover: {e}")),
                 Ok((_, actions)) => {

@@ -56,14 +56,21 @@ pub struct OpenConnection {
     pub url: RString,
 }
 
-/// What a new generation starts from. Empty (no state, no connections) on first start.
+/// What a new generation starts from.
+///
+/// Warm (`cold == false`): the previous generation of this process just stopped; its
+/// connections, HTTP requests and timers are still the host's and their results will reach the
+/// new generation. Cold (`cold == true`): nothing of an earlier generation survives (a new
+/// process, or the instance was stopped); `previous_state` is then the last state the host
+/// stored for this channel instance, or none on the very first start.
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone, PartialEq, Eq)]
 pub struct Handover {
-    /// 1 for the first generation of a channel instance, then counting up.
+    /// 1 for the first generation of a channel instance in this process, then counting up.
     pub generation: u64,
     pub previous_state: ROption<StateBlob>,
     pub connections: RVec<OpenConnection>,
+    pub cold: bool,
 }
 
 /// The root module. Config crosses the boundary as JSON text of the channel instance's table

@@ -4,6 +4,10 @@
 //! Everything that must survive a generation change is in [`State`], which is exported on
 //! `Shutdown(Replaced)` and restored by the next generation; the host keeps the socket, the
 //! in-flight HTTP requests and the timers, so their results reach whichever generation runs.
+//! The host also stores the state after every batch, so a restarted gateway (a *cold*
+//! handover) resumes from the same cursor: it reconnects with the old connection id and
+//! sequence number, fetches what was posted meanwhile when the server cannot resume, and looks
+//! for its own posts before sending again a reply that may already have gone out.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -20,7 +24,15 @@ use crate::{
 };
 
 pub const STATE_FORMAT: u32 = 1;
-const RECENT_POSTS: usize = 1024;
+const RECENT_POSTS: usize = 512;
+/// Usernames remembered for catch-up (REST posts carry only the user id).
+const KNOWN_USERS: usize = 2048;
+/// A delivery the adapter gave up on waits this long for the host to hand it back.
+const PARKED_FOR_MS: i64 = 3_600_000;
+/// Catch-up requests that fail are retried this often before the held posts are released.
+const CATCH_UP_ATTEMPTS: u32 = 5;
+/// The props key that marks a reply part, so a restarted gateway can find what it posted.
+pub const REPLY_MARK: &str = "switchboard_reply";
 const MAX_DELIVERY_ATTEMPTS: u32 = 5;
 const BUFFERED_POSTS: usize = 1000;
 
@@ -30,6 +42,7 @@ enum TimerPurpose {
     Reconnect,
     RetryMe,
     RetryDelivery(u64),
+    RetryCatchUp(String),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -41,6 +54,35 @@ struct Delivery {
     attempt: u32,
     first_post_id: String,
     in_flight: Option<u64>,
+    #[serde(default)]
+    queued_at_ms: i64,
+    /// Parts may already be posted (a restart, or attempts that timed out): look first.
+    #[serde(default)]
+    verify: bool,
+    /// Attempts exhausted; waiting for the host to hand the reply back.
+    #[serde(default)]
+    parked_at_ms: Option<i64>,
+}
+
+/// What the adapter knows of a conversation, for catch-up after a gap.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct SeenChannel {
+    /// Mattermost channel type: O, P, G or D.
+    channel_type: String,
+    channel_name: String,
+    /// `create_at` of the newest post seen in it.
+    last_post_at: i64,
+}
+
+/// What a pending HTTP request is for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum Pending {
+    /// Posting a part of a reply.
+    Post(u64),
+    /// Looking for parts of a reply that may already be posted.
+    Verify(u64),
+    /// Fetching what a channel missed while resume was impossible.
+    CatchUp(String),
 }
 
 /// Everything a generation hands to the next one.
@@ -60,8 +102,17 @@ struct State {
     /// `posted` payloads that arrived before the bot knew who it is.
     buffered: VecDeque<Value>,
     deliveries: BTreeMap<u64, Delivery>,
-    requests: BTreeMap<u64, u64>,
+    requests: BTreeMap<u64, Pending>,
     timers: BTreeMap<u64, TimerPurpose>,
+    #[serde(default)]
+    seen: BTreeMap<String, SeenChannel>,
+    #[serde(default)]
+    usernames: BTreeMap<String, String>,
+    /// Channels whose catch-up is running, with attempts so far; their live posts wait in `held`.
+    #[serde(default)]
+    catching_up: BTreeMap<String, u32>,
+    #[serde(default)]
+    held: VecDeque<Value>,
     reconnect_attempts: u32,
     ping_outstanding: Option<i64>,
     rng: u64,
@@ -92,12 +143,16 @@ impl Adapter {
             } else {
                 match serde_json::from_str::<State>(previous.data.as_str()) {
                     Ok(state) => {
-                        let alive = state.conn.is_some_and(|c| handover.connections.iter().any(|o| o.conn == c));
+                        let alive = !handover.cold
+                            && state.conn.is_some_and(|c| handover.connections.iter().any(|o| o.conn == c));
                         adapter.state = state;
                         adapter.adopted = alive;
                         if !alive {
                             adapter.state.conn = None;
                             adapter.state.ws_open = false;
+                        }
+                        if handover.cold {
+                            adapter.forget_the_old_process();
                         }
                     }
                     Err(e) => adapter.log(LogLevel::Warn, format!("previous state unreadable ({e}); starting fresh")),
@@ -108,6 +163,31 @@ impl Adapter {
             adapter.state.rng = (adapter.host.now_ms() as u64) | 1;
         }
         Ok(adapter)
+    }
+
+    /// After a restart nothing of the old process's requests and timers exists: forget them,
+    /// and treat every reply that may have been sent as "look before sending again".
+    fn forget_the_old_process(&mut self) {
+        let state = &mut self.state;
+        state.requests.clear();
+        state.timers.clear();
+        state.me_request = None;
+        state.ping_outstanding = None;
+        state.reconnect_attempts = 0;
+        state.catching_up.clear();
+        // Held posts were never processed and their catch-up is gone: process them.
+        let held = std::mem::take(&mut state.held);
+        state.buffered.extend(held);
+        for delivery in state.deliveries.values_mut() {
+            let maybe_sent = delivery.in_flight.is_some()
+                || delivery.attempt > 0
+                || delivery.next_part > 0
+                || delivery.parked_at_ms.is_some();
+            delivery.in_flight = None;
+            delivery.parked_at_ms = None;
+            delivery.attempt = 0;
+            delivery.verify |= maybe_sent;
+        }
     }
 
     pub fn export_state(&self) -> StateBlob {
@@ -190,15 +270,19 @@ impl Adapter {
             self.state.timers.retain(|_, t| !matches!(t, TimerPurpose::Ping | TimerPurpose::Reconnect));
             self.connect();
         }
-        if self.state.bot_id.is_empty() && self.state.me_request.is_none() {
+        if (self.state.bot_id.is_empty() || self.state.bot_username.is_empty()) && self.state.me_request.is_none() {
             self.fetch_me();
+        } else if !self.state.buffered.is_empty() && !self.state.bot_username.is_empty() {
+            for data in std::mem::take(&mut self.state.buffered) {
+                self.posted(&data);
+            }
         }
         // Deliveries waiting for nothing in flight (e.g. the bot id was unknown) go now.
         let idle: Vec<u64> = self
             .state
             .deliveries
             .iter()
-            .filter(|(id, d)| d.in_flight.is_none() && !self.retry_pending(**id))
+            .filter(|(id, d)| d.in_flight.is_none() && d.parked_at_ms.is_none() && !self.retry_pending(**id))
             .map(|(id, _)| *id)
             .collect();
         for reply_id in idle {
@@ -311,6 +395,8 @@ impl Adapter {
                 } else {
                     self.log(LogLevel::Error, "too many posts before the bot identity is known; one dropped".into());
                 }
+            } else if post_channel(&data).is_some_and(|c| self.state.catching_up.contains_key(&c)) {
+                self.state.held.push_back(data);
             } else {
                 self.posted(&data);
             }
@@ -319,11 +405,12 @@ impl Adapter {
 
     fn hello(&mut self, message: &Value, seq: i64) {
         let connection_id = message["data"]["connection_id"].as_str().unwrap_or_default().to_string();
-        if !self.state.connection_id.is_empty() && connection_id != self.state.connection_id {
+        let gap = !self.state.connection_id.is_empty() && connection_id != self.state.connection_id;
+        if gap {
             self.log(
                 LogLevel::Warn,
                 format!(
-                    "new connection id after a gap (was {}, now {connection_id}); messages may have been missed",
+                    "new connection id after a gap (was {}, now {connection_id}); fetching what was posted meanwhile",
                     self.state.connection_id
                 ),
             );
@@ -338,6 +425,100 @@ impl Adapter {
         self.state.connection_id = connection_id;
         self.state.expected_seq = seq + 1;
         self.state.reconnect_attempts = 0;
+        if gap {
+            self.catch_up_all();
+        }
+    }
+
+    /// Every conversation the bot has seen a post in or that has a session: fetch its posts
+    /// since the last one seen. Live posts of those channels wait until their catch-up is done,
+    /// so each channel is processed in order.
+    fn catch_up_all(&mut self) {
+        let mut channels: BTreeMap<String, i64> =
+            self.state.seen.iter().map(|(id, seen)| (id.clone(), seen.last_post_at)).collect();
+        for session in self.host.sessions("".into()).iter() {
+            let id = session.target.conversation_id.to_string();
+            channels.entry(id).or_insert(session.last_active_ms);
+        }
+        self.log(LogLevel::Info, format!("catching up {} conversation(s)", channels.len()));
+        for (channel_id, since) in channels {
+            if since > 0 && !self.state.catching_up.contains_key(&channel_id) {
+                self.state.catching_up.insert(channel_id.clone(), 0);
+                self.fetch_since(&channel_id);
+            }
+        }
+    }
+
+    fn fetch_since(&mut self, channel_id: &str) {
+        let since = self.state.seen.get(channel_id).map_or(0, |s| s.last_post_at);
+        let since = if since > 0 {
+            since
+        } else {
+            self.host
+                .sessions("".into())
+                .iter()
+                .filter(|s| s.target.conversation_id.as_str() == channel_id)
+                .map(|s| s.last_active_ms)
+                .max()
+                .unwrap_or(0)
+        };
+        let request = self.next_id();
+        self.state.requests.insert(request, Pending::CatchUp(channel_id.to_string()));
+        self.out.push(Action::HttpRequest {
+            request,
+            method: "GET".into(),
+            url: self.settings.api(&format!("/channels/{channel_id}/posts?since={}", since.saturating_sub(1))).into(),
+            headers: self.auth_headers().into(),
+            body: "".into(),
+            timeout_ms: self.settings.request_timeout_ms,
+        });
+    }
+
+    fn caught_up(&mut self, channel_id: &str, status: u16, body: &str) {
+        if status != 200 {
+            let attempts = self.state.catching_up.get(channel_id).copied().unwrap_or(0) + 1;
+            if attempts < CATCH_UP_ATTEMPTS {
+                self.state.catching_up.insert(channel_id.to_string(), attempts);
+                let wait = 1000u64 << attempts;
+                self.log(
+                    LogLevel::Warn,
+                    format!("catch-up of channel {channel_id} failed ({status}); retrying in {wait} ms"),
+                );
+                self.set_timer(TimerPurpose::RetryCatchUp(channel_id.to_string()), wait);
+                return;
+            }
+            self.log(
+                LogLevel::Error,
+                format!("catch-up of channel {channel_id} failed {attempts} times ({status}); posts of the gap there are not answered"),
+            );
+        } else {
+            let list: Value = serde_json::from_str(body).unwrap_or_default();
+            let mut posts: Vec<Value> =
+                list["posts"].as_object().map(|m| m.values().cloned().collect()).unwrap_or_default();
+            posts.sort_by_key(|p| p["create_at"].as_i64().unwrap_or_default());
+            let seen = self.state.seen.get(channel_id).cloned().unwrap_or_default();
+            let count = posts.len();
+            for post in posts {
+                let user_id = post["user_id"].as_str().unwrap_or_default();
+                let data = json!({
+                    "post": post.to_string(),
+                    "channel_type": if seen.channel_type.is_empty() { "O" } else { seen.channel_type.as_str() },
+                    "channel_name": seen.channel_name,
+                    "sender_name": self.state.usernames.get(user_id).cloned().unwrap_or_default(),
+                });
+                self.posted(&data);
+            }
+            self.log(LogLevel::Info, format!("caught up channel {channel_id}: {count} post(s) since the gap"));
+        }
+        self.state.catching_up.remove(channel_id);
+        let held = std::mem::take(&mut self.state.held);
+        for data in held {
+            if post_channel(&data).as_deref() == Some(channel_id) {
+                self.posted(&data);
+            } else {
+                self.state.held.push_back(data);
+            }
+        }
     }
 
     fn posted(&mut self, data: &Value) {
@@ -352,6 +533,7 @@ impl Adapter {
         if post_id.is_empty() || channel_id.is_empty() {
             return;
         }
+        self.remember(&channel_id, data, post["create_at"].as_i64().unwrap_or_default(), &user_id);
         if user_id == self.state.bot_id || !field("type").is_empty() {
             return;
         }
@@ -408,6 +590,23 @@ impl Adapter {
         }
     }
 
+    fn remember(&mut self, channel_id: &str, data: &Value, create_at: i64, user_id: &str) {
+        let seen = self.state.seen.entry(channel_id.to_string()).or_default();
+        if let Some(kind) = data["channel_type"].as_str().filter(|k| !k.is_empty()) {
+            seen.channel_type = kind.to_string();
+        }
+        if let Some(name) = data["channel_name"].as_str().filter(|n| !n.is_empty()) {
+            seen.channel_name = name.to_string();
+        }
+        seen.last_post_at = seen.last_post_at.max(create_at);
+        if let Some(name) = data["sender_name"].as_str().filter(|n| !n.is_empty()) {
+            if self.state.usernames.len() >= KNOWN_USERS && !self.state.usernames.contains_key(user_id) {
+                self.state.usernames.pop_first();
+            }
+            self.state.usernames.insert(user_id.to_string(), name.trim_start_matches('@').to_string());
+        }
+    }
+
     fn policy(&self, policy: Policy, user_id: &str, username: &str) -> Result<(), &'static str> {
         match policy {
             Policy::Open => Ok(()),
@@ -434,6 +633,18 @@ impl Adapter {
     }
 
     fn deliver(&mut self, reply: OutboundReply) {
+        let now = self.host.now_ms();
+        self.state.deliveries.retain(|_, d| d.parked_at_ms.is_none_or(|at| now - at < PARKED_FOR_MS));
+        if let Some(known) = self.state.deliveries.get_mut(&reply.reply_id) {
+            // The host hands a reply again after a restart or after this adapter gave up:
+            // carry on with it (looking first), unless it is already under way.
+            if known.parked_at_ms.take().is_some() {
+                known.verify = true;
+                known.attempt = 0;
+                self.send_part(reply.reply_id);
+            }
+            return;
+        }
         let parts = text::split(reply.text.as_str(), self.settings.max_post_chars);
         let delivery = Delivery {
             channel_id: reply.target.conversation_id.to_string(),
@@ -443,6 +654,9 @@ impl Adapter {
             attempt: 0,
             first_post_id: String::new(),
             in_flight: None,
+            queued_at_ms: now,
+            verify: false,
+            parked_at_ms: None,
         };
         self.state.deliveries.insert(reply.reply_id, delivery);
         self.send_part(reply.reply_id);
@@ -455,17 +669,36 @@ impl Adapter {
         let request = self.next_id();
         let bot_id = self.state.bot_id.clone();
         let Some(delivery) = self.state.deliveries.get_mut(&reply_id) else { return };
+        if delivery.verify {
+            // Look for parts already posted (marked in props) since the reply was queued.
+            let since = delivery.queued_at_ms.saturating_sub(60_000).max(0);
+            let url = self.settings.api(&format!("/channels/{}/posts?since={since}", delivery.channel_id));
+            delivery.in_flight = Some(request);
+            self.state.requests.insert(request, Pending::Verify(reply_id));
+            self.out.push(Action::HttpRequest {
+                request,
+                method: "GET".into(),
+                url: url.into(),
+                headers: self.auth_headers().into(),
+                body: "".into(),
+                timeout_ms: self.settings.request_timeout_ms,
+            });
+            return;
+        }
+        let mark = format!("{bot_id}:{reply_id}:{}", delivery.next_part);
         let mut body = json!({
             "channel_id": delivery.channel_id,
             "message": delivery.parts[delivery.next_part],
-            // The server answers a repeat with the post it already made: retries cannot duplicate.
-            "pending_post_id": format!("{bot_id}:{reply_id}:{}", delivery.next_part),
+            // The server answers a repeat within its 30 s cache with the post it already made;
+            // the mark in props lets a later look find it too.
+            "pending_post_id": mark,
+            "props": {REPLY_MARK: mark},
         });
         if !delivery.root_id.is_empty() {
             body["root_id"] = json!(delivery.root_id);
         }
         delivery.in_flight = Some(request);
-        self.state.requests.insert(request, reply_id);
+        self.state.requests.insert(request, Pending::Post(reply_id));
         let mut headers = self.auth_headers();
         headers.push(Header { name: "Content-Type".into(), value: "application/json".into() });
         self.out.push(Action::HttpRequest {
@@ -509,7 +742,12 @@ impl Adapter {
             }
             return;
         }
-        let Some(reply_id) = self.state.requests.remove(&request) else { return };
+        let reply_id = match self.state.requests.remove(&request) {
+            Some(Pending::Post(reply_id)) => reply_id,
+            Some(Pending::Verify(reply_id)) => return self.verified(reply_id, status, body),
+            Some(Pending::CatchUp(channel_id)) => return self.caught_up(&channel_id, status, body),
+            None => return,
+        };
         let Some(delivery) = self.state.deliveries.get_mut(&reply_id) else { return };
         delivery.in_flight = None;
         match status {
@@ -550,6 +788,53 @@ impl Adapter {
         }
     }
 
+    /// The answer to a look for parts of `reply_id` already posted.
+    fn verified(&mut self, reply_id: u64, status: u16, body: &str) {
+        let bot_id = self.state.bot_id.clone();
+        let Some(delivery) = self.state.deliveries.get_mut(&reply_id) else { return };
+        delivery.in_flight = None;
+        if status != 200 {
+            let error = format!("looking for parts already posted: server answered {status}");
+            return self.retry_or_fail(reply_id, error);
+        }
+        let list: Value = serde_json::from_str(body).unwrap_or_default();
+        let mut posted: BTreeMap<usize, String> = BTreeMap::new();
+        if let Some(posts) = list["posts"].as_object() {
+            for post in posts.values().filter(|p| p["user_id"] == bot_id.as_str()) {
+                let Some(mark) = post["props"][REPLY_MARK].as_str() else { continue };
+                let mut fields = mark.rsplitn(2, ':');
+                let part = fields.next().and_then(|p| p.parse::<usize>().ok());
+                if let (Some(part), Some(prefix)) = (part, fields.next()) {
+                    if prefix == format!("{bot_id}:{reply_id}") {
+                        posted.insert(part, post["id"].as_str().unwrap_or_default().to_string());
+                    }
+                }
+            }
+        }
+        delivery.verify = false;
+        while posted.contains_key(&delivery.next_part) {
+            if delivery.first_post_id.is_empty() {
+                delivery.first_post_id = posted[&delivery.next_part].clone();
+            }
+            delivery.next_part += 1;
+        }
+        if !posted.is_empty() {
+            let found = posted.len();
+            self.log(
+                LogLevel::Info,
+                format!("reply {reply_id}: {found} part(s) were already posted; not sending them again"),
+            );
+        }
+        let Some(delivery) = self.state.deliveries.get(&reply_id) else { return };
+        if delivery.next_part >= delivery.parts.len() {
+            if let Some(done) = self.state.deliveries.remove(&reply_id) {
+                self.out.push(Action::ReplyDelivered { reply_id, platform_message_id: done.first_post_id.into() });
+            }
+        } else {
+            self.send_part(reply_id);
+        }
+    }
+
     fn http_failed(&mut self, request: u64, error: &str) {
         if self.state.me_request == Some(request) {
             self.state.me_request = None;
@@ -557,9 +842,15 @@ impl Adapter {
             self.set_timer(TimerPurpose::RetryMe, 2000);
             return;
         }
-        let Some(reply_id) = self.state.requests.remove(&request) else { return };
+        let reply_id = match self.state.requests.remove(&request) {
+            Some(Pending::Post(reply_id) | Pending::Verify(reply_id)) => reply_id,
+            Some(Pending::CatchUp(channel_id)) => return self.caught_up(&channel_id, 0, error),
+            None => return,
+        };
         if let Some(delivery) = self.state.deliveries.get_mut(&reply_id) {
             delivery.in_flight = None;
+            // The request may have reached the server before it failed: look before resending.
+            delivery.verify = true;
             self.retry_or_fail(reply_id, error.to_string());
         }
     }
@@ -568,7 +859,9 @@ impl Adapter {
         let Some(delivery) = self.state.deliveries.get_mut(&reply_id) else { return };
         delivery.attempt += 1;
         if delivery.attempt >= MAX_DELIVERY_ATTEMPTS {
-            self.state.deliveries.remove(&reply_id);
+            // Parked, not dropped: the host hands it back later, and parts may have gone out.
+            delivery.parked_at_ms = Some(self.host.now_ms());
+            delivery.verify = true;
             self.out.push(Action::ReplyFailed {
                 reply_id,
                 error: format!("gave up after {MAX_DELIVERY_ATTEMPTS} attempts: {error}").into(),
@@ -611,6 +904,7 @@ impl Adapter {
                 }
             }
             TimerPurpose::RetryDelivery(reply_id) => self.send_part(reply_id),
+            TimerPurpose::RetryCatchUp(channel_id) => self.fetch_since(&channel_id),
         }
     }
 
@@ -627,4 +921,10 @@ impl Adapter {
         });
         self.out.push(Action::WsSend { conn, text: frame.to_string().into() });
     }
+}
+
+/// The channel id of a `posted` event's data.
+fn post_channel(data: &Value) -> Option<String> {
+    let post: Value = serde_json::from_str(data["post"].as_str()?).ok()?;
+    post["channel_id"].as_str().map(str::to_string)
 }

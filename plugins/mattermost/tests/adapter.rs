@@ -227,6 +227,7 @@ fn a_handover_mid_delivery_finishes_the_reply_on_the_same_connection() {
         generation: 2,
         previous_state: Some(state).into(),
         connections: vec![switchboard_plugin_api::OpenConnection { conn: 1, url: "ws://x".into() }].into(),
+        cold: false,
     };
     let (mut second, started) = Harness::start_with::<MattermostAdapter>(host, &config("onmessage"), handover).unwrap();
     assert!(opened_connections(&started).is_empty(), "generation 2 adopts the socket");

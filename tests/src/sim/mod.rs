@@ -149,7 +149,14 @@ impl Simulator {
 
     /// A human posts: stored and broadcast exactly like `POST /api/v4/posts`.
     pub fn post_as(&self, user_id: &str, channel_id: &str, message: &str, root_id: Option<&str>) -> SimPost {
-        self.world.lock().unwrap().create_post(user_id, channel_id, message, root_id.unwrap_or_default(), "")
+        self.world.lock().unwrap().create_post(
+            user_id,
+            channel_id,
+            message,
+            root_id.unwrap_or_default(),
+            "",
+            Value::Null,
+        )
     }
 
     pub fn posts_in(&self, channel_id: &str) -> Vec<SimPost> {

@@ -88,6 +88,8 @@ pub struct SimPost {
     pub message: String,
     pub create_at: i64,
     pub pending_post_id: String,
+    #[serde(default)]
+    pub props: Value,
 }
 
 impl SimPost {
@@ -97,7 +99,8 @@ impl SimPost {
             "id": self.id, "create_at": self.create_at, "update_at": self.create_at, "edit_at": 0,
             "delete_at": 0, "is_pinned": false, "user_id": self.user_id, "channel_id": self.channel_id,
             "root_id": self.root_id, "original_id": "", "message": self.message, "type": "",
-            "props": {}, "hashtags": "", "file_ids": [], "pending_post_id": self.pending_post_id,
+            "props": if self.props.is_object() { self.props.clone() } else { json!({}) },
+            "hashtags": "", "file_ids": [], "pending_post_id": self.pending_post_id,
             "reply_count": 0, "last_reply_at": 0, "participants": null, "metadata": {},
         })
     }
@@ -208,6 +211,7 @@ impl World {
         message: &str,
         root_id: &str,
         pending_post_id: &str,
+        props: Value,
     ) -> SimPost {
         let post = SimPost {
             id: new_id(),
@@ -217,6 +221,7 @@ impl World {
             message: message.into(),
             create_at: now_ms(),
             pending_post_id: pending_post_id.into(),
+            props,
         };
         self.posts.push(post.clone());
         let Some(channel) = self.channels.get(channel_id).cloned() else { return post };

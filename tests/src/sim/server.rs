@@ -159,6 +159,18 @@ struct CreatePost {
     root_id: String,
     #[serde(default)]
     pending_post_id: String,
+    #[serde(default)]
+    props: Value,
+}
+
+/// How long the server remembers a `pending_post_id` (`PendingPostIDsCacheTTL`, app/post.go).
+const PENDING_POST_ID_TTL_MS: i64 = 30_000;
+
+/// A post as read back from the database: `pending_post_id` is not a stored column.
+fn stored(post: &SimPost) -> Value {
+    let mut json = post.to_json();
+    json["pending_post_id"] = json!("");
+    json
 }
 
 async fn create_post(
@@ -228,16 +240,26 @@ async fn create_post(
             "Invalid RootId parameter.",
         );
     }
-    // The server answers a repeated pending_post_id with the post it already made.
+    // Within its cache window the server answers a repeated pending_post_id with the post it
+    // already made; after that the id is forgotten and a repeat makes a new post.
     if !request.pending_post_id.is_empty() {
-        if let Some(existing) =
-            world.posts.iter().find(|p| p.pending_post_id == request.pending_post_id && p.user_id == me)
-        {
+        let now = crate::sim::model::now_ms();
+        if let Some(existing) = world.posts.iter().find(|p| {
+            p.pending_post_id == request.pending_post_id
+                && p.user_id == me
+                && now - p.create_at < PENDING_POST_ID_TTL_MS
+        }) {
             return (StatusCode::CREATED, Json(existing.to_json())).into_response();
         }
     }
-    let post =
-        world.create_post(&me, &request.channel_id, &request.message, &request.root_id, &request.pending_post_id);
+    let post = world.create_post(
+        &me,
+        &request.channel_id,
+        &request.message,
+        &request.root_id,
+        &request.pending_post_id,
+        request.props,
+    );
     (StatusCode::CREATED, Json(post.to_json())).into_response()
 }
 
@@ -250,7 +272,7 @@ async fn get_post(
     let _ = authenticated!(s, headers, q);
     let world = s.world.lock().unwrap();
     match world.posts.iter().find(|p| p.id == post_id) {
-        Some(post) => Json(post.to_json()).into_response(),
+        Some(post) => Json(stored(post)).into_response(),
         None => app_error(StatusCode::NOT_FOUND, "app.post.get.app_error", "Unable to get the post."),
     }
 }
@@ -291,7 +313,7 @@ async fn channel_posts(
         world.posts.iter().filter(|p| p.channel_id == channel_id && p.create_at > since).collect();
     // Newest first, like the server's `order`.
     let order: Vec<&str> = posts.iter().rev().map(|p| p.id.as_str()).collect();
-    let map: serde_json::Map<String, Value> = posts.iter().map(|p| (p.id.clone(), p.to_json())).collect();
+    let map: serde_json::Map<String, Value> = posts.iter().map(|p| (p.id.clone(), stored(p))).collect();
     Json(json!({"order": order, "posts": map, "next_post_id": "", "prev_post_id": ""})).into_response()
 }
 
@@ -458,7 +480,8 @@ async fn sim_post(State(s): State<Shared>, Json(request): Json<SimPostRequest>) 
     if !world.channels.get(&request.channel_id).is_some_and(|c| c.members.contains(&request.user_id)) {
         return app_error(StatusCode::BAD_REQUEST, "sim.post.not_member", "user is not a member of that channel");
     }
-    let post = world.create_post(&request.user_id, &request.channel_id, &request.message, &request.root_id, "");
+    let post =
+        world.create_post(&request.user_id, &request.channel_id, &request.message, &request.root_id, "", Value::Null);
     (StatusCode::CREATED, Json(post)).into_response()
 }
 

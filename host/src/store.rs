@@ -1,0 +1,594 @@
+//! The durable store: one SQLite database (WAL mode) in the state directory.
+//!
+//! It holds what must outlive the process: sessions, their transcripts, every inbound message
+//! the gateway accepted (by platform message id, to recognise redelivery), the outbound
+//! delivery queue, and each channel instance's adapter state (resume cursor, private state).
+//!
+//! The ordering rules (ARCHITECTURE.md §5) are kept by *what goes into one transaction*:
+//! - [`Store::commit_batch`]: the inbound messages of one batch of adapter events, the reply
+//!   outcomes it reported and the adapter state after it. The adapter's resume cursor is
+//!   therefore never stored ahead of a message it has passed.
+//! - [`Store::finish_turn`]: the transcript turns, the queued reply and "inbound answered".
+//!   A crash before it re-runs the turn; a crash after it re-sends the queued reply.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+use switchboard_plugin_api::PeerKind;
+
+use crate::{
+    apartment::Inbound,
+    session::{DeliveryTarget, Session},
+};
+
+/// The file name of the database inside the state directory.
+pub const DATABASE_FILE: &str = "switchboard.db";
+
+/// Each entry migrates the schema from version `index` to `index + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 0 → 1
+    "CREATE TABLE sessions (
+        key TEXT PRIMARY KEY,
+        agent_id TEXT NOT NULL,
+        channel_instance TEXT NOT NULL,
+        conversation_id TEXT NOT NULL,
+        thread_root_id TEXT NOT NULL,
+        created_at_ms INTEGER NOT NULL,
+        last_active_ms INTEGER NOT NULL
+    );
+    CREATE TABLE turns (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        session_key TEXT NOT NULL,
+        role TEXT NOT NULL,
+        content TEXT NOT NULL,
+        message_id TEXT NOT NULL,
+        at_ms INTEGER NOT NULL
+    );
+    CREATE INDEX turns_by_session ON turns (session_key, id);
+    CREATE TABLE inbound (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        channel_instance TEXT NOT NULL,
+        message_id TEXT NOT NULL,
+        peer_kind TEXT NOT NULL,
+        peer_id TEXT NOT NULL,
+        thread_root_id TEXT NOT NULL,
+        sender_id TEXT NOT NULL,
+        sender_name TEXT NOT NULL,
+        text TEXT NOT NULL,
+        created_at_ms INTEGER NOT NULL,
+        received_at_ms INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        UNIQUE (channel_instance, message_id)
+    );
+    CREATE INDEX inbound_by_status ON inbound (channel_instance, status, id);
+    CREATE TABLE outbound (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        session_key TEXT NOT NULL,
+        channel_instance TEXT NOT NULL,
+        conversation_id TEXT NOT NULL,
+        thread_root_id TEXT NOT NULL,
+        text TEXT NOT NULL,
+        inbound_id INTEGER,
+        status TEXT NOT NULL,
+        created_at_ms INTEGER NOT NULL,
+        updated_at_ms INTEGER NOT NULL,
+        platform_message_id TEXT NOT NULL DEFAULT '',
+        error TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX outbound_by_status ON outbound (channel_instance, status, id);
+    CREATE TABLE adapter_state (
+        channel_instance TEXT PRIMARY KEY,
+        format_version INTEGER NOT NULL,
+        data TEXT NOT NULL,
+        saved_at_ms INTEGER NOT NULL
+    );",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the state database {path}: {reason}")]
+    Open { path: PathBuf, reason: String },
+    #[error(
+        "the state database {path} is damaged or not a switchboard database ({reason}); move it aside to start \
+         with an empty state, or restore it from a backup"
+    )]
+    Corrupt { path: PathBuf, reason: String },
+    #[error(
+        "the state database {path} has schema version {found}, newer than this build understands ({supported}); \
+         run a newer switchboard"
+    )]
+    TooNew { path: PathBuf, found: i64, supported: i64 },
+    #[error("state database: {0}")]
+    Sql(#[from] rusqlite::Error),
+}
+
+/// How hard a commit waits for the disk. `Normal` survives a crash of the process, `Full` also
+/// a power loss (SQLite's `synchronous` pragma in WAL mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    Normal,
+    Full,
+}
+
+/// What one batch of adapter events produced that must be stored together.
+#[derive(Debug, Default)]
+pub struct BatchRecord {
+    pub inbound: Vec<Inbound>,
+    pub delivered: Vec<(u64, String)>,
+    pub failed: Vec<(u64, String)>,
+    pub adapter_state: Option<(u32, String)>,
+}
+
+/// One stored transcript turn.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Turn {
+    pub role: String,
+    pub content: String,
+}
+
+/// A finished agent turn, stored in one transaction.
+#[derive(Debug)]
+pub struct FinishedTurn<'a> {
+    pub inbound_id: i64,
+    pub session_key: &'a str,
+    /// The turns to append to the transcript (the user's message, the agent's answer).
+    pub transcript: Vec<Turn>,
+    pub message_id: &'a str,
+    /// The reply to queue, with where it goes.
+    pub reply: Option<(&'a DeliveryTarget, &'a str)>,
+}
+
+/// A reply in the delivery queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedReply {
+    pub id: i64,
+    pub session_key: String,
+    pub target: DeliveryTarget,
+    pub text: String,
+}
+
+/// Counts for `/status` and the logs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StoreCounts {
+    pub sessions: i64,
+    pub turns: i64,
+    pub inbound_pending: i64,
+    pub outbound_queued: i64,
+    pub outbound_delivered: i64,
+    pub outbound_failed: i64,
+}
+
+pub struct Store {
+    path: PathBuf,
+    connection: Mutex<Connection>,
+}
+
+impl Store {
+    /// Open (or create) the database in `state_dir` and bring its schema up to date.
+    pub fn open(state_dir: &Path, durability: Durability) -> Result<Store, StoreError> {
+        let path = state_dir.join(DATABASE_FILE);
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let connection = Connection::open_with_flags(&path, flags)
+            .map_err(|e| StoreError::Open { path: path.clone(), reason: e.to_string() })?;
+        Store::init(path, connection, durability)
+    }
+
+    /// A private in-memory database, for tests.
+    pub fn in_memory() -> Result<Store, StoreError> {
+        Store::init(PathBuf::from(":memory:"), Connection::open_in_memory()?, Durability::Normal)
+    }
+
+    fn init(path: PathBuf, connection: Connection, durability: Durability) -> Result<Store, StoreError> {
+        let corrupt = |e: rusqlite::Error| classify(&path, e);
+        connection.busy_timeout(std::time::Duration::from_secs(5)).map_err(corrupt)?;
+        let mode: String = connection.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0)).map_err(corrupt)?;
+        if path.as_os_str() != ":memory:" && !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Open { path, reason: format!("journal mode is {mode}, WAL is required") });
+        }
+        let synchronous = match durability {
+            Durability::Normal => "NORMAL",
+            Durability::Full => "FULL",
+        };
+        connection
+            .execute_batch(&format!("PRAGMA synchronous = {synchronous}; PRAGMA foreign_keys = ON;"))
+            .map_err(corrupt)?;
+        let check: String = connection.query_row("PRAGMA quick_check", [], |row| row.get(0)).map_err(corrupt)?;
+        if check != "ok" {
+            return Err(StoreError::Corrupt { path, reason: check });
+        }
+        let store = Store { path, connection: Mutex::new(connection) };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn migrate(&self) -> Result<(), StoreError> {
+        let mut connection = self.connection.lock().unwrap();
+        let supported = MIGRATIONS.len() as i64;
+        let found: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+        if found > supported {
+            return Err(StoreError::TooNew { path: self.path.clone(), found, supported });
+        }
+        if found == 0 {
+            // A database with tables but no version is somebody else's.
+            let tables: i64 =
+                connection
+                    .query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table'", [], |row| row.get(0))?;
+            if tables > 0 {
+                return Err(StoreError::Corrupt {
+                    path: self.path.clone(),
+                    reason: format!("{tables} unknown table(s) and no schema version"),
+                });
+            }
+        }
+        for (version, migration) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+            let transaction = connection.transaction_with_behavior(TransactionBehavior::Exclusive)?;
+            transaction.execute_batch(migration)?;
+            transaction.pragma_update(None, "user_version", version as i64 + 1)?;
+            transaction.commit()?;
+            tracing::info!(database = %self.path.display(), version = version + 1, "state database migrated");
+        }
+        Ok(())
+    }
+
+    pub fn sessions(&self) -> Result<Vec<Session>, StoreError> {
+        let connection = self.connection.lock().unwrap();
+        let mut statement = connection.prepare_cached(
+            "SELECT key, agent_id, channel_instance, conversation_id, thread_root_id, created_at_ms, last_active_ms
+             FROM sessions",
+        )?;
+        let rows = statement.query_map([], |row| {
+            Ok(Session {
+                key: row.get(0)?,
+                agent_id: row.get(1)?,
+                target: DeliveryTarget {
+                    channel_instance: row.get(2)?,
+                    conversation_id: row.get(3)?,
+                    thread_root_id: row.get(4)?,
+                },
+                created_at_ms: row.get(5)?,
+                last_active_ms: row.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn insert_session(&self, session: &Session) -> Result<(), StoreError> {
+        let connection = self.connection.lock().unwrap();
+        connection
+            .prepare_cached(
+                "INSERT OR IGNORE INTO sessions
+                 (key, agent_id, channel_instance, conversation_id, thread_root_id, created_at_ms, last_active_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                session.key,
+                session.agent_id,
+                session.target.channel_instance,
+                session.target.conversation_id,
+                session.target.thread_root_id,
+                session.created_at_ms,
+                session.last_active_ms
+            ])?;
+        Ok(())
+    }
+
+    /// The adapter state saved for `channel`: (format version, data).
+    pub fn adapter_state(&self, channel: &str) -> Result<Option<(u32, String)>, StoreError> {
+        let connection = self.connection.lock().unwrap();
+        Ok(connection
+            .query_row("SELECT format_version, data FROM adapter_state WHERE channel_instance = ?1", [channel], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
+            .optional()?)
+    }
+
+    /// Store one batch. Returns, for each inbound message in order, its new row id, or `None`
+    /// when the message was recorded before (a redelivery: resume replay, catch-up).
+    pub fn commit_batch(
+        &self,
+        channel: &str,
+        batch: &BatchRecord,
+        now_ms: i64,
+    ) -> Result<Vec<Option<i64>>, StoreError> {
+        let mut connection = self.connection.lock().unwrap();
+        let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut ids = Vec::with_capacity(batch.inbound.len());
+        {
+            let mut insert = transaction.prepare_cached(
+                "INSERT OR IGNORE INTO inbound
+                 (channel_instance, message_id, peer_kind, peer_id, thread_root_id, sender_id, sender_name, text,
+                  created_at_ms, received_at_ms, status)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'received')",
+            )?;
+            for message in &batch.inbound {
+                let inserted = insert.execute(params![
+                    channel,
+                    message.message_id,
+                    message.peer_kind.as_str(),
+                    message.peer_id,
+                    message.thread_root_id,
+                    message.sender_id,
+                    message.sender_name,
+                    message.text,
+                    message.created_at_ms,
+                    now_ms
+                ])?;
+                ids.push((inserted == 1).then(|| transaction.last_insert_rowid()));
+            }
+            let mut delivered = transaction.prepare_cached(
+                "UPDATE outbound SET status = 'delivered', platform_message_id = ?2, updated_at_ms = ?3 WHERE id = ?1",
+            )?;
+            for (reply_id, post_id) in &batch.delivered {
+                delivered.execute(params![*reply_id as i64, post_id, now_ms])?;
+            }
+            let mut failed = transaction.prepare_cached(
+                "UPDATE outbound SET status = 'failed', error = ?2, updated_at_ms = ?3 WHERE id = ?1",
+            )?;
+            for (reply_id, error) in &batch.failed {
+                failed.execute(params![*reply_id as i64, error, now_ms])?;
+            }
+            if let Some((format_version, data)) = &batch.adapter_state {
+                transaction
+                    .prepare_cached(
+                        "INSERT INTO adapter_state (channel_instance, format_version, data, saved_at_ms)
+                         VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (channel_instance) DO UPDATE
+                         SET format_version = excluded.format_version, data = excluded.data,
+                             saved_at_ms = excluded.saved_at_ms",
+                    )?
+                    .execute(params![channel, format_version, data, now_ms])?;
+            }
+        }
+        transaction.commit()?;
+        Ok(ids)
+    }
+
+    /// The last `limit` transcript turns of a session, oldest first.
+    pub fn history(&self, session_key: &str, limit: usize) -> Result<Vec<Turn>, StoreError> {
+        let connection = self.connection.lock().unwrap();
+        let mut statement = connection.prepare_cached(
+            "SELECT role, content FROM (SELECT id, role, content FROM turns WHERE session_key = ?1
+             ORDER BY id DESC LIMIT ?2) ORDER BY id",
+        )?;
+        let rows = statement.query_map(params![session_key, limit as i64], |row| {
+            Ok(Turn { role: row.get(0)?, content: row.get(1)? })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Store a finished turn; returns the queued reply's id (its `reply_id`) when there is one.
+    pub fn finish_turn(&self, turn: &FinishedTurn<'_>, now_ms: i64) -> Result<Option<i64>, StoreError> {
+        let mut connection = self.connection.lock().unwrap();
+        let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let mut append = transaction.prepare_cached(
+                "INSERT INTO turns (session_key, role, content, message_id, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for entry in &turn.transcript {
+                append.execute(params![turn.session_key, entry.role, entry.content, turn.message_id, now_ms])?;
+            }
+        }
+        let reply_id = match turn.reply {
+            Some((target, text)) => {
+                transaction
+                    .prepare_cached(
+                        "INSERT INTO outbound (session_key, channel_instance, conversation_id, thread_root_id, text,
+                         inbound_id, status, created_at_ms, updated_at_ms)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?7)",
+                    )?
+                    .execute(params![
+                        turn.session_key,
+                        target.channel_instance,
+                        target.conversation_id,
+                        target.thread_root_id,
+                        text,
+                        turn.inbound_id,
+                        now_ms
+                    ])?;
+                Some(transaction.last_insert_rowid())
+            }
+            None => None,
+        };
+        transaction
+            .prepare_cached("UPDATE inbound SET status = 'answered' WHERE id = ?1")?
+            .execute([turn.inbound_id])?;
+        transaction
+            .prepare_cached("UPDATE sessions SET last_active_ms = ?2 WHERE key = ?1")?
+            .execute(params![turn.session_key, now_ms])?;
+        transaction.commit()?;
+        Ok(reply_id)
+    }
+
+    /// Mark an inbound message as not going to be answered (e.g. its lane overflowed).
+    pub fn set_inbound_status(&self, inbound_id: i64, status: &str) -> Result<(), StoreError> {
+        let connection = self.connection.lock().unwrap();
+        connection
+            .prepare_cached("UPDATE inbound SET status = ?2 WHERE id = ?1")?
+            .execute(params![inbound_id, status])?;
+        Ok(())
+    }
+
+    /// Inbound messages of `channel` recorded but not answered yet, oldest first.
+    pub fn pending_inbound(&self, channel: &str) -> Result<Vec<(i64, Inbound)>, StoreError> {
+        let connection = self.connection.lock().unwrap();
+        let mut statement = connection.prepare_cached(
+            "SELECT id, message_id, peer_kind, peer_id, thread_root_id, sender_id, sender_name, text, created_at_ms
+             FROM inbound WHERE channel_instance = ?1 AND status = 'received' ORDER BY id",
+        )?;
+        let rows = statement.query_map([channel], |row| {
+            let kind: String = row.get(2)?;
+            Ok((
+                row.get(0)?,
+                Inbound {
+                    message_id: row.get(1)?,
+                    peer_kind: match kind.as_str() {
+                        "dm" => PeerKind::Dm,
+                        "group" => PeerKind::Group,
+                        _ => PeerKind::Channel,
+                    },
+                    peer_id: row.get(3)?,
+                    thread_root_id: row.get(4)?,
+                    sender_id: row.get(5)?,
+                    sender_name: row.get(6)?,
+                    text: row.get(7)?,
+                    created_at_ms: row.get(8)?,
+                },
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Replies of `channel` queued and not yet confirmed, oldest first.
+    pub fn queued_replies(&self, channel: &str) -> Result<Vec<QueuedReply>, StoreError> {
+        let connection = self.connection.lock().unwrap();
+        let mut statement = connection.prepare_cached(
+            "SELECT id, session_key, channel_instance, conversation_id, thread_root_id, text
+             FROM outbound WHERE channel_instance = ?1 AND status = 'queued' ORDER BY id",
+        )?;
+        let rows = statement.query_map([channel], |row| {
+            Ok(QueuedReply {
+                id: row.get(0)?,
+                session_key: row.get(1)?,
+                target: DeliveryTarget {
+                    channel_instance: row.get(2)?,
+                    conversation_id: row.get(3)?,
+                    thread_root_id: row.get(4)?,
+                },
+                text: row.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn counts(&self) -> Result<StoreCounts, StoreError> {
+        let connection = self.connection.lock().unwrap();
+        let count = |sql: &str| connection.query_row(sql, [], |row| row.get::<_, i64>(0));
+        Ok(StoreCounts {
+            sessions: count("SELECT count(*) FROM sessions")?,
+            turns: count("SELECT count(*) FROM turns")?,
+            inbound_pending: count("SELECT count(*) FROM inbound WHERE status = 'received'")?,
+            outbound_queued: count("SELECT count(*) FROM outbound WHERE status = 'queued'")?,
+            outbound_delivered: count("SELECT count(*) FROM outbound WHERE status = 'delivered'")?,
+            outbound_failed: count("SELECT count(*) FROM outbound WHERE status = 'failed'")?,
+        })
+    }
+
+    /// Forget answered inbound ids and delivered replies older than `before_ms`, and write the
+    /// WAL back into the database.
+    pub fn prune(&self, before_ms: i64) -> Result<(usize, usize), StoreError> {
+        let connection = self.connection.lock().unwrap();
+        let inbound = connection
+            .execute("DELETE FROM inbound WHERE status <> 'received' AND received_at_ms < ?1", [before_ms])?;
+        let outbound =
+            connection.execute("DELETE FROM outbound WHERE status <> 'queued' AND updated_at_ms < ?1", [before_ms])?;
+        connection.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;
+        Ok((inbound, outbound))
+    }
+}
+
+/// "Not a database" and friends mean a damaged file, not a bug: say so clearly.
+fn classify(path: &Path, error: rusqlite::Error) -> StoreError {
+    match error.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt) => {
+            StoreError::Corrupt { path: path.to_path_buf(), reason: error.to_string() }
+        }
+        Some(
+            rusqlite::ErrorCode::CannotOpen | rusqlite::ErrorCode::ReadOnly | rusqlite::ErrorCode::PermissionDenied,
+        ) => StoreError::Open { path: path.to_path_buf(), reason: error.to_string() },
+        _ => StoreError::Sql(error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inbound(id: &str) -> Inbound {
+        Inbound {
+            message_id: id.into(),
+            peer_kind: PeerKind::Channel,
+            peer_id: "c1".into(),
+            thread_root_id: String::new(),
+            sender_id: "u1".into(),
+            sender_name: "alice".into(),
+            text: format!("hello {id}"),
+            created_at_ms: 1,
+        }
+    }
+
+    #[test]
+    fn redelivered_inbound_is_recognised_and_state_saved_with_it() {
+        let store = Store::in_memory().unwrap();
+        let batch = BatchRecord {
+            inbound: vec![inbound("p1"), inbound("p2")],
+            adapter_state: Some((1, "{\"seq\":3}".into())),
+            ..Default::default()
+        };
+        let ids = store.commit_batch("mm", &batch, 10).unwrap();
+        assert!(ids.iter().all(Option::is_some));
+        let again = BatchRecord { inbound: vec![inbound("p2"), inbound("p3")], ..Default::default() };
+        let ids = store.commit_batch("mm", &again, 11).unwrap();
+        assert_eq!(ids[0], None);
+        assert!(ids[1].is_some());
+        assert_eq!(store.adapter_state("mm").unwrap(), Some((1, "{\"seq\":3}".into())));
+        assert_eq!(store.pending_inbound("mm").unwrap().len(), 3);
+        assert!(store.pending_inbound("other").unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_finished_turn_queues_its_reply_and_keeps_history() {
+        let store = Store::in_memory().unwrap();
+        let target =
+            DeliveryTarget { channel_instance: "mm".into(), conversation_id: "c1".into(), thread_root_id: "".into() };
+        let ids =
+            store.commit_batch("mm", &BatchRecord { inbound: vec![inbound("p1")], ..Default::default() }, 1).unwrap();
+        let turn = FinishedTurn {
+            inbound_id: ids[0].unwrap(),
+            session_key: "k",
+            transcript: vec![
+                Turn { role: "user".into(), content: "hi".into() },
+                Turn { role: "assistant".into(), content: "hello".into() },
+            ],
+            message_id: "p1",
+            reply: Some((&target, "hello")),
+        };
+        let reply_id = store.finish_turn(&turn, 2).unwrap().unwrap();
+        assert!(store.pending_inbound("mm").unwrap().is_empty());
+        assert_eq!(store.queued_replies("mm").unwrap()[0].id, reply_id);
+        assert_eq!(store.history("k", 1).unwrap(), vec![Turn { role: "assistant".into(), content: "hello".into() }]);
+        assert_eq!(store.history("k", 10).unwrap().len(), 2);
+        let done = BatchRecord { delivered: vec![(reply_id as u64, "post1".into())], ..Default::default() };
+        store.commit_batch("mm", &done, 3).unwrap();
+        assert!(store.queued_replies("mm").unwrap().is_empty());
+        assert_eq!(store.counts().unwrap().outbound_delivered, 1);
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_database_is_reported_as_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(DATABASE_FILE), vec![0x5a; 8192]).unwrap();
+        match Store::open(dir.path(), Durability::Normal) {
+            Err(StoreError::Corrupt { .. }) => {}
+            Err(other) => panic!("expected Corrupt, got {other}"),
+            Ok(_) => panic!("opened a file full of junk"),
+        }
+    }
+
+    #[test]
+    fn reopening_keeps_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), Durability::Full).unwrap();
+            store.commit_batch("mm", &BatchRecord { inbound: vec![inbound("p1")], ..Default::default() }, 1).unwrap();
+        }
+        let store = Store::open(dir.path(), Durability::Full).unwrap();
+        assert_eq!(store.pending_inbound("mm").unwrap().len(), 1);
+    }
+}
