@@ -256,6 +256,12 @@ impl Gateway {
     }
 
     /// SIGTERM, then wait up to 15 s (SIGKILL after that).
+    /// `kill -9`: no chance to store anything.
+    pub fn kill_hard(mut self) -> Result<ExitStatus> {
+        self.child.kill()?;
+        Ok(self.child.wait()?)
+    }
+
     pub async fn stop(mut self) -> Result<ExitStatus> {
         self.signal(libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(15);

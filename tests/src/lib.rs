@@ -3,10 +3,13 @@
 //! Modules:
 //! - [`sim`]: a Mattermost server simulator on `127.0.0.1:0` (WebSocket + REST + a
 //!   control API), faithful to `shared/design/MATTERMOST.md`.
+//! - [`model`]: a fake OpenAI-compatible model server (streaming and not) that shows in its
+//!   answer what history it was given.
 //! - [`harness`]: runs the real `switchboard` binary as a child process, captures its log,
 //!   and waits with [`assert_eventually!`] instead of sleeping.
 //!
 //! Binaries: `mm-sim` (the simulator on its own, printing its demo world as JSON) and `demo`
 //! (what `cargo xtask demo` runs).
 pub mod harness;
+pub mod model;
 pub mod sim;

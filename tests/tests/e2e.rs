@@ -3,6 +3,9 @@
 //!
 //! Build first with `cargo xtask test` (it builds the binary, the plugin and the fixtures).
 
+#[path = "e2e/durability.rs"]
+mod durability;
+
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;

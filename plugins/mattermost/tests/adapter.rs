@@ -255,3 +255,100 @@ fn the_token_never_appears_in_a_log() {
     assert!(logs.len() >= 2, "{logs:?}");
     assert!(logs.iter().all(|line| !line.contains(TOKEN)), "{logs:?}");
 }
+
+fn gets(actions: &[Action], path_contains: &str) -> Vec<(u64, String)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::HttpRequest { request, method, url, .. } if method == "GET" && url.contains(path_contains) => {
+                Some((*request, url.to_string()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn restart_cold(state: switchboard_plugin_api::StateBlob, host: TestHost) -> (Harness, Vec<Action>) {
+    let handover =
+        Handover { generation: 1, previous_state: Some(state).into(), connections: vec![].into(), cold: true };
+    Harness::start_with::<MattermostAdapter>(host, &config("onmessage"), handover).unwrap()
+}
+
+#[test]
+fn after_a_crash_a_reply_that_may_have_gone_out_is_looked_for_before_it_is_sent_again() {
+    let mut first = signed_in("onmessage");
+    let text = format!("{}\n\n{}", "a".repeat(16300), "b".repeat(100));
+    let sent = posts(&first.feed(reply(&text, "")).unwrap());
+    assert_eq!(sent[0].1["props"]["switchboard_reply"], format!("{BOT}:7:0"), "each part carries its mark");
+    // The process dies with part 0 in flight; the state stored after that batch is what remains.
+    let host = first.host.clone();
+    let (state, _) = first.hand_over().unwrap();
+    let (mut second, started) = restart_cold(state, host);
+    let url = started.iter().find_map(|a| match a {
+        Action::WsOpen { url, .. } => Some(url.to_string()),
+        _ => None,
+    });
+    assert!(url.unwrap().contains("connection_id=conn1&sequence_number=1"), "resumes where it was");
+    assert!(posts(&started).is_empty(), "nothing is posted before looking");
+    let (look, look_url) = gets(&started, "/channels/c1/posts?since=").pop().expect("a look at the channel");
+    assert!(look_url.contains("since="), "{look_url}");
+    // Part 0 did reach the server: it is found by its mark and not sent again.
+    let found = json!({"order": ["x1"], "posts": {"x1": {"id": "x1", "user_id": BOT, "channel_id": "c1",
+        "message": "a", "props": {"switchboard_reply": format!("{BOT}:7:0")}, "create_at": 5}}});
+    let actions = second
+        .feed(Event::HttpResponse {
+            request: look,
+            status: 200,
+            headers: Default::default(),
+            body: found.to_string().into(),
+        })
+        .unwrap();
+    let next = posts(&actions);
+    assert_eq!(next.len(), 1, "{actions:?}");
+    assert_eq!(next[0].1["message"], "b".repeat(100), "only the missing part goes out");
+    let done = second.feed(created(next[0].0, "x2")).unwrap();
+    assert!(
+        done.iter().any(
+            |a| matches!(a, Action::ReplyDelivered { reply_id: 7, platform_message_id } if platform_message_id == "x1")
+        ),
+        "{done:?}"
+    );
+    // The host hands the same reply again (it was queued): nothing more is sent.
+    assert!(posts(&second.feed(reply(&text, "")).unwrap()).len() == 1, "an unknown id is a new delivery");
+}
+
+#[test]
+fn a_new_connection_id_after_a_gap_fetches_the_missed_posts_in_order() {
+    let mut first = signed_in("onmessage");
+    let seen = first.feed(posted("p1", "alice", "c1", "O", "before the gap", "", false)).unwrap();
+    assert_eq!(inbound(&seen).len(), 1);
+    let host = first.host.clone();
+    let (state, _) = first.hand_over().unwrap();
+    let (mut second, started) = restart_cold(state, host);
+    let conn = opened_connections(&started)[0].conn;
+    second.feed(Event::WsOpened { conn }).unwrap();
+    // The server could not resume: a new connection id, seq 0.
+    let hello = json!({"event": "hello", "data": {"connection_id": "conn2"}, "broadcast": {"user_id": BOT}, "seq": 0});
+    let actions = second.feed(Event::WsFrame { conn, text: hello.to_string().into() }).unwrap();
+    let (fetch, url) = gets(&actions, "/channels/c1/posts?since=").pop().expect("a catch-up of c1");
+    assert!(url.ends_with("since=0"), "since the last post seen (create_at 1, minus one): {url}");
+    // A live post arrives before the catch-up answer: it waits, so c1 stays in order.
+    let live = json!({"event": "posted", "data": {"post": json!({"id": "p4", "user_id": "alice", "channel_id": "c1",
+        "root_id": "", "message": "live", "type": "", "create_at": 40}).to_string(), "channel_type": "O",
+        "sender_name": "@alice"}, "broadcast": {}, "seq": 1});
+    assert!(inbound(&second.feed(Event::WsFrame { conn, text: live.to_string().into() }).unwrap()).is_empty());
+    let missed = json!({"order": ["p3", "p2", "p1"], "posts": {
+        "p1": {"id": "p1", "user_id": "alice", "channel_id": "c1", "root_id": "", "message": "before the gap", "type": "", "create_at": 1},
+        "p3": {"id": "p3", "user_id": "alice", "channel_id": "c1", "root_id": "", "message": "second", "type": "", "create_at": 30},
+        "p2": {"id": "p2", "user_id": "alice", "channel_id": "c1", "root_id": "", "message": "first", "type": "", "create_at": 20}}});
+    let actions = second
+        .feed(Event::HttpResponse {
+            request: fetch,
+            status: 200,
+            headers: Default::default(),
+            body: missed.to_string().into(),
+        })
+        .unwrap();
+    let texts: Vec<String> = inbound(&actions).into_iter().map(|(text, ..)| text).collect();
+    assert_eq!(texts, ["first", "second", "live"], "missed posts in order, then the held live one; p1 not again");
+}

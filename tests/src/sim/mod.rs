@@ -189,6 +189,16 @@ impl Simulator {
         self.world.lock().unwrap().drop_connections();
     }
 
+    /// Cut every WebSocket and forget the connection ids (a resume is impossible).
+    pub fn drop_and_forget_connections(&self) {
+        self.world.lock().unwrap().drop_and_forget_connections();
+    }
+
+    /// Answer WebSocket upgrades with 503 for `duration` (the server is unreachable).
+    pub fn refuse_websockets_for(&self, duration: Duration) {
+        self.world.lock().unwrap().websockets_refused_until = Some(std::time::Instant::now() + duration);
+    }
+
     /// Answer the next `count` `POST /posts` with `status` (429: text/plain + Retry-After).
     pub fn fail_next_posts(&self, count: usize, status: u16) {
         self.world.lock().unwrap().fail_next_posts = (count > 0).then_some((count, status));

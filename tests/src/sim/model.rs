@@ -141,6 +141,8 @@ pub struct World {
     pub resumed: u64,
     pub typing: Vec<(String, String, String)>,
     pub fail_next_posts: Option<(usize, u16)>,
+    /// Until then, WebSocket upgrades are answered 503 (the server is unreachable).
+    pub websockets_refused_until: Option<std::time::Instant>,
 }
 
 /// An event before it is numbered for one connection: `{"event","data","broadcast"}`.
@@ -340,6 +342,13 @@ impl World {
 
     fn reap(&mut self, reap_after: Duration) {
         self.connections.retain(|_, c| c.disconnected_at.is_none_or(|at| at.elapsed() < reap_after));
+    }
+
+    /// Cut every socket and forget the connections, as a server restart does: the next
+    /// connect gets a new connection id and the client must catch up through REST.
+    pub fn drop_and_forget_connections(&mut self) {
+        self.drop_connections();
+        self.connections.clear();
     }
 
     pub fn drop_connections(&mut self) {

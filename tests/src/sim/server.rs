@@ -323,6 +323,11 @@ async fn websocket(
     Query(q): Query<HashMap<String, String>>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
+    let refused =
+        s.world.lock().unwrap().websockets_refused_until.is_some_and(|until| std::time::Instant::now() < until);
+    if refused {
+        return (StatusCode::SERVICE_UNAVAILABLE, "unavailable\n").into_response();
+    }
     let upgrade_user = caller(&s, &headers, &q);
     // A connection id must be a valid id with a sequence number; the server closes otherwise.
     let requested = match q.get("connection_id").filter(|c| !c.is_empty()) {

@@ -1,0 +1,307 @@
+//! Durability: restart (SIGTERM), crash (`kill -9`) under a stream, WebSocket gaps with and
+//! without resume, the `openai` agent against the fake model server, a damaged state dir.
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
+
+use anyhow::Result;
+use switchboard_tests::{
+    assert_eventually,
+    harness::{install_plugin, mattermost_file_name, seed_config, Artifacts, Gateway},
+    model::FakeModel,
+    sim::{demo_world, ChannelType, DemoWorld, Simulator},
+};
+
+/// A simulator, a world and a gateway directory that outlives gateway processes.
+struct Rig {
+    sim: Simulator,
+    world: DemoWorld,
+    artifacts: Artifacts,
+    config_path: PathBuf,
+    scratch: tempfile::TempDir,
+}
+
+impl Rig {
+    async fn new(chatmode: &str, agent: &str) -> Result<Self> {
+        let artifacts = Artifacts::discover()?;
+        let sim = Simulator::start().await?;
+        let world = demo_world(&sim);
+        let scratch = tempfile::tempdir()?;
+        let plugin_dir = scratch.path().join("plugins");
+        install_plugin(&artifacts.mattermost_plugin(), &plugin_dir, &mattermost_file_name())?;
+        let config_path = scratch.path().join("switchboard.toml");
+        std::fs::write(&config_path, seed_config(&sim.base_url(), &plugin_dir, chatmode, agent))?;
+        Ok(Self { sim, world, artifacts, config_path, scratch })
+    }
+
+    async fn start(&self, env: &[(&str, &str)]) -> Result<Gateway> {
+        let mut all = vec![("MM_BOT_TOKEN", self.world.bot.token.as_str())];
+        all.extend_from_slice(env);
+        let gateway = Gateway::start(&self.artifacts.switchboard, self.scratch.path(), &self.config_path, &all).await?;
+        assert_eventually!(
+            // A resumed connection gets no hello: the open socket is the sign.
+            gateway.count(&["WebSocket open"]) > 0,
+            "the adapter connects\n--- gateway log ---\n{}",
+            gateway.log_text()
+        );
+        Ok(gateway)
+    }
+
+    fn open_channels(&self, count: usize) -> Vec<String> {
+        (0..count)
+            .map(|i| {
+                let id = self.sim.add_channel(
+                    &self.world.team_id,
+                    &format!("load-{i}"),
+                    &format!("Load {i}"),
+                    ChannelType::Open,
+                );
+                for user in [&self.world.bot.id, &self.world.alice.id] {
+                    self.sim.add_member(&id, user);
+                }
+                id
+            })
+            .collect()
+    }
+
+    /// For every bot post, the channels it appeared in, by message.
+    fn bot_posts(&self) -> BTreeMap<String, Vec<String>> {
+        let mut posts: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for post in self.sim.posts_by(&self.world.bot.id) {
+            posts.entry(post.message).or_default().push(post.channel_id);
+        }
+        posts
+    }
+
+    /// Every `(channel, token)` answered `echo: <token>` exactly once, in its own channel.
+    async fn assert_answered_once(&self, expected: &[(String, String)], gateway: &Gateway) {
+        let unanswered = || {
+            let posts = self.bot_posts();
+            expected.iter().filter(|(_, token)| !posts.contains_key(&format!("echo: {token}"))).count()
+        };
+        assert_eventually!(
+            @within Duration::from_secs(60),
+            unanswered() == 0,
+            "{} of {} messages unanswered\n--- gateway log (tail) ---\n{}",
+            unanswered(),
+            expected.len(),
+            tail(gateway, 60)
+        );
+        // Duplicates would come late (a resend after a restart): give them time to show.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let posts = self.bot_posts();
+        for (channel, token) in expected {
+            let places = &posts[&format!("echo: {token}")];
+            assert_eq!(places, &vec![channel.clone()], "{token} must be answered once, in its own channel");
+        }
+    }
+}
+
+fn tail(gateway: &Gateway, lines: usize) -> String {
+    let log = gateway.log();
+    log[log.len().saturating_sub(lines)..].join("\n")
+}
+
+#[tokio::test]
+async fn a_restart_keeps_sessions_transcripts_and_agent_history() -> Result<()> {
+    let model = FakeModel::start().await?;
+    let agent = format!(
+        "kind = \"openai\"\nbase_url = \"{}\"\nmodel = \"fake-1\"\napi_key_env = \"MODEL_KEY\"\nsystem_prompt = \"Be brief.\"\nstream = true\nhistory_limit = 10",
+        model.base_url()
+    );
+    let rig = Rig::new("onmessage", &agent).await?;
+    let env = [("MODEL_KEY", "sk-test-secret-4711")];
+    let world = &rig.world;
+    let conversations = [&world.office_general, &world.protocol_evolution, &world.alice_dm];
+    let gateway = rig.start(&env).await?;
+    for (i, channel) in conversations.iter().enumerate() {
+        rig.sim.post_as(&world.alice.id, channel, &format!("first words {i}"), None);
+        let wanted = format!("model heard \"first words {i}\" after 0 earlier messages");
+        assert_eventually!(
+            rig.sim.posts_in(channel).iter().any(|p| p.message == wanted),
+            "the streamed model reply in {channel}\n{}",
+            gateway.log_text()
+        );
+    }
+    assert!(model.requests().iter().all(|r| r.authorization.as_deref() == Some("Bearer sk-test-secret-4711")));
+    assert_eq!(model.requests()[0].body["stream"], true);
+
+    let status = gateway.stop().await?;
+    assert!(status.success(), "SIGTERM stops the gateway with exit 0, got {status}");
+
+    let gateway = rig.start(&env).await?;
+    let status = gateway.status().await?;
+    assert_eq!(status["sessions"], 3, "the three sessions are back: {status}");
+    assert_eq!(status["store"]["turns"], 6, "three user and three assistant turns are stored: {status}");
+    for (i, channel) in conversations.iter().enumerate() {
+        rig.sim.post_as(&world.alice.id, channel, &format!("second words {i}"), None);
+        let wanted = format!("model heard \"second words {i}\" after 2 earlier messages");
+        assert_eventually!(
+            rig.sim.posts_in(channel).iter().any(|p| p.message == wanted),
+            "a reply that used the history in {channel}\n{}",
+            gateway.log_text()
+        );
+    }
+    let last = model.requests().last().cloned().unwrap();
+    let contents: Vec<&str> =
+        last.body["messages"].as_array().unwrap().iter().filter_map(|m| m["content"].as_str()).collect();
+    assert_eq!(
+        contents,
+        ["Be brief.", "first words 2", "model heard \"first words 2\" after 0 earlier messages", "second words 2"],
+        "the DM's history went to the model in order"
+    );
+    assert!(!gateway.log_text().contains("sk-test-secret-4711"), "the API key never reaches the log");
+    assert!(!gateway.log_text().contains(&world.bot.token), "the bot token never reaches the log");
+    Ok(())
+}
+
+#[tokio::test]
+async fn kill_9_mid_stream_loses_and_duplicates_nothing() -> Result<()> {
+    let rig = Rig::new("onmessage", "kind = \"echo\"").await?;
+    let channels = rig.open_channels(10);
+    let gateway = rig.start(&[]).await?;
+    let posted = AtomicUsize::new(0);
+    let expected: Vec<(String, String)> =
+        (0..200).map(|i| (channels[i % channels.len()].clone(), format!("tok-{i:03}-{}", i * 7919 % 1000))).collect();
+    let stream = async {
+        for (channel, token) in &expected {
+            rig.sim.post_as(&rig.world.alice.id, channel, token, None);
+            posted.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(8)).await;
+        }
+    };
+    let crash = async {
+        while posted.load(Ordering::SeqCst) < 70 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let answered_before = rig.sim.posts_by(&rig.world.bot.id).len();
+        gateway.kill_hard()?;
+        let gateway = rig.start(&[]).await?;
+        anyhow::Ok((answered_before, gateway))
+    };
+    let ((), crashed) = tokio::join!(stream, crash);
+    let (answered_before, gateway) = crashed?;
+    assert!(answered_before > 0 && answered_before < 200, "killed mid-stream ({answered_before} answered before)");
+    rig.assert_answered_once(&expected, &gateway).await;
+    assert_eq!(rig.bot_posts().values().map(Vec::len).sum::<usize>(), 200, "200 messages, 200 replies");
+    Ok(())
+}
+
+#[tokio::test]
+async fn websocket_gaps_with_and_without_resume_lose_and_duplicate_nothing() -> Result<()> {
+    let rig = Rig::new("onmessage", "kind = \"echo\"").await?;
+    let gateway = rig.start(&[]).await?;
+    let world = &rig.world;
+    let channels = [world.office_general.clone(), world.protocol_evolution.clone(), world.alice_dm.clone()];
+    let mut expected = Vec::new();
+    for channel in &channels {
+        let token = format!("warm-up-{}", &channel[..6]);
+        rig.sim.post_as(&world.alice.id, channel, &token, None);
+        expected.push((channel.clone(), token));
+    }
+    rig.assert_answered_once(&expected, &gateway).await;
+
+    for (round, forget) in [("resume", false), ("new-id", true)] {
+        let resumed_before = rig.sim.resumed_connections();
+        rig.sim.refuse_websockets_for(Duration::from_secs(2));
+        if forget {
+            rig.sim.drop_and_forget_connections();
+        } else {
+            rig.sim.drop_connections();
+        }
+        let mut this_round = Vec::new();
+        for i in 0..30 {
+            let channel = &channels[i % channels.len()];
+            let token = format!("{round}-{i}");
+            rig.sim.post_as(&world.alice.id, channel, &token, None);
+            this_round.push((channel.clone(), token));
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        rig.assert_answered_once(&this_round, &gateway).await;
+        if forget {
+            assert!(gateway.count(&["fetching what was posted meanwhile"]) > 0, "catch-up ran");
+        } else {
+            assert!(rig.sim.resumed_connections() > resumed_before, "the connection was resumed");
+        }
+        expected.extend(this_round);
+    }
+    rig.assert_answered_once(&expected, &gateway).await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_openai_agent_reports_a_model_failure_as_configured_and_loses_nothing_else() -> Result<()> {
+    let model = FakeModel::start().await?;
+    let agent = format!(
+        "kind = \"openai\"\nbase_url = \"{}\"\nmodel = \"fake-1\"\nstream = false\non_error = \"reply\"\nerror_reply = \"The model is unavailable; please ask again.\"",
+        model.base_url()
+    );
+    let rig = Rig::new("onmessage", &agent).await?;
+    let gateway = rig.start(&[]).await?;
+    let channel = &rig.world.office_general;
+    model.fail_next(1, 503);
+    rig.sim.post_as(&rig.world.alice.id, channel, "question one", None);
+    assert_eventually!(
+        rig.sim.posts_in(channel).iter().any(|p| p.message == "The model is unavailable; please ask again."),
+        "the configured error reply\n{}",
+        gateway.log_text()
+    );
+    assert!(gateway.count(&["agent failed", "503"]) == 1, "the failure is logged once with its status");
+    rig.sim.post_as(&rig.world.alice.id, channel, "question two", None);
+    // The failed turn's question stays in the history; the error text does not.
+    assert_eventually!(
+        rig.sim.posts_in(channel).iter().any(|p| p.message == "model heard \"question two\" after 1 earlier messages"),
+        "the next question is answered with the first one as history\n{}",
+        gateway.log_text()
+    );
+    assert_eq!(model.requests().last().unwrap().body["stream"], false);
+
+    // Silent mode: nothing is posted for the failure, and the next message is answered.
+    let silent = std::fs::read_to_string(&rig.config_path)?.replace("on_error = \"reply\"", "on_error = \"silent\"");
+    gateway.reload_with(&silent)?;
+    assert_eventually!(gateway.count(&["reload applied"]) == 1, "the reload applies\n{}", gateway.log_text());
+    model.fail_next(1, 500);
+    let before = rig.sim.posts_in(channel).len();
+    rig.sim.post_as(&rig.world.alice.id, channel, "question three", None);
+    assert_eventually!(gateway.count(&["agent failed", "500"]) == 1, "the failure is logged\n{}", gateway.log_text());
+    rig.sim.post_as(&rig.world.alice.id, channel, "question four", None);
+    assert_eventually!(
+        rig.sim.posts_in(channel).iter().any(|p| p.message.starts_with("model heard \"question four\"")),
+        "the next question is answered\n{}",
+        gateway.log_text()
+    );
+    assert_eq!(
+        rig.sim.posts_in(channel).len(),
+        before + 3,
+        "questions three and four, one reply: nothing for the failure"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_damaged_or_unwritable_state_dir_is_a_clear_error_at_start() -> Result<()> {
+    let rig = Rig::new("oncall", "kind = \"echo\"").await?;
+    let state = rig.scratch.path().join("state");
+    std::fs::create_dir_all(&state)?;
+    std::fs::write(state.join("switchboard.db"), "this is not a database, it is a shopping list\n".repeat(200))?;
+    let error = match rig.start(&[]).await {
+        Ok(_) => panic!("the gateway started on a damaged database"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(error.contains("damaged or not a switchboard database"), "{error}");
+    assert!(!error.contains("panicked"), "{error}");
+
+    std::fs::remove_dir_all(&state)?;
+    std::fs::write(&state, "a file where the state directory should be")?;
+    let error = match rig.start(&[]).await {
+        Ok(_) => panic!("the gateway started without a state directory"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(error.contains("state directory") && error.contains("cannot create"), "{error}");
+    assert!(!error.contains("panicked"), "{error}");
+    Ok(())
+}
