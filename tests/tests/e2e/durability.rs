@@ -305,3 +305,34 @@ async fn a_damaged_or_unwritable_state_dir_is_a_clear_error_at_start() -> Result
     assert!(!error.contains("panicked"), "{error}");
     Ok(())
 }
+
+#[tokio::test]
+async fn sigterm_lets_a_running_turn_finish_and_sigusr2_restarts_in_place() -> Result<()> {
+    // The agent takes a while: the stop must wait for it and deliver its reply.
+    let agent = "kind = \"command\"\ncommand = [\"sh\", \"-c\", \"sleep 1; echo slow answer\"]";
+    let rig = Rig::new("onmessage", agent).await?;
+    let channel = &rig.world.office_general;
+    let gateway = rig.start(&[]).await?;
+
+    // SIGUSR2: a graceful stop, then the same binary again in the same process.
+    rig.sim.post_as(&rig.world.alice.id, channel, "before the restart", None);
+    assert_eventually!(gateway.count(&["inbound", "session="]) == 1, "the turn starts\n{}", gateway.log_text());
+    gateway.signal(libc::SIGUSR2);
+    assert_eventually!(
+        gateway.count(&["state loaded"]) == 2 && gateway.count(&["WebSocket open"]) == 2,
+        "the gateway starts again and reconnects\n{}",
+        gateway.log_text()
+    );
+    let replies = || rig.sim.posts_by(&rig.world.bot.id).into_iter().filter(|p| p.message == "slow answer").count();
+    assert_eq!(replies(), 1, "the running turn finished and was delivered before the restart");
+    rig.sim.post_as(&rig.world.alice.id, channel, "after the restart", None);
+    assert_eventually!(replies() == 2, "the restarted gateway answers\n{}", gateway.log_text());
+
+    // SIGTERM while a turn runs: it finishes, its reply goes out, then exit 0.
+    rig.sim.post_as(&rig.world.alice.id, channel, "just before the stop", None);
+    assert_eventually!(gateway.count(&["inbound", "session="]) == 3, "the turn starts\n{}", gateway.log_text());
+    let status = gateway.stop().await?;
+    assert!(status.success(), "{status}");
+    assert_eq!(replies(), 3, "the reply of the turn that was running when SIGTERM came");
+    Ok(())
+}
