@@ -2,7 +2,7 @@
 
 use abi_stable::{
     sabi_trait,
-    std_types::{RBox, RResult, RString, RVec},
+    std_types::{RBox, RNone, ROption, RResult, RString, RVec},
     StableAbi,
 };
 
@@ -42,6 +42,14 @@ pub trait Adapter {
     /// restart. It must therefore be cheap and must not change the adapter.
     #[sabi(last_prefix_field)]
     fn export_state(&mut self) -> RResult<StateBlob, PluginError>;
+
+    /// The platform conversation (channel, group or DM id) an event concerns, if the adapter
+    /// can tell; used by the host to name the session in the log when it has to give up on
+    /// an event (dead letter). Pure. Added after ABI v1's prefix: adapters built before it
+    /// get this default through abi_stable's fallback.
+    fn conversation_of(&self, _event: &Event_NE) -> RResult<ROption<RString>, PluginError> {
+        abi_stable::std_types::ROk(RNone)
+    }
 }
 
 /// The boxed adapter trait object, as returned across the ABI.

@@ -8,7 +8,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use abi_stable::{
     prefix_type::PrefixTypeTrait,
     sabi_trait::TD_Opaque,
-    std_types::{RErr, ROk, RResult, RStr, RVec},
+    std_types::{RErr, ROk, ROption, RResult, RStr, RString, RVec},
 };
 
 use crate::{
@@ -33,6 +33,12 @@ pub trait AdapterPlugin: Sized + 'static {
     fn handle(&mut self, event: Event) -> Vec<Action>;
 
     fn export_state(&mut self) -> StateBlob;
+
+    /// The platform conversation `event` concerns, if it concerns one (pure; for the host's
+    /// dead-letter log line).
+    fn conversation_of(&self, _event: &Event) -> Option<String> {
+        None
+    }
 }
 
 /// Run `work`, turning a panic into [`PluginError::Panicked`] with the panic's message.
@@ -103,6 +109,14 @@ impl<A: AdapterPlugin> Adapter for Guarded<A> {
     fn export_state(&mut self) -> RResult<StateBlob, PluginError> {
         let adapter = &mut self.0;
         guard(move || adapter.export_state())
+    }
+
+    fn conversation_of(&self, event: &Event_NE) -> RResult<ROption<RString>, PluginError> {
+        let adapter = &self.0;
+        guard(move || match event.as_enum() {
+            Ok(event) => adapter.conversation_of(event).map(RString::from).into(),
+            Err(_) => ROption::RNone,
+        })
     }
 }
 

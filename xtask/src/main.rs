@@ -49,11 +49,14 @@ enum Task {
 /// Plugin crates: (package, library file stem without the `lib` prefix).
 const PLUGINS: &[(&str, &str)] = &[("switchboard-mattermost", "switchboard_mattermost")];
 
-/// Broken variants of the Mattermost adapter: (cargo feature, fixture file name).
+/// Variants of the Mattermost adapter for the tests (broken ones, a second good build):
+/// (cargo feature, fixture file name).
 const FIXTURES: &[(&str, &str)] = &[
     ("fixture-panicking-constructor", "panicking-constructor"),
     ("fixture-abi-version", "abi-version"),
     ("fixture-abi-skew", "abi-skew"),
+    ("fixture-build-b", "build-b"),
+    ("fixture-panic-on-message", "panic-on-message"),
 ];
 
 fn main() -> Result<()> {

@@ -194,6 +194,21 @@ impl Adapter {
         StateBlob { format_version: STATE_FORMAT, data: serde_json::to_string(&self.state).unwrap_or_default().into() }
     }
 
+    /// The Mattermost channel an event concerns (for the host's dead-letter log line).
+    pub fn conversation_of(&self, event: &Event) -> Option<String> {
+        match event {
+            Event::WsFrame { text, .. } => {
+                let message: Value = serde_json::from_str(text.as_str()).ok()?;
+                post_channel(&message["data"])
+                    .or_else(|| message["broadcast"]["channel_id"].as_str().map(str::to_string))
+                    .filter(|c| !c.is_empty())
+            }
+            Event::DeliverReply(reply) => Some(reply.target.conversation_id.to_string()),
+            Event::AgentWorking { target } => Some(target.conversation_id.to_string()),
+            _ => None,
+        }
+    }
+
     pub fn handle(&mut self, event: Event) -> Vec<Action> {
         match event {
             Event::Started { generation } => self.started(generation),
@@ -533,6 +548,9 @@ impl Adapter {
         if post_id.is_empty() || channel_id.is_empty() {
             return;
         }
+        if cfg!(feature = "fixture-panic-on-message") && message.contains(PANIC_TRIGGER) {
+            panic!("fixture: this build panics on posts containing {PANIC_TRIGGER}");
+        }
         self.remember(&channel_id, data, post["create_at"].as_i64().unwrap_or_default(), &user_id);
         if user_id == self.state.bot_id || !field("type").is_empty() {
             return;
@@ -645,7 +663,11 @@ impl Adapter {
             }
             return;
         }
-        let parts = text::split(reply.text.as_str(), self.settings.max_post_chars);
+        let parts = if cfg!(feature = "fixture-build-b") {
+            text::split(&format!("{} {BUILD_B_TAG}", reply.text), self.settings.max_post_chars)
+        } else {
+            text::split(reply.text.as_str(), self.settings.max_post_chars)
+        };
         let delivery = Delivery {
             channel_id: reply.target.conversation_id.to_string(),
             root_id: reply.target.thread_root_id.to_string(),
@@ -922,6 +944,11 @@ impl Adapter {
         self.out.push(Action::WsSend { conn, text: frame.to_string().into() });
     }
 }
+
+/// What the `fixture-panic-on-message` build panics on.
+pub const PANIC_TRIGGER: &str = "PANIC-ON-THIS";
+/// What the `fixture-build-b` build appends to every reply (tells two builds apart).
+pub const BUILD_B_TAG: &str = "[build b]";
 
 /// The channel id of a `posted` event's data.
 fn post_channel(data: &Value) -> Option<String> {

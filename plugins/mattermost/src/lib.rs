@@ -11,7 +11,9 @@
 //!   (splitting, retries, `pending_post_id`), typing; state handed to the next generation.
 //! - [`text`]: mentions, prefixes, splitting long replies.
 //!
-//! Cargo features `fixture-*` build deliberately broken variants for the host's refusal tests.
+//! Cargo features `fixture-*` build variants for the host's tests: deliberately broken ones
+//! (refusals, a panic on one message) and a second good build whose replies are tagged, so a
+//! test can tell which build answered.
 
 pub mod adapter;
 pub mod settings;
@@ -35,7 +37,11 @@ impl AdapterPlugin for MattermostAdapter {
             adapter_name: ADAPTER_NAME.into(),
             adapter_version: env!("CARGO_PKG_VERSION").into(),
             abi_version,
-            build: option_env!("SWITCHBOARD_BUILD_TAG").unwrap_or("dev").into(),
+            build: if cfg!(feature = "fixture-build-b") {
+                "b".into()
+            } else {
+                option_env!("SWITCHBOARD_BUILD_TAG").unwrap_or("dev").into()
+            },
         }
     }
 
@@ -60,6 +66,10 @@ impl AdapterPlugin for MattermostAdapter {
 
     fn export_state(&mut self) -> StateBlob {
         self.inner.export_state()
+    }
+
+    fn conversation_of(&self, event: &Event) -> Option<String> {
+        self.inner.conversation_of(event)
     }
 }
 
