@@ -74,6 +74,8 @@ async fn status(State(state): State<AdminState>) -> Json<serde_json::Value> {
     };
     Json(json!({
         "generations": state.shared.ledger.snapshot(),
+        // Each costs a TLS key until the process exits (gateway.generation_budget).
+        "libraries_opened": crate::loader::libraries_opened(),
         "sessions": state.shared.router.sessions().len(),
         "store": store,
     }))

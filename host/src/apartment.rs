@@ -255,22 +255,48 @@ impl Resident {
         Ok(())
     }
 
-    /// Hand each event to the adapter in order.
+    /// Hand each event to the adapter in order, stopping at the first one it fails on: after
+    /// a panic the adapter's state is suspect, so it gets nothing more. The result has one
+    /// entry per event handled; when it is shorter than `events` (or its last entry is an
+    /// error) the batch did not go through.
     pub fn handle_all(&mut self, events: Vec<Event>) -> Vec<Handled> {
         let Some(adapter) = self.adapter.as_mut() else {
-            return events.iter().map(|_| Err(PluginError::Failed("the adapter is not constructed".into()))).collect();
+            return vec![Err(PluginError::Failed("the adapter is not constructed".into()))];
         };
-        events
-            .into_iter()
-            .map(|event| {
-                let actions = adapter.handle(event.into_ne()).into_result().map_err(host_owned)?;
+        let mut handled = Vec::with_capacity(events.len());
+        for event in events {
+            match adapter.handle(event.into_ne()).into_result() {
                 // `actions` is plugin-made: copy it into host types, then drop it here.
-                Ok(actions
+                Ok(actions) => handled.push(Ok(actions
                     .iter()
                     .map(|action| action.as_enum().map(Command::from_action).unwrap_or(Command::Unknown))
-                    .collect())
-            })
-            .collect()
+                    .collect())),
+                Err(error) => {
+                    handled.push(Err(host_owned(error)));
+                    break;
+                }
+            }
+        }
+        handled
+    }
+
+    /// Replace the adapter object with a new one built from `handover` (same library): how a
+    /// generation is restarted from its last good state after a panic.
+    pub fn reconstruct(&mut self, host: HostHandle, config_json: &str, handover: Handover) -> Result<(), PluginError> {
+        // The old object may be inconsistent; dropping it is still the plugin's business.
+        let old = self.adapter.take();
+        let _ = catch_unwind(AssertUnwindSafe(move || drop(old)));
+        self.construct(host, config_json, handover)
+    }
+
+    /// Which platform conversation `event` concerns, as far as the adapter can tell.
+    pub fn conversation_of(&self, event: &Event) -> Option<String> {
+        let adapter = self.adapter.as_ref()?;
+        let event = event.clone().into_ne();
+        match adapter.conversation_of(&event).into_result() {
+            Ok(found) => found.into_option().map(|c| c.as_str().to_owned()),
+            Err(_) => None,
+        }
     }
 
     /// Export the adapter's state for the next generation (owned copy).

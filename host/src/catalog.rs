@@ -6,7 +6,7 @@
 //! down. Only a generation that is going to run is loaded into the gateway itself.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
     time::{Duration, SystemTime},
 };
@@ -126,11 +126,22 @@ pub struct Catalog {
     exe: PathBuf,
     entries: BTreeMap<PathBuf, Entry>,
     probe_timeout: Duration,
+    /// Probe results by file content (SHA-256).
+    probes: HashMap<String, Result<ManifestInfo, String>>,
+    /// Validation results by file content and config.
+    validations: HashMap<(String, String), Vec<Problem>>,
 }
 
 impl Catalog {
     pub fn new(dir: PathBuf, exe: PathBuf) -> Self {
-        Self { dir, exe, entries: BTreeMap::new(), probe_timeout: Duration::from_secs(20) }
+        Self {
+            dir,
+            exe,
+            entries: BTreeMap::new(),
+            probe_timeout: Duration::from_secs(20),
+            probes: HashMap::new(),
+            validations: HashMap::new(),
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -152,6 +163,10 @@ impl Catalog {
             if !meta.is_file() {
                 continue;
             }
+            if let Err(refusal) = loader::check_permissions(&path) {
+                refused.push((path.clone(), refusal.to_string()));
+                continue;
+            }
             let modified = meta.modified().ok();
             let cached = self
                 .entries
@@ -167,14 +182,22 @@ impl Catalog {
                             continue;
                         }
                     };
-                    let unchanged = self.entries.get(&path).filter(|e| e.digest == digest);
-                    let probe = match unchanged {
-                        Some(e) => e.probe.clone(),
-                        None => self.probe(&path).await.and_then(|report| match (report.manifest, report.error) {
-                            (Some(manifest), None) => Ok(manifest),
-                            (_, Some(error)) => Err(error),
-                            (None, None) => Err("the probe reported no manifest".into()),
-                        }),
+                    // The same bytes probe the same: a build dropped in again is not re-probed.
+                    let probe = match self.probes.get(&digest.sha256_hex) {
+                        Some(known) => known.clone(),
+                        None => match self.probe(&path).await {
+                            Ok(report) => {
+                                let probe = match (report.manifest, report.error) {
+                                    (Some(manifest), None) => Ok(manifest),
+                                    (_, Some(error)) => Err(error),
+                                    (None, None) => Err("the probe reported no manifest".into()),
+                                };
+                                self.probes.insert(digest.sha256_hex.clone(), probe.clone());
+                                probe
+                            }
+                            // A probe that crashed or timed out is tried again next time.
+                            Err(failure) => Err(failure),
+                        },
                     };
                     if let Err(reason) = &probe {
                         refused.push((path.clone(), reason.clone()));
@@ -213,8 +236,14 @@ impl Catalog {
         }
     }
 
-    /// Validate each config with the adapter in `entry`, in a child process.
-    pub async fn validate(&self, entry: &Entry, configs: &[String]) -> Result<Vec<Vec<Problem>>, String> {
+    /// Validate each config with the adapter in `entry`, in a child process (results are
+    /// remembered by file content and config: validation is pure).
+    pub async fn validate(&mut self, entry: &Entry, configs: &[String]) -> Result<Vec<Vec<Problem>>, String> {
+        let key = |config: &String| (entry.digest.sha256_hex.clone(), config.clone());
+        if let Some(known) = configs.iter().map(|c| self.validations.get(&key(c)).cloned()).collect::<Option<Vec<_>>>()
+        {
+            return Ok(known);
+        }
         let mut command = Command::new(&self.exe);
         command.arg("check-plugin").arg(&entry.path);
         for config in configs {
@@ -223,7 +252,12 @@ impl Catalog {
         let report = self.run_probe(command, &entry.path).await?;
         match report.error {
             Some(error) => Err(error),
-            None if report.validations.len() == configs.len() => Ok(report.validations),
+            None if report.validations.len() == configs.len() => {
+                for (config, problems) in configs.iter().zip(&report.validations) {
+                    self.validations.insert(key(config), problems.clone());
+                }
+                Ok(report.validations)
+            }
             None => Err("the probe did not validate every config".into()),
         }
     }
@@ -259,7 +293,7 @@ fn first_line(text: &str) -> &str {
 
 /// Library files only; hidden, temporary and partial files are skipped (deployers write a
 /// temporary name and rename it into place).
-fn is_candidate(path: &Path) -> bool {
+pub fn is_candidate(path: &Path) -> bool {
     let Some(name) = path.file_name().and_then(|n| n.to_str()) else { return false };
     if name.starts_with('.') || name.ends_with('~') {
         return false;

@@ -7,7 +7,7 @@
 //! simply wait in the queue and reach the new generation in order (ARCHITECTURE.md §4).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
@@ -27,7 +27,7 @@ use crate::{
     metrics::{self, Metrics},
     routing::Router,
     session::now_ms,
-    store::BatchRecord,
+    store::{BatchRecord, DeadLetter},
     transport::Transport,
 };
 
@@ -109,6 +109,8 @@ struct Running {
     number: u64,
     apartment: Apartment,
     events_handled: u64,
+    /// Constructed cold and no batch through yet: a restart hands it the same cold start.
+    cold_start: bool,
 }
 
 /// Who a pending reply is for, for the delivery log line.
@@ -122,6 +124,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub ledger: Ledger,
     pub http: reqwest::Client,
+    /// Restarts allowed per instance within the window (`gateway.adapter_restart_*`).
+    pub adapter_restarts: (u32, Duration),
 }
 
 struct Instance {
@@ -142,6 +146,8 @@ struct Instance {
     cold: bool,
     /// Replies the adapter gave up on (retryable) and how often the host sent them again.
     host_retries: HashMap<u64, u32>,
+    /// When the adapter was restarted after a panic, within the budget window.
+    restarts: VecDeque<Instant>,
 }
 
 /// How often the host hands a reply back to the adapter after it gave up (retryable), and
@@ -181,6 +187,7 @@ pub async fn spawn(id: String, config: ChannelConfig, prepared: Prepared, shared
         saved_state,
         cold: true,
         host_retries: HashMap::new(),
+        restarts: VecDeque::new(),
     };
     let (done, _) = oneshot::channel();
     instance.replace(prepared, config, done).await;
@@ -223,14 +230,18 @@ impl Instance {
     }
 
     /// Hand events to the running generation and carry out what it asks.
+    ///
+    /// A batch goes through whole or not at all: its commands are only carried out once the
+    /// adapter handled every event of it. When the adapter fails on an event (a caught panic),
+    /// nothing of the batch has happened yet; the adapter is rebuilt from its last good state
+    /// (the state exported after the previous batch) and handed the batch again. An event it
+    /// fails on twice is dead-lettered and the rest of the batch goes on without it.
     async fn dispatch(&mut self, batch: Vec<Event>) {
-        let Some(running) = self.current.as_mut() else {
+        if self.current.is_none() {
             self.parked.extend(batch);
             return;
-        };
-        let mut kinds = Vec::with_capacity(batch.len());
+        }
         for event in &batch {
-            kinds.push(event_kind(event));
             match event {
                 Event::DeliverReply(reply) => {
                     self.pending_replies.insert(
@@ -246,39 +257,101 @@ impl Instance {
                 _ => {}
             }
         }
-        let count = batch.len() as u64;
         let export = batch.iter().any(moves_state);
-        let outcome = running
-            .apartment
-            .run(move |resident| {
-                let handled = resident.handle_all(batch);
-                let state = if export { Some(resident.export_state()) } else { None };
-                (handled, state)
-            })
-            .await;
-        let (handled, exported) = match outcome {
-            Ok(outcome) => outcome,
-            Err(gone) => {
-                tracing::error!(channel = %self.id, generation = running.number, "{gone}; the instance has no running adapter");
-                self.retire_current(false);
+        let mut failures: HashMap<usize, u32> = HashMap::new();
+        let mut dead: Vec<usize> = Vec::new();
+        let mut restart: Option<Handover> = None;
+        let (handled, exported, number) = loop {
+            let Some(running) = self.current.as_ref() else {
+                // Halted (or the apartment died) while retrying: keep the rest for later.
+                self.parked.extend(batch.into_iter().enumerate().filter(|(i, _)| !dead.contains(i)).map(|(_, e)| e));
+                return;
+            };
+            let number = running.number;
+            let live: Vec<usize> = (0..batch.len()).filter(|i| !dead.contains(i)).collect();
+            let events: Vec<Event> = live.iter().map(|&i| batch[i].clone()).collect();
+            let rebuild =
+                restart.take().map(|handover| (self.host_handle(number), self.config.adapter_config_json(), handover));
+            let restarted = rebuild.is_some();
+            let outcome = running
+                .apartment
+                .run(move |resident| {
+                    let mut events = events;
+                    if let Some((host, config_json, handover)) = rebuild {
+                        if let Err(e) = resident.reconstruct(host, &config_json, handover) {
+                            return (vec![Err(e)], None);
+                        }
+                        events.insert(0, Event::Started { generation: number });
+                    }
+                    let expected = events.len();
+                    let handled = resident.handle_all(events);
+                    let whole = handled.len() == expected && handled.iter().all(Result::is_ok);
+                    let state = if whole && export { Some(resident.export_state()) } else { None };
+                    (handled, state)
+                })
+                .await;
+            let (mut handled, exported) = match outcome {
+                Ok(outcome) => outcome,
+                Err(gone) => {
+                    tracing::error!(channel = %self.id, generation = number, "{gone}; the instance has no running adapter");
+                    self.retire_current(false);
+                    continue;
+                }
+            };
+            let failed_at = handled.iter().position(Result::is_err);
+            let Some(position) = failed_at else {
+                if restarted {
+                    tracing::info!(channel = %self.id, generation = number, events = live.len(), "restarted adapter handled the batch");
+                }
+                break (handled, exported, number);
+            };
+            let error = match handled.swap_remove(position) {
+                Err(error) => error.to_string(),
+                Ok(_) => unreachable!("position points at an error"),
+            };
+            self.shared.metrics.adapter_panics.get_or_create(&metrics::channel(&self.id)).inc();
+            // With a rebuild, position 0 is its `Started`: the restart itself failed.
+            let index = if restarted { position.checked_sub(1).map(|p| live[p]) } else { Some(live[position]) };
+            match index {
+                None => {
+                    tracing::error!(channel = %self.id, generation = number, "the restarted adapter failed to start: {error}")
+                }
+                Some(index) => {
+                    let attempts = failures.entry(index).or_insert(0);
+                    *attempts += 1;
+                    let kind = event_kind(&batch[index]);
+                    if *attempts >= 2 {
+                        dead.push(index);
+                        self.dead_letter(number, &batch[index], &error).await;
+                    } else {
+                        tracing::error!(channel = %self.id, generation = number, event = kind, "adapter failed on an event; restarting it from its last good state to try once more: {error}");
+                    }
+                }
+            }
+            if !self.may_restart() {
+                let remaining =
+                    batch.iter().enumerate().filter(|(i, _)| !dead.contains(i)).map(|(_, e)| e.clone()).collect();
+                self.halt(remaining, &error);
                 return;
             }
+            self.shared.metrics.adapter_restarts.get_or_create(&metrics::channel(&self.id)).inc();
+            let cold = self.current.as_ref().is_some_and(|r| r.cold_start);
+            restart = Some(Handover {
+                generation: number,
+                previous_state: self.saved_state.clone().map_or(RNone, RSome),
+                connections: self.transport.open_connections().into(),
+                cold,
+            });
         };
-        running.events_handled += count;
-        let number = running.number;
+        let count = handled.len() as u64;
+        if let Some(running) = self.current.as_mut() {
+            running.events_handled += count;
+            running.cold_start = false;
+        }
         let id = self.id.clone();
         self.shared.ledger.update(&id, number, |r| r.events_handled += count);
         self.shared.metrics.events_dispatched.get_or_create(&metrics::channel(&id)).inc_by(count);
-        let mut commands = Vec::new();
-        for (kind, outcome) in kinds.into_iter().zip(handled) {
-            match outcome {
-                Ok(more) => commands.extend(more),
-                Err(error) => {
-                    self.shared.metrics.adapter_panics.get_or_create(&metrics::channel(&id)).inc();
-                    tracing::error!(channel = %id, generation = number, event = kind, "adapter failed to handle an event: {error}");
-                }
-            }
-        }
+        let commands: Vec<Command> = handled.into_iter().flatten().flatten().collect();
         let state = match exported {
             Some(Ok(state)) => Some(state),
             Some(Err(e)) => {
@@ -307,6 +380,110 @@ impl Instance {
                 command => self.execute(number, command),
             }
         }
+    }
+
+    fn host_handle(&self, generation: u64) -> switchboard_plugin_api::HostHandle {
+        HostBridge { channel_instance: self.id.clone(), generation, sessions: self.shared.router.sessions() }
+            .into_handle()
+    }
+
+    /// Count a restart against the instance's budget; whether it is allowed.
+    fn may_restart(&mut self) -> bool {
+        let (budget, window) = self.shared.adapter_restarts;
+        let now = Instant::now();
+        self.restarts.retain(|at| now.duration_since(*at) < window);
+        if self.restarts.len() >= budget as usize {
+            return false;
+        }
+        self.restarts.push_back(now);
+        true
+    }
+
+    /// Give up on an event the adapter failed on twice: store it, say which session it
+    /// concerned, and settle a reply it carried as failed.
+    async fn dead_letter(&mut self, generation: u64, event: &Event, error: &str) {
+        let kind = event_kind(event);
+        let conversation = match self.current.as_ref() {
+            Some(running) => {
+                let probe = event.clone();
+                running.apartment.run(move |resident| resident.conversation_of(&probe)).await.ok().flatten()
+            }
+            None => None,
+        }
+        .unwrap_or_default();
+        let sessions: Vec<String> = if conversation.is_empty() {
+            Vec::new()
+        } else {
+            self.shared
+                .router
+                .sessions()
+                .list(&self.id, "")
+                .into_iter()
+                .filter(|s| s.target.conversation_id == conversation)
+                .map(|s| s.key)
+                .collect()
+        };
+        let session = if sessions.is_empty() { "(none yet)".to_string() } else { sessions.join(",") };
+        let payload = match event {
+            Event::WsFrame { text, .. } => text.to_string(),
+            Event::HttpResponse { body, status, .. } => format!("HTTP {status}: {body}"),
+            Event::DeliverReply(reply) => reply.text.to_string(),
+            other => format!("{other:?}"),
+        };
+        self.shared.metrics.dead_letters.get_or_create(&metrics::channel(&self.id)).inc();
+        let letter = DeadLetter {
+            channel_instance: self.id.clone(),
+            generation,
+            event_kind: kind.to_string(),
+            conversation_id: conversation.clone(),
+            session_key: session.clone(),
+            payload,
+            error: error.to_string(),
+        };
+        let stored = self.shared.router.store().add_dead_letter(&letter, now_ms());
+        if let Err(e) = &stored {
+            self.shared.metrics.store_errors.inc();
+            tracing::error!(channel = %self.id, "cannot store the dead letter: {e}");
+        }
+        if let Event::DeliverReply(reply) = event {
+            self.pending_replies.remove(&reply.reply_id);
+            self.shared.metrics.replies_failed.get_or_create(&metrics::channel(&self.id)).inc();
+            let record =
+                BatchRecord { failed: vec![(reply.reply_id, format!("dead-lettered: {error}"))], ..Default::default() };
+            if let Err(e) = self.shared.router.store().commit_batch(&self.id, &record, now_ms()) {
+                tracing::error!(channel = %self.id, reply_id = reply.reply_id, "cannot mark the reply failed: {e}");
+            }
+        }
+        tracing::error!(
+            channel = %self.id,
+            generation,
+            session = %session,
+            conversation = %conversation,
+            event = kind,
+            dead_letter = stored.unwrap_or(0),
+            "dead-lettered an event the adapter failed on twice; the rest goes on: {error}"
+        );
+    }
+
+    /// The restart budget is spent: stop running an adapter for this instance. Events are
+    /// kept (parked) for the next generation a reload brings.
+    fn halt(&mut self, remaining: Vec<Event>, error: &str) {
+        let (budget, window) = self.shared.adapter_restarts;
+        let Some(old) = self.current.take() else { return };
+        tracing::error!(
+            channel = %self.id,
+            generation = old.number,
+            restarts = budget,
+            window = ?window,
+            kept_events = remaining.len() + self.parked.len(),
+            "channel instance halted: the adapter failed again after {budget} restarts within {window:?} ({error}); \
+             drop a fixed build into the plugin directory or reload to resume"
+        );
+        self.shared.ledger.update(&self.id, old.number, |r| r.state = GenerationState::Retiring);
+        self.tear_down_later(old.number, old.apartment, GenerationState::Halted);
+        let mut kept = remaining;
+        kept.append(&mut self.parked);
+        self.parked = kept;
     }
 
     /// Store one batch. Returns, per inbound command in order, its new id or `None` for a
@@ -481,12 +658,7 @@ impl Instance {
             connections: self.transport.open_connections().into(),
             cold: self.cold,
         };
-        let host = HostBridge {
-            channel_instance: self.id.clone(),
-            generation: number,
-            sessions: self.shared.router.sessions(),
-        }
-        .into_handle();
+        let host = self.host_handle(number);
         let config_json = config.adapter_config_json();
         match apartment.run(move |resident| resident.construct(host, &config_json, handover)).await {
             Ok(Ok(())) => {}
@@ -496,7 +668,7 @@ impl Instance {
 
         // 3. Cut over: the old generation is told it was replaced (it must leave the
         //    connections alone), the new one starts, and queued events flow to it.
-        let previous = self.current.replace(Running { number, apartment, events_handled: 0 });
+        let previous = self.current.replace(Running { number, apartment, events_handled: 0, cold_start: self.cold });
         self.cold = false;
         self.config = config;
         if let Some(old) = previous {

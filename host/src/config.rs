@@ -29,6 +29,9 @@ pub struct Config {
     pub bindings: Vec<Binding>,
 }
 
+/// Leaves room below glibc's 1024 TLS keys for the host's own and its libraries'.
+pub const MAX_GENERATION_BUDGET: u64 = 1000;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct GatewayConfig {
     pub state_dir: PathBuf,
@@ -44,11 +47,23 @@ pub struct GatewayConfig {
     pub stop_deadline: Duration,
     /// `full` survives a power loss, `normal` a crash of the process (SQLite `synchronous`).
     pub durability: crate::store::Durability,
+    /// After this many adapter generations loaded in one process, the gateway re-executes
+    /// itself (each loaded copy of Rust std costs a TLS key that is never freed; glibc has
+    /// 1024). A warning is logged at 80 % of it.
+    pub generation_budget: u64,
+    /// How many times a channel instance's adapter may be restarted after a panic within
+    /// `adapter_restart_window`; one more and the instance stops (terminal, logged).
+    pub adapter_restart_budget: u32,
+    pub adapter_restart_window: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct PluginsConfig {
     pub dir: PathBuf,
+    /// Pick up new builds dropped into `dir` by itself (otherwise only on a reload trigger).
+    pub watch: bool,
+    /// How long a changed file's size and mtime must hold still before it is loaded.
+    pub settle: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -224,8 +239,12 @@ impl Reader<'_> {
         let gateway = self.table_at(root, "", "gateway").unwrap_or(&empty);
         let gateway = self.gateway(gateway);
         let plugins = self.table_at(root, "", "plugins").unwrap_or(&empty);
-        self.known_keys("plugins", plugins, &["dir"]);
-        let plugins = PluginsConfig { dir: self.path(plugins, "plugins", "dir", "plugins") };
+        self.known_keys("plugins", plugins, &["dir", "watch", "settle_ms"]);
+        let plugins = PluginsConfig {
+            dir: self.path(plugins, "plugins", "dir", "plugins"),
+            watch: self.boolean(plugins, "plugins", "watch", true),
+            settle: Duration::from_millis(self.positive_int(plugins, "plugins", "settle_ms", 200)),
+        };
 
         let mut channels = BTreeMap::new();
         if let Some(table) = self.table_at(root, "", "channels") {
@@ -282,6 +301,9 @@ impl Reader<'_> {
                 "lane_capacity",
                 "stop_deadline_ms",
                 "durability",
+                "generation_budget",
+                "adapter_restart_budget",
+                "adapter_restart_window_ms",
             ],
         );
         let state_dir = self.path(table, "gateway", "state_dir", "state");
@@ -311,6 +333,19 @@ impl Reader<'_> {
             Some("normal") => crate::store::Durability::Normal,
             _ => crate::store::Durability::Full,
         };
+        let generation_budget = self.positive_int(table, "gateway", "generation_budget", 900);
+        if generation_budget > MAX_GENERATION_BUDGET {
+            self.problem(
+                "gateway.generation_budget",
+                format!(
+                    "at most {MAX_GENERATION_BUDGET}: each generation costs one of the process's 1024 TLS keys, \
+                     for good"
+                ),
+            );
+        }
+        let adapter_restart_budget = self.positive_int(table, "gateway", "adapter_restart_budget", 5) as u32;
+        let adapter_restart_window =
+            Duration::from_millis(self.positive_int(table, "gateway", "adapter_restart_window_ms", 60_000));
         GatewayConfig {
             state_dir,
             admin_listen,
@@ -319,6 +354,9 @@ impl Reader<'_> {
             lane_capacity,
             stop_deadline,
             durability,
+            generation_budget: generation_budget.min(MAX_GENERATION_BUDGET),
+            adapter_restart_budget,
+            adapter_restart_window,
         }
     }
 

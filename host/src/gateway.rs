@@ -31,6 +31,7 @@ use crate::{
     routing::Router,
     session::DurableSessions,
     store::{Store, StoreError},
+    watch::PluginWatch,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +56,20 @@ pub enum ControlMessage {
     Restart {
         trigger: &'static str,
     },
+    /// Files in the plugin directory changed (from the watch): load changed builds, with
+    /// the running config.
+    PluginsChanged {
+        files: Vec<PathBuf>,
+    },
+}
+
+/// Where a reload takes its config from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConfigSource {
+    /// Re-read the config file (signals, admin API).
+    File,
+    /// Keep the running config (a plugin file changed).
+    Running,
 }
 
 /// How [`run`] ended.
@@ -94,6 +109,13 @@ struct Controller {
     next_generation: BTreeMap<String, u64>,
     shared: Arc<Shared>,
     expected_channels: Arc<RwLock<BTreeSet<String>>>,
+    control: mpsc::Sender<ControlMessage>,
+    watch: Option<PluginWatch>,
+    /// The generation budget warning was logged (once per process).
+    budget_warned: bool,
+    /// Libraries loaded by the start-up itself: a process that only started never re-executes
+    /// for the budget (it would loop).
+    opened_at_start: u64,
 }
 
 /// Run the gateway until `shutdown` completes. The admin listener, when given, is served
@@ -106,7 +128,7 @@ pub async fn run(
 ) -> Result<Exit, GatewayError> {
     let config = Config::load(&config_path)?;
     let (control_tx, mut control_rx) = mpsc::channel(16);
-    let mut controller = Controller::start(config_path, config, exe).await?;
+    let mut controller = Controller::start(config_path, config, exe, control_tx.clone()).await?;
     spawn_signal_triggers(control_tx.clone());
     if let Some(listener) = admin_listener {
         let state = AdminState {
@@ -161,7 +183,12 @@ fn spawn_signal_triggers(control: mpsc::Sender<ControlMessage>) {
 }
 
 impl Controller {
-    async fn start(config_path: PathBuf, config: Config, exe: PathBuf) -> Result<Controller, GatewayError> {
+    async fn start(
+        config_path: PathBuf,
+        config: Config,
+        exe: PathBuf,
+        control: mpsc::Sender<ControlMessage>,
+    ) -> Result<Controller, GatewayError> {
         prepare_state_dir(&config.gateway.state_dir)?;
         let mut catalog = Catalog::new(config.plugins.dir.clone(), exe);
         let entries = resolve(&config, &mut catalog)
@@ -197,7 +224,13 @@ impl Controller {
                 reason: format!("HTTP client: {e}"),
             })?;
         let router = Router::new(&config, Arc::new(sessions), store, metrics.clone(), http.clone());
-        let shared = Arc::new(Shared { router, metrics, ledger: Ledger::default(), http });
+        let shared = Arc::new(Shared {
+            router,
+            metrics,
+            ledger: Ledger::default(),
+            http,
+            adapter_restarts: (config.gateway.adapter_restart_budget, config.gateway.adapter_restart_window),
+        });
         let mut controller = Controller {
             config_path,
             config: config.clone(),
@@ -206,32 +239,55 @@ impl Controller {
             next_generation: BTreeMap::new(),
             shared,
             expected_channels: Arc::new(RwLock::new(config.channels.keys().cloned().collect())),
+            control,
+            watch: None,
+            budget_warned: false,
+            opened_at_start: 0,
         };
         for (id, channel) in &config.channels {
             controller.add_channel(id, channel.clone(), &entries[id]).await;
         }
+        controller.opened_at_start = crate::loader::libraries_opened();
+        if controller.opened_at_start >= config.gateway.generation_budget {
+            tracing::error!(
+                budget = config.gateway.generation_budget,
+                channels = config.channels.len(),
+                "gateway.generation_budget is too small for the configured channels; it cannot be kept"
+            );
+        }
+        controller.update_watch();
         Ok(controller)
     }
 
     async fn serve(&mut self, control: &mut mpsc::Receiver<ControlMessage>) -> Exit {
-        while let Some(message) = control.recv().await {
+        loop {
+            if self.generation_budget_spent() {
+                return Exit::Restart;
+            }
+            let Some(message) = control.recv().await else { break };
             match message {
                 ControlMessage::Restart { trigger } => {
                     tracing::info!(trigger, "restart requested");
                     return Exit::Restart;
                 }
+                ControlMessage::PluginsChanged { files } => {
+                    let outcome = self.reload("plugin_dir", ConfigSource::Running).await;
+                    if let Some(outcome) = outcome {
+                        self.count_reload("plugin_dir", &outcome);
+                    } else {
+                        tracing::info!(files = ?files, "plugin files touched but no adapter changed in content; nothing to do");
+                    }
+                }
                 ControlMessage::Reload { trigger, done } => {
-                    let outcome = self.reload(trigger).await;
-                    let label = match &outcome {
-                        ReloadOutcome::Applied { failed, .. } if failed.is_empty() => "applied",
-                        ReloadOutcome::Applied { .. } => "partly_applied",
-                        ReloadOutcome::Rejected { .. } => "rejected",
-                    };
-                    self.shared
-                        .metrics
-                        .reloads
-                        .get_or_create(&vec![("trigger", trigger.to_string()), ("outcome", label.to_string())])
-                        .inc();
+                    let outcome =
+                        self.reload(trigger, ConfigSource::File).await.unwrap_or_else(|| ReloadOutcome::Applied {
+                            changed: vec![],
+                            added: vec![],
+                            removed: vec![],
+                            unchanged: self.channels.keys().cloned().collect(),
+                            failed: vec![],
+                        });
+                    self.count_reload(trigger, &outcome);
                     if let Some(done) = done {
                         let _ = done.send(outcome);
                     }
@@ -241,24 +297,97 @@ impl Controller {
         std::future::pending().await
     }
 
-    async fn reload(&mut self, trigger: &'static str) -> ReloadOutcome {
-        tracing::info!(trigger, config = %self.config_path.display(), "reload requested");
-        let (new, mut errors) = Config::load_best_effort(&self.config_path);
-        let Some(new) = new else { return self.reject(trigger, errors) };
+    fn count_reload(&self, trigger: &'static str, outcome: &ReloadOutcome) {
+        let label = match outcome {
+            ReloadOutcome::Applied { failed, .. } if failed.is_empty() => "applied",
+            ReloadOutcome::Applied { .. } => "partly_applied",
+            ReloadOutcome::Rejected { .. } => "rejected",
+        };
+        self.shared
+            .metrics
+            .reloads
+            .get_or_create(&vec![("trigger", trigger.to_string()), ("outcome", label.to_string())])
+            .inc();
+    }
+
+    /// Whether this process has loaded as many adapter generations as it may (each costs a
+    /// TLS key for good, ARCHITECTURE.md §3.5); warns once at 80 % of the budget.
+    fn generation_budget_spent(&mut self) -> bool {
+        let budget = self.config.gateway.generation_budget;
+        let loaded = crate::loader::libraries_opened();
+        if loaded >= budget && loaded > self.opened_at_start {
+            tracing::warn!(
+                loaded,
+                budget,
+                "generation budget reached: restarting the gateway in place to free the TLS keys (nothing is lost)"
+            );
+            return true;
+        }
+        if !self.budget_warned && loaded * 5 >= budget * 4 {
+            self.budget_warned = true;
+            tracing::warn!(
+                loaded,
+                budget,
+                "80% of the generation budget used; the gateway re-executes itself at the budget"
+            );
+        }
+        false
+    }
+
+    /// Start, stop or move the plugin directory watch to match the config.
+    fn update_watch(&mut self) {
+        let plugins = &self.config.plugins;
+        let wanted = plugins.watch.then_some(&plugins.dir);
+        if self.watch.as_ref().map(PluginWatch::dir) == wanted.map(PathBuf::as_path) {
+            return;
+        }
+        self.watch = None;
+        if let Some(dir) = wanted {
+            match PluginWatch::start(dir, plugins.settle, self.control.clone()) {
+                Ok(watch) => self.watch = Some(watch),
+                Err(e) => tracing::error!(
+                    dir = %dir.display(),
+                    "cannot watch the plugin directory ({e}); new builds are loaded on SIGHUP, SIGUSR1 or POST /reload"
+                ),
+            }
+        }
+    }
+
+    /// Re-resolve the plugin directory (and re-read the config for `ConfigSource::File`) and
+    /// apply the difference. `None` when the running config was used and no adapter file
+    /// changed in content (nothing to do).
+    async fn reload(&mut self, trigger: &'static str, source: ConfigSource) -> Option<ReloadOutcome> {
+        let (new, mut errors) = match source {
+            ConfigSource::File => {
+                tracing::info!(trigger, config = %self.config_path.display(), "reload requested");
+                Config::load_best_effort(&self.config_path)
+            }
+            ConfigSource::Running => (Some(self.config.clone()), Vec::new()),
+        };
+        let Some(new) = new else { return Some(self.reject(trigger, errors)) };
         let plugin_dir_changed = new.plugins.dir != self.catalog.dir();
         let mut other_catalog = plugin_dir_changed.then(|| Catalog::new(new.plugins.dir.clone(), self.catalog_exe()));
         let resolved = resolve(&new, other_catalog.as_mut().unwrap_or(&mut self.catalog)).await;
         // Adapter problems are reported together with the host's, all in one pass.
         let entries = match resolved {
             Ok(entries) if errors.is_empty() => entries,
-            Ok(_) => return self.reject(trigger, errors),
+            Ok(_) => return Some(self.reject(trigger, errors)),
             Err(more) => {
                 errors.extend(more);
                 errors.sort();
                 errors.dedup();
-                return self.reject(trigger, errors);
+                return Some(self.reject(trigger, errors));
             }
         };
+        if source == ConfigSource::Running
+            && new.channels.keys().all(|id| self.channels.contains_key(id))
+            && self.channels.iter().all(|(id, running)| entries.get(id).is_some_and(|e| e.digest == running.digest))
+        {
+            return None;
+        }
+        if source == ConfigSource::Running {
+            tracing::info!(trigger, "reload requested: a plugin file changed");
+        }
         if let Some(catalog) = other_catalog {
             self.catalog = catalog;
         }
@@ -311,7 +440,8 @@ impl Controller {
             failed = ?failed,
             "reload applied"
         );
-        ReloadOutcome::Applied { changed, added, removed, unchanged, failed }
+        self.update_watch();
+        Some(ReloadOutcome::Applied { changed, added, removed, unchanged, failed })
     }
 
     fn reject(&self, trigger: &'static str, errors: Vec<ConfigError>) -> ReloadOutcome {

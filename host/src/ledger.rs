@@ -19,6 +19,8 @@ pub enum GenerationState {
     StillMapped,
     /// Its constructor failed; never served.
     Refused,
+    /// It kept failing after restarts; the instance stopped running it (terminal).
+    Halted,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -5,8 +5,10 @@
 //! be replaced while the gateway runs without losing, duplicating or misrouting a message.
 //!
 //! Modules, from the outside in:
-//! - [`gateway`]: start-up, the reload controller (signals and admin API → one control path,
-//!   diff by channel instance, roll back on failure) and shutdown.
+//! - [`gateway`]: start-up, the reload controller (signals, plugin directory watch and admin
+//!   API → one control path, diff by channel instance, roll back on failure), the generation
+//!   budget (graceful re-exec before the process runs out of TLS keys) and shutdown.
+//! - [`watch`]: the plugin directory watch (debounce, settle, ignore temporary files).
 //! - [`config`]: the TOML config and its validation (all errors at once, with key paths).
 //! - [`catalog`]: adapter files in the plugin directory, found by manifest name; probing and
 //!   config validation in a child process (`switchboard check-plugin`).
@@ -14,7 +16,8 @@
 //!   the ABI handshake, and the "is it still mapped" check.
 //! - [`apartment`]: one thread per adapter generation that runs all of its code.
 //! - [`channel`]: a channel instance: its event queue, transport and current generation;
-//!   the generation swap.
+//!   the generation swap; panic containment (restart from the last good state, retry once,
+//!   dead letter, restart budget).
 //! - [`transport`]: WebSocket, HTTP and timers carried out for adapters.
 //! - [`bridge`]: the host handle adapters hold (sessions, secrets, clock, log bridge).
 //! - [`routing`]: inbound → binding → session key → lane → agent → reply delivery.
@@ -22,7 +25,7 @@
 //! - [`store`]: the durable store (SQLite, WAL): sessions, transcripts, inbound ids, the
 //!   delivery queue and adapter state; the transactions that keep the ordering rules.
 //! - [`lane`]: per-session ordered turns under a global concurrency cap.
-//! - [`agent`]: the agents (`echo`, `command`).
+//! - [`agent`]: the agents (`echo`, `command`, `openai`, `http`).
 //! - [`admin`], [`metrics`], [`ledger`]: `/livez`, `/readyz`, `/metrics`, `/status`.
 
 pub mod admin;
@@ -41,3 +44,4 @@ pub mod routing;
 pub mod session;
 pub mod store;
 pub mod transport;
+pub mod watch;

@@ -13,6 +13,7 @@ use std::{
     fs,
     io::{self, Read},
     path::{Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
 };
 
 use abi_stable::{
@@ -47,6 +48,31 @@ pub enum LoadError {
     InitFailed { file: PathBuf, reason: String },
     #[error("{file}: the adapter's manifest could not be read: {reason}")]
     Manifest { file: PathBuf, reason: String },
+    #[error("{file} is writable by group or others (mode {mode:o}); refusing to load it (chmod go-w)")]
+    WritableByOthers { file: PathBuf, mode: u32 },
+    #[error("{file} is owned by uid {owner}, not by the gateway's user (uid {expected}) or root; refusing to load it")]
+    ForeignOwner { file: PathBuf, owner: u32, expected: u32 },
+}
+
+/// Code that anyone else could have written is not run: the file must belong to the
+/// gateway's user or root, and nobody else may write it.
+pub fn check_permissions(file: &Path) -> Result<(), LoadError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let meta = fs::metadata(file)
+            .map_err(|e| LoadError::Unreadable { file: file.to_path_buf(), reason: e.to_string() })?;
+        let mode = meta.mode() & 0o7777;
+        if mode & 0o022 != 0 {
+            return Err(LoadError::WritableByOthers { file: file.to_path_buf(), mode });
+        }
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let expected = unsafe { libc::geteuid() };
+        if meta.uid() != expected && meta.uid() != 0 {
+            return Err(LoadError::ForeignOwner { file: file.to_path_buf(), owner: meta.uid(), expected });
+        }
+    }
+    Ok(())
 }
 
 /// A plugin file's content identity.
@@ -89,6 +115,7 @@ pub fn stage(
     generation: u64,
     digest: &FileDigest,
 ) -> Result<PathBuf, LoadError> {
+    check_permissions(file)?;
     let failed = |e: io::Error| LoadError::Stage { file: file.to_path_buf(), reason: e.to_string() };
     fs::create_dir_all(generations_dir).map_err(failed)?;
     let extension = file.extension().and_then(|e| e.to_str()).unwrap_or("so");
@@ -97,6 +124,14 @@ pub fn stage(
     fs::copy(file, &partial).map_err(failed)?;
     fs::rename(&partial, &copy).map_err(failed)?;
     Ok(copy)
+}
+
+/// Libraries this process has `dlopen`ed. Each one that brings its own Rust std takes a TLS
+/// key that is never given back (ARCHITECTURE.md §3.5), unloaded or not.
+static LIBRARIES_OPENED: AtomicU64 = AtomicU64::new(0);
+
+pub fn libraries_opened() -> u64 {
+    LIBRARIES_OPENED.load(Ordering::Relaxed)
 }
 
 /// An adapter library opened on the current (apartment) thread.
@@ -112,6 +147,7 @@ pub struct OpenedAdapter {
 pub fn open_adapter(path: &Path) -> Result<OpenedAdapter, (LoadError, Option<RawLibrary>)> {
     let file = path.to_path_buf();
     let library = RawLibrary::load_at(path).map_err(|e| (classify(&file, e), None))?;
+    LIBRARIES_OPENED.fetch_add(1, Ordering::Relaxed);
     match initialise(&file, &library) {
         Ok((module, manifest)) => Ok(OpenedAdapter { library, module, manifest }),
         Err(e) => Err((e, Some(library))),

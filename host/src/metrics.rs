@@ -14,6 +14,8 @@ pub struct Metrics {
     pub replies_delivered: Family<Labels, Counter>,
     pub replies_failed: Family<Labels, Counter>,
     pub adapter_panics: Family<Labels, Counter>,
+    pub adapter_restarts: Family<Labels, Counter>,
+    pub dead_letters: Family<Labels, Counter>,
     pub events_dispatched: Family<Labels, Counter>,
     pub agent_errors: Family<Labels, Counter>,
     pub reloads: Family<Labels, Counter>,
@@ -41,6 +43,8 @@ impl Metrics {
             replies_delivered: Family::default(),
             replies_failed: Family::default(),
             adapter_panics: Family::default(),
+            adapter_restarts: Family::default(),
+            dead_letters: Family::default(),
             events_dispatched: Family::default(),
             agent_errors: Family::default(),
             reloads: Family::default(),
@@ -59,6 +63,16 @@ impl Metrics {
         registry.register("replies_delivered", "Replies the chat server confirmed", metrics.replies_delivered.clone());
         registry.register("replies_failed", "Replies the adapter gave up on", metrics.replies_failed.clone());
         registry.register("adapter_panics", "Panics caught at the adapter ABI edge", metrics.adapter_panics.clone());
+        registry.register(
+            "adapter_restarts",
+            "Adapters restarted from their last good state after a panic",
+            metrics.adapter_restarts.clone(),
+        );
+        registry.register(
+            "dead_letters",
+            "Events given up on after the adapter failed on them twice",
+            metrics.dead_letters.clone(),
+        );
         registry.register("events_dispatched", "Events handed to adapters", metrics.events_dispatched.clone());
         registry.register("agent_errors", "Agent turns that failed", metrics.agent_errors.clone());
         registry.register("reloads", "Reloads by trigger and outcome", metrics.reloads.clone());

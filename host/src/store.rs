@@ -85,7 +85,31 @@ const MIGRATIONS: &[&str] = &[
         data TEXT NOT NULL,
         saved_at_ms INTEGER NOT NULL
     );",
+    // 1 → 2: events an adapter could not handle even after a restart, kept for the operator.
+    "CREATE TABLE dead_letters (
+        id INTEGER PRIMARY KEY,
+        channel_instance TEXT NOT NULL,
+        generation INTEGER NOT NULL,
+        event_kind TEXT NOT NULL,
+        conversation_id TEXT NOT NULL,
+        session_key TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        error TEXT NOT NULL,
+        at_ms INTEGER NOT NULL
+    );",
 ];
+
+/// An event an adapter could not handle, twice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub channel_instance: String,
+    pub generation: u64,
+    pub event_kind: String,
+    pub conversation_id: String,
+    pub session_key: String,
+    pub payload: String,
+    pub error: String,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -159,6 +183,7 @@ pub struct StoreCounts {
     pub outbound_queued: i64,
     pub outbound_delivered: i64,
     pub outbound_failed: i64,
+    pub dead_letters: i64,
 }
 
 pub struct Store {
@@ -467,6 +492,45 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    pub fn add_dead_letter(&self, letter: &DeadLetter, now_ms: i64) -> Result<i64, StoreError> {
+        let connection = self.connection.lock().unwrap();
+        connection.execute(
+            "INSERT INTO dead_letters (channel_instance, generation, event_kind, conversation_id, session_key, \
+             payload, error, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            rusqlite::params![
+                letter.channel_instance,
+                letter.generation as i64,
+                letter.event_kind,
+                letter.conversation_id,
+                letter.session_key,
+                letter.payload,
+                letter.error,
+                now_ms
+            ],
+        )?;
+        Ok(connection.last_insert_rowid())
+    }
+
+    pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
+        let connection = self.connection.lock().unwrap();
+        let mut statement = connection.prepare(
+            "SELECT channel_instance, generation, event_kind, conversation_id, session_key, payload, error \
+             FROM dead_letters ORDER BY id",
+        )?;
+        let rows = statement.query_map([], |row| {
+            Ok(DeadLetter {
+                channel_instance: row.get(0)?,
+                generation: row.get::<_, i64>(1)? as u64,
+                event_kind: row.get(2)?,
+                conversation_id: row.get(3)?,
+                session_key: row.get(4)?,
+                payload: row.get(5)?,
+                error: row.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     pub fn counts(&self) -> Result<StoreCounts, StoreError> {
         let connection = self.connection.lock().unwrap();
         let count = |sql: &str| connection.query_row(sql, [], |row| row.get::<_, i64>(0));
@@ -477,6 +541,7 @@ impl Store {
             outbound_queued: count("SELECT count(*) FROM outbound WHERE status = 'queued'")?,
             outbound_delivered: count("SELECT count(*) FROM outbound WHERE status = 'delivered'")?,
             outbound_failed: count("SELECT count(*) FROM outbound WHERE status = 'failed'")?,
+            dead_letters: count("SELECT count(*) FROM dead_letters")?,
         })
     }
 
