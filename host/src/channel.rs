@@ -258,8 +258,10 @@ impl Instance {
             }
         }
         let export = batch.iter().any(moves_state);
+        let mut batch = batch;
         let mut failures: HashMap<usize, u32> = HashMap::new();
         let mut dead: Vec<usize> = Vec::new();
+        let mut substituted: Vec<usize> = Vec::new();
         let mut restart: Option<Handover> = None;
         let (handled, exported, number) = loop {
             let Some(running) = self.current.as_ref() else {
@@ -321,8 +323,22 @@ impl Instance {
                     *attempts += 1;
                     let kind = event_kind(&batch[index]);
                     if *attempts >= 2 {
-                        dead.push(index);
-                        self.dead_letter(number, &batch[index], &error).await;
+                        if substituted.contains(&index) {
+                            tracing::error!(channel = %self.id, generation = number, event = kind, "adapter failed on the stand-in for a dead letter too; dropped: {error}");
+                            dead.push(index);
+                        } else {
+                            self.dead_letter(number, &batch[index], &error).await;
+                            // Where the adapter tracks a cursor, it is told to move past the
+                            // event instead of acting on it (else a resume brings it back).
+                            match stand_in(&batch[index], &error) {
+                                Some(stand_in) => {
+                                    batch[index] = stand_in;
+                                    substituted.push(index);
+                                    failures.remove(&index);
+                                }
+                                None => dead.push(index),
+                            }
+                        }
                     } else {
                         tracing::error!(channel = %self.id, generation = number, event = kind, "adapter failed on an event; restarting it from its last good state to try once more: {error}");
                     }
@@ -796,6 +812,19 @@ impl Instance {
     }
 }
 
+/// What the adapter gets instead of an event it failed on twice, where it must learn that
+/// the event is gone: a skipped frame (move the sequence past it), a failed request.
+fn stand_in(event: &Event, error: &str) -> Option<Event> {
+    match event {
+        Event::WsFrame { conn, text } => Some(Event::WsFrameSkipped { conn: *conn, text: text.clone() }),
+        Event::HttpResponse { request, .. } => Some(Event::HttpFailed {
+            request: *request,
+            error: format!("the response was dead-lettered (the adapter failed on it twice: {error})").into(),
+        }),
+        _ => None,
+    }
+}
+
 fn event_kind(event: &Event) -> &'static str {
     match event {
         Event::Started { .. } => "started",
@@ -808,6 +837,7 @@ fn event_kind(event: &Event) -> &'static str {
         Event::DeliverReply(_) => "deliver_reply",
         Event::AgentWorking { .. } => "agent_working",
         Event::Shutdown { .. } => "shutdown",
+        Event::WsFrameSkipped { .. } => "ws_frame_skipped",
         _ => "unknown",
     }
 }

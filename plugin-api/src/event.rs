@@ -72,6 +72,13 @@ pub enum Event {
     Shutdown {
         reason: ShutdownReason,
     },
+    /// Instead of a frame the adapter failed on twice (the host dead-lettered it): move any
+    /// cursor past it (sequence numbers, last seen post) without acting on it, so a resume
+    /// or catch-up does not bring it back.
+    WsFrameSkipped {
+        conn: u64,
+        text: RString,
+    },
 }
 
 impl Event {

@@ -240,18 +240,43 @@ impl Gateway {
         Ok(())
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident set size of the gateway process, in KiB (Linux).
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// The admin address the gateway announced last (a re-exec binds a new port 0).
+    pub fn latest_admin(&self) -> SocketAddr {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find_map(|line| {
+                let (_, rest) = line.split_once("admin listening on ")?;
+                rest.trim().parse::<SocketAddr>().ok()
+            })
+            .unwrap_or(self.admin)
+    }
+
     /// `GET /status` on the admin listener.
     pub async fn status(&self) -> Result<serde_json::Value> {
-        let url = format!("http://{}/status", self.admin);
+        let url = format!("http://{}/status", self.latest_admin());
         Ok(self.http.get(url).send().await?.error_for_status()?.json().await?)
     }
 
     pub async fn admin_get(&self, path: &str) -> Result<(u16, String)> {
-        let response = self.http.get(format!("http://{}{path}", self.admin)).send().await?;
+        let response = self.http.get(format!("http://{}{path}", self.latest_admin())).send().await?;
         Ok((response.status().as_u16(), response.text().await?))
     }
 

@@ -5,6 +5,10 @@
 
 #[path = "e2e/durability.rs"]
 mod durability;
+#[path = "e2e/replacement.rs"]
+mod replacement;
+#[path = "e2e/rig.rs"]
+mod rig;
 
 use std::path::{Path, PathBuf};
 

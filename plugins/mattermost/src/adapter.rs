@@ -203,6 +203,10 @@ impl Adapter {
                     .or_else(|| message["broadcast"]["channel_id"].as_str().map(str::to_string))
                     .filter(|c| !c.is_empty())
             }
+            Event::WsFrameSkipped { text, .. } => {
+                let message: Value = serde_json::from_str(text.as_str()).ok()?;
+                post_channel(&message["data"]).filter(|c| !c.is_empty())
+            }
             Event::DeliverReply(reply) => Some(reply.target.conversation_id.to_string()),
             Event::AgentWorking { target } => Some(target.conversation_id.to_string()),
             _ => None,
@@ -217,6 +221,7 @@ impl Adapter {
                 self.log(LogLevel::Info, "WebSocket open".into());
             }
             Event::WsFrame { conn, text } if Some(conn) == self.state.conn => self.frame(text.as_str()),
+            Event::WsFrameSkipped { conn, text } if Some(conn) == self.state.conn => self.skip_frame(text.as_str()),
             Event::WsClosed { conn, code, reason } if Some(conn) == self.state.conn => {
                 self.closed(code, reason.as_str())
             }
@@ -418,6 +423,29 @@ impl Adapter {
         }
     }
 
+    /// The host gave up on this frame: keep the sequence and the post cursor moving past it.
+    fn skip_frame(&mut self, text: &str) {
+        let Ok(message) = serde_json::from_str::<Value>(text) else { return };
+        if let Some(seq) = message["seq"].as_i64().filter(|seq| *seq == self.state.expected_seq) {
+            self.state.expected_seq = seq + 1;
+        }
+        if message["event"] == "posted" {
+            let data = &message["data"];
+            if let Some(post) = data["post"].as_str().and_then(|p| serde_json::from_str::<Value>(p).ok()) {
+                let field = |name: &str| post[name].as_str().unwrap_or_default().to_string();
+                let (post_id, channel_id) = (field("id"), field("channel_id"));
+                if !post_id.is_empty() && !channel_id.is_empty() {
+                    self.remember(&channel_id, data, post["create_at"].as_i64().unwrap_or_default(), &field("user_id"));
+                    self.state.recent_posts.push_back(post_id.clone());
+                    if self.state.recent_posts.len() > RECENT_POSTS {
+                        self.state.recent_posts.pop_front();
+                    }
+                }
+                self.log(LogLevel::Warn, format!("post {post_id} skipped: the host dead-lettered it"));
+            }
+        }
+    }
+
     fn hello(&mut self, message: &Value, seq: i64) {
         let connection_id = message["data"]["connection_id"].as_str().unwrap_or_default().to_string();
         let gap = !self.state.connection_id.is_empty() && connection_id != self.state.connection_id;
@@ -548,9 +576,6 @@ impl Adapter {
         if post_id.is_empty() || channel_id.is_empty() {
             return;
         }
-        if cfg!(feature = "fixture-panic-on-message") && message.contains(PANIC_TRIGGER) {
-            panic!("fixture: this build panics on posts containing {PANIC_TRIGGER}");
-        }
         self.remember(&channel_id, data, post["create_at"].as_i64().unwrap_or_default(), &user_id);
         if user_id == self.state.bot_id || !field("type").is_empty() {
             return;
@@ -558,6 +583,9 @@ impl Adapter {
         if self.state.recent_posts.contains(&post_id) {
             self.log(LogLevel::Debug, format!("post {post_id} seen before; not answered again"));
             return;
+        }
+        if cfg!(feature = "fixture-panic-on-message") && message.contains(PANIC_TRIGGER) {
+            panic!("fixture: this build panics on posts containing {PANIC_TRIGGER}");
         }
         self.state.recent_posts.push_back(post_id.clone());
         if self.state.recent_posts.len() > RECENT_POSTS {

@@ -2,109 +2,14 @@
 //! without resume, the `openai` agent against the fake model server, a damaged state dir.
 
 use std::{
-    collections::BTreeMap,
-    path::PathBuf,
     sync::atomic::{AtomicUsize, Ordering},
     time::Duration,
 };
 
 use anyhow::Result;
-use switchboard_tests::{
-    assert_eventually,
-    harness::{install_plugin, mattermost_file_name, seed_config, Artifacts, Gateway},
-    model::FakeModel,
-    sim::{demo_world, ChannelType, DemoWorld, Simulator},
-};
+use switchboard_tests::{assert_eventually, model::FakeModel};
 
-/// A simulator, a world and a gateway directory that outlives gateway processes.
-struct Rig {
-    sim: Simulator,
-    world: DemoWorld,
-    artifacts: Artifacts,
-    config_path: PathBuf,
-    scratch: tempfile::TempDir,
-}
-
-impl Rig {
-    async fn new(chatmode: &str, agent: &str) -> Result<Self> {
-        let artifacts = Artifacts::discover()?;
-        let sim = Simulator::start().await?;
-        let world = demo_world(&sim);
-        let scratch = tempfile::tempdir()?;
-        let plugin_dir = scratch.path().join("plugins");
-        install_plugin(&artifacts.mattermost_plugin(), &plugin_dir, &mattermost_file_name())?;
-        let config_path = scratch.path().join("switchboard.toml");
-        std::fs::write(&config_path, seed_config(&sim.base_url(), &plugin_dir, chatmode, agent))?;
-        Ok(Self { sim, world, artifacts, config_path, scratch })
-    }
-
-    async fn start(&self, env: &[(&str, &str)]) -> Result<Gateway> {
-        let mut all = vec![("MM_BOT_TOKEN", self.world.bot.token.as_str())];
-        all.extend_from_slice(env);
-        let gateway = Gateway::start(&self.artifacts.switchboard, self.scratch.path(), &self.config_path, &all).await?;
-        assert_eventually!(
-            // A resumed connection gets no hello: the open socket is the sign.
-            gateway.count(&["WebSocket open"]) > 0,
-            "the adapter connects\n--- gateway log ---\n{}",
-            gateway.log_text()
-        );
-        Ok(gateway)
-    }
-
-    fn open_channels(&self, count: usize) -> Vec<String> {
-        (0..count)
-            .map(|i| {
-                let id = self.sim.add_channel(
-                    &self.world.team_id,
-                    &format!("load-{i}"),
-                    &format!("Load {i}"),
-                    ChannelType::Open,
-                );
-                for user in [&self.world.bot.id, &self.world.alice.id] {
-                    self.sim.add_member(&id, user);
-                }
-                id
-            })
-            .collect()
-    }
-
-    /// For every bot post, the channels it appeared in, by message.
-    fn bot_posts(&self) -> BTreeMap<String, Vec<String>> {
-        let mut posts: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for post in self.sim.posts_by(&self.world.bot.id) {
-            posts.entry(post.message).or_default().push(post.channel_id);
-        }
-        posts
-    }
-
-    /// Every `(channel, token)` answered `echo: <token>` exactly once, in its own channel.
-    async fn assert_answered_once(&self, expected: &[(String, String)], gateway: &Gateway) {
-        let unanswered = || {
-            let posts = self.bot_posts();
-            expected.iter().filter(|(_, token)| !posts.contains_key(&format!("echo: {token}"))).count()
-        };
-        assert_eventually!(
-            @within Duration::from_secs(60),
-            unanswered() == 0,
-            "{} of {} messages unanswered\n--- gateway log (tail) ---\n{}",
-            unanswered(),
-            expected.len(),
-            tail(gateway, 60)
-        );
-        // Duplicates would come late (a resend after a restart): give them time to show.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let posts = self.bot_posts();
-        for (channel, token) in expected {
-            let places = &posts[&format!("echo: {token}")];
-            assert_eq!(places, &vec![channel.clone()], "{token} must be answered once, in its own channel");
-        }
-    }
-}
-
-fn tail(gateway: &Gateway, lines: usize) -> String {
-    let log = gateway.log();
-    log[log.len().saturating_sub(lines)..].join("\n")
-}
+use crate::rig::Rig;
 
 #[tokio::test]
 async fn a_restart_keeps_sessions_transcripts_and_agent_history() -> Result<()> {

@@ -1,0 +1,236 @@
+//! Live adapter replacement: builds dropped into the plugin directory under load, broken
+//! builds refused, an adapter panic contained, the generation budget's re-exec.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use switchboard_tests::{assert_eventually, harness::Gateway};
+
+use crate::rig::{tail, Rig, BUILD_B_TAG};
+
+/// Post unique tokens round-robin over `channels` at `per_second` until `stop` is set;
+/// everything posted goes into `posted` as (channel, token).
+async fn stream(
+    rig: &Rig,
+    channels: &[String],
+    per_second: u64,
+    prefix: &str,
+    stop: &AtomicBool,
+    posted: &Mutex<Vec<(String, String)>>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / per_second));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut i = 0usize;
+    while !stop.load(Ordering::SeqCst) {
+        tick.tick().await;
+        let channel = &channels[i % channels.len()];
+        let token = format!("{prefix}-{i:05}");
+        rig.sim.post_as(&rig.world.alice.id, channel, &token, None);
+        posted.lock().unwrap().push((channel.clone(), token));
+        i += 1;
+    }
+}
+
+/// Drop `build` in and wait until a question asked afterwards is answered by it.
+/// Returns the time from the drop to that answer.
+async fn swap_to(rig: &Rig, build_b: bool, probe_channel: &str, round: usize, gateway: &Gateway) -> Result<Duration> {
+    let build = if build_b { rig.artifacts.fixture("build-b")? } else { rig.artifacts.mattermost_plugin() };
+    let dropped = Instant::now();
+    rig.drop_build(&build)?;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let answer = rig.ask(probe_channel, &format!("probe-{round}-{attempt}"), gateway).await;
+        if answer.ends_with(BUILD_B_TAG) == build_b {
+            return Ok(dropped.elapsed());
+        }
+        assert!(dropped.elapsed() < Duration::from_secs(30), "swap {round} never took effect\n{}", tail(gateway, 60));
+    }
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// `pause_us` of every `generation started` line after the first `skip`.
+fn swap_pauses(gateway: &Gateway, skip: usize) -> Vec<u64> {
+    let mut pauses: Vec<u64> = gateway
+        .lines_with(&["generation started"])
+        .iter()
+        .skip(skip)
+        .filter_map(|line| line.split("pause_us=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .collect();
+    pauses.sort_unstable();
+    pauses
+}
+
+#[tokio::test]
+async fn fifty_builds_dropped_in_under_load_lose_duplicate_and_misroute_nothing() -> Result<()> {
+    let rig =
+        Rig::with_gateway_keys("onmessage", "kind = \"echo\"", "durability = \"normal\"\nmax_concurrent_turns = 256")
+            .await?;
+    std::fs::write(
+        &rig.config_path,
+        std::fs::read_to_string(&rig.config_path)?.replace("[plugins]\n", "[plugins]\nsettle_ms = 50\n"),
+    )?;
+    let channels = rig.open_channels(21);
+    let (probe_channel, channels) = channels.split_first().unwrap();
+    let gateway = rig.start(&[]).await?;
+    let connections_before = rig.sim.ws_connections_opened();
+    let rss_before = gateway.rss_kib();
+    let stop = AtomicBool::new(false);
+    let posted = Mutex::new(Vec::new());
+    let swaps = async {
+        let mut to_answer = Vec::new();
+        for round in 1..=50 {
+            to_answer.push(swap_to(&rig, round % 2 == 1, probe_channel, round, &gateway).await?);
+        }
+        stop.store(true, Ordering::SeqCst);
+        anyhow::Ok(to_answer)
+    };
+    let ((), to_answer) = tokio::join!(stream(&rig, channels, 300, "load", &stop, &posted), swaps);
+    let mut to_answer: Vec<u64> = to_answer?.iter().map(|d| d.as_millis() as u64).collect();
+    let expected = posted.into_inner().unwrap();
+    rig.assert_answered_once(&expected, &gateway).await;
+
+    let loaded = rig.bot_posts().keys().filter(|m| m.starts_with("echo: load-")).count();
+    assert_eq!(loaded, expected.len(), "one reply per load message, no strays");
+    assert_eq!(rig.sim.ws_connections_opened(), connections_before, "no swap opened a WebSocket");
+    assert_eq!(gateway.count(&["generation started"]), 51, "one generation per swap, plus the first");
+    assert_eventually!(
+        {
+            let status = gateway.status().await?;
+            let generations = status["generations"].as_array().cloned().unwrap_or_default();
+            generations.len() == 51
+                && generations.iter().filter(|g| g["state"] == "running").count() == 1
+                && generations.iter().filter(|g| g["state"] != "running").all(|g| g["mapped"] == false)
+        },
+        "every replaced generation is unloaded and unmapped: {}",
+        gateway.status().await?
+    );
+    let rss_after = gateway.rss_kib();
+    let pauses = swap_pauses(&gateway, 1);
+    to_answer.sort_unstable();
+    eprintln!(
+        "replacement under load: {} messages at 300/s over 20 channels, 50 swaps; swap pause p50 {} us, p99 {} us, \
+         max {} us; file dropped → new build answering p50 {} ms, p99 {} ms; RSS before {:?} KiB, after {:?} KiB",
+        expected.len(),
+        percentile(&pauses, 0.5),
+        percentile(&pauses, 0.99),
+        pauses.last().copied().unwrap_or(0),
+        percentile(&to_answer, 0.5),
+        percentile(&to_answer, 0.99),
+        rss_before,
+        rss_after
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn broken_builds_dropped_in_are_refused_while_the_running_build_keeps_answering() -> Result<()> {
+    let rig = Rig::new("onmessage", "kind = \"echo\"").await?;
+    let channel = rig.open_channels(1).remove(0);
+    let gateway = rig.start(&[]).await?;
+    let cases = [
+        ("panicking-constructor", "constructor failed"),
+        ("abi-version", "speaks adapter ABI v2"),
+        ("abi-skew", "layout check failed"),
+    ];
+    for (round, (fixture, reason)) in cases.iter().enumerate() {
+        rig.drop_build(&rig.artifacts.fixture(fixture)?)?;
+        assert_eventually!(
+            gateway.count(&[reason]) > 0,
+            "{fixture} is refused with {reason:?}\n{}",
+            tail(&gateway, 40)
+        );
+        let answer = rig.ask(&channel, &format!("still here {round}"), &gateway).await;
+        assert!(!answer.ends_with(BUILD_B_TAG), "the first build answers after {fixture}");
+    }
+    // Writable by others: not loaded, whatever it contains.
+    // (std::fs::copy carries the mode over, so the dropped file is 0666 too.)
+    let writable = rig.scratch.path().join("writable.so");
+    std::fs::copy(rig.artifacts.fixture("build-b")?, &writable)?;
+    std::fs::set_permissions(&writable, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
+    rig.drop_build(&writable)?;
+    assert_eventually!(
+        gateway.count(&["writable by group or others"]) > 0,
+        "a group/other-writable file is refused\n{}",
+        tail(&gateway, 40)
+    );
+    let answer = rig.ask(&channel, "after the writable file", &gateway).await;
+    assert!(!answer.ends_with(BUILD_B_TAG), "the first build still answers");
+    // The watch still works: a good build goes in.
+    let answered_by_b = swap_to(&rig, true, &channel, 99, &gateway).await;
+    assert!(answered_by_b.is_ok(), "build b takes over");
+    assert_eq!(rig.sim.ws_connections_opened(), 1, "refusals and the swap kept the one WebSocket");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_adapter_panic_dead_letters_that_message_after_one_retry_and_loses_nothing_else() -> Result<()> {
+    let rig = Rig::new("onmessage", "kind = \"echo\"").await?;
+    rig.drop_build(&rig.artifacts.fixture("panic-on-message")?)?;
+    let channels = rig.open_channels(3);
+    let gateway = rig.start(&[]).await?;
+    // A conversation under way in the channel the poisoned message goes to.
+    rig.ask(&channels[1], "hello there", &gateway).await;
+    let mut expected = Vec::new();
+    for i in 0..30 {
+        let channel = &channels[i % 3];
+        if i == 13 {
+            rig.sim.post_as(&rig.world.alice.id, channel, "PANIC-ON-THIS please", None);
+        }
+        let token = format!("calm-{i:02}");
+        rig.sim.post_as(&rig.world.alice.id, channel, &token, None);
+        expected.push((channel.clone(), token));
+    }
+    rig.assert_answered_once(&expected, &gateway).await;
+    assert!(!rig.bot_posts().keys().any(|m| m.contains("PANIC-ON-THIS")), "the poisoned message is not answered");
+    let dead = gateway.lines_with(&["dead-lettered an event the adapter failed on twice"]);
+    assert_eq!(dead.len(), 1, "one dead letter\n{}", tail(&gateway, 60));
+    let session = format!("session=agent:main:mattermost:channel:{}", channels[13 % 3]);
+    assert!(dead[0].contains(&session), "the dead letter names the session ({session}): {}", dead[0]);
+    assert_eq!(gateway.count(&["restarting it from its last good state to try once more"]), 1, "retried once");
+    let status = gateway.status().await?;
+    assert_eq!(status["store"]["dead_letters"], 1, "{status}");
+    assert_eq!(rig.sim.ws_connections_opened(), 1, "restarts kept the WebSocket");
+    let answer = rig.ask(&channels[1], "after the panic", &gateway).await;
+    assert_eq!(answer, "echo: after the panic");
+    Ok(())
+}
+
+#[tokio::test]
+async fn crossing_the_generation_budget_re_executes_in_place_and_loses_nothing() -> Result<()> {
+    let rig = Rig::with_gateway_keys("onmessage", "kind = \"echo\"", "generation_budget = 5").await?;
+    let channels = rig.open_channels(6);
+    let (probe_channel, channels) = channels.split_first().unwrap();
+    let gateway = rig.start(&[]).await?;
+    let pid = gateway.pid();
+    let stop = AtomicBool::new(false);
+    let posted = Mutex::new(Vec::new());
+    let swaps = async {
+        for round in 1..=6 {
+            swap_to(&rig, round % 2 == 1, probe_channel, round, &gateway).await?;
+        }
+        stop.store(true, Ordering::SeqCst);
+        anyhow::Ok(())
+    };
+    let ((), swapped) = tokio::join!(stream(&rig, channels, 100, "budget", &stop, &posted), swaps);
+    swapped?;
+    let expected = posted.into_inner().unwrap();
+    rig.assert_answered_once(&expected, &gateway).await;
+    assert_eq!(gateway.count(&["80% of the generation budget used"]), 1, "{}", tail(&gateway, 80));
+    assert_eq!(gateway.count(&["generation budget reached"]), 1, "{}", tail(&gateway, 80));
+    assert_eq!(gateway.count(&["gateway running"]), 2, "the gateway re-executed once");
+    assert_eq!(gateway.pid(), pid, "in place: same process id");
+    Ok(())
+}
