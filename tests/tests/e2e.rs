@@ -16,7 +16,7 @@ use anyhow::Result;
 use switchboard_tests::{
     assert_eventually,
     harness::{install_plugin, mattermost_file_name, seed_config, Artifacts, Gateway},
-    sim::{demo_world, DemoWorld, SimPost, Simulator},
+    sim::{DemoWorld, SimPost, Simulator},
 };
 
 /// One gateway against one simulator, in a scratch directory.
@@ -48,17 +48,10 @@ fn config_text(sim: &Simulator, plugin_dir: &Path, settings: &Settings) -> Strin
 
 impl Scene {
     async fn start(settings: Settings) -> Result<Self> {
-        let artifacts = Artifacts::discover()?;
-        let sim = Simulator::start().await?;
-        let world = demo_world(&sim);
-        let scratch = tempfile::tempdir()?;
-        let plugin_dir = scratch.path().join("plugins");
-        install_plugin(&artifacts.mattermost_plugin(), &plugin_dir, &mattermost_file_name())?;
-        let config_path = scratch.path().join("switchboard.toml");
-        std::fs::write(&config_path, config_text(&sim, &plugin_dir, &settings))?;
-        let gateway =
-            Gateway::start(&artifacts.switchboard, scratch.path(), &config_path, &[("MM_BOT_TOKEN", &world.bot.token)])
-                .await?;
+        let rig = rig::Rig::new(settings.chatmode, &settings.agent).await?;
+        let gateway = rig.start(&[]).await?;
+        let plugin_dir = rig.plugin_dir();
+        let rig::Rig { sim, world, artifacts, scratch, .. } = rig;
         let scene = Self { sim, world, gateway, artifacts, plugin_dir, _scratch: scratch };
         assert_eventually!(scene.sim.ws_connections_active() == 1, "the adapter connects its WebSocket");
         assert_eventually!(
