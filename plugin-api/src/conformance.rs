@@ -139,6 +139,12 @@ impl Harness {
         Ok(actions.into_iter().filter_map(|a| a.into_enum().ok()).collect())
     }
 
+    /// Which conversation the adapter says `event` concerns (through the ABI method).
+    pub fn conversation_of(&self, event: &Event) -> Result<Option<String>, PluginError> {
+        let found = self.adapter.conversation_of(&event.clone().into_ne()).into_result()?;
+        Ok(found.into_option().map(|c| c.into_string()))
+    }
+
     /// Shut this generation down as for a replacement and export its state.
     pub fn hand_over(mut self) -> Result<(StateBlob, Vec<Action>), PluginError> {
         let actions = self.feed(Event::Shutdown { reason: ShutdownReason::Replaced })?;

@@ -352,3 +352,19 @@ fn a_new_connection_id_after_a_gap_fetches_the_missed_posts_in_order() {
     let texts: Vec<String> = inbound(&actions).into_iter().map(|(text, ..)| text).collect();
     assert_eq!(texts, ["first", "second", "live"], "missed posts in order, then the held live one; p1 not again");
 }
+
+#[test]
+fn a_frame_the_host_gave_up_on_moves_the_sequence_and_is_never_answered() {
+    let mut harness = signed_in("onmessage");
+    let poisoned = posted("p1", "alice", "c1", "O", "poison", "", false);
+    assert_eq!(harness.conversation_of(&poisoned).unwrap().as_deref(), Some("c1"), "the dead letter can name c1");
+    let Event::WsFrame { conn, text } = poisoned else { unreachable!("posted() makes a frame") };
+    let actions = harness.feed(Event::WsFrameSkipped { conn, text: text.clone() }).unwrap();
+    assert!(inbound(&actions).is_empty(), "a skipped post is not answered: {actions:?}");
+    // The sequence moved past it: the next frame is in order (no 4001), and the same post
+    // coming back (a catch-up) is recognised and not answered.
+    let again = text.as_str().replace("\"seq\":1", "\"seq\":2");
+    let actions = harness.feed(Event::WsFrame { conn, text: again.into() }).unwrap();
+    assert!(!actions.iter().any(|a| matches!(a, Action::WsClose { .. })), "{actions:?}");
+    assert!(inbound(&actions).is_empty(), "the skipped post stays unanswered: {actions:?}");
+}
