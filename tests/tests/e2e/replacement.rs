@@ -234,3 +234,45 @@ async fn crossing_the_generation_budget_re_executes_in_place_and_loses_nothing()
     assert_eq!(gateway.pid(), pid, "in place: same process id");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_slow_copy_in_place_is_loaded_once_whole_and_a_touch_loads_nothing() -> Result<()> {
+    use std::io::Write;
+    let rig = Rig::new("onmessage", "kind = \"echo\"").await?;
+    let channel = rig.open_channels(1).remove(0);
+    let gateway = rig.start(&[]).await?;
+    rig.ask(&channel, "before", &gateway).await;
+
+    // Overwrite the running file in place, slowly: 8 pieces, 150 ms apart (longer than the
+    // 100 ms debounce, shorter than the 200 ms settle time).
+    let target = rig.plugin_dir().join(switchboard_tests::harness::mattermost_file_name());
+    let bytes = std::fs::read(rig.artifacts.fixture("build-b")?)?;
+    let mut file = std::fs::OpenOptions::new().write(true).truncate(true).open(&target)?;
+    for piece in bytes.chunks(bytes.len().div_ceil(8)) {
+        file.write_all(piece)?;
+        file.flush()?;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    drop(file);
+    let mut round = 0;
+    loop {
+        round += 1;
+        if rig.ask(&channel, &format!("during the copy {round}"), &gateway).await.ends_with(BUILD_B_TAG) {
+            break;
+        }
+        assert!(round < 200, "build b never took over\n{}", tail(&gateway, 60));
+    }
+    assert_eq!(gateway.count(&["plugin file refused"]), 0, "no half-written file was probed\n{}", tail(&gateway, 60));
+    assert_eq!(gateway.count(&["generation started"]), 2, "loaded once\n{}", tail(&gateway, 60));
+
+    // Same bytes, new mtime: hashed, nothing loaded.
+    std::fs::File::options().append(true).open(&target)?.set_modified(std::time::SystemTime::now())?;
+    assert_eventually!(
+        gateway.count(&["no adapter changed in content; nothing to do"]) > 0,
+        "a touch is recognised as no change\n{}",
+        tail(&gateway, 20)
+    );
+    assert_eq!(gateway.count(&["generation started"]), 2, "a touch loads nothing");
+    assert_eq!(rig.sim.ws_connections_opened(), 1);
+    Ok(())
+}
