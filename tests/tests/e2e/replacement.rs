@@ -301,3 +301,33 @@ async fn a_slow_copy_in_place_is_loaded_once_whole_and_a_touch_loads_nothing() -
     assert_eq!(rig.sim.ws_connections_opened(), 1);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_spent_restart_budget_halts_the_instance_and_a_new_build_resumes_it_losing_nothing() -> Result<()> {
+    let rig = Rig::with_gateway_keys("onmessage", "kind = \"echo\"", "adapter_restart_budget = 1").await?;
+    rig.drop_build(&rig.artifacts.fixture("panic-on-message")?)?;
+    let channel = rig.open_channels(1).remove(0);
+    let gateway = rig.start(&[]).await?;
+    rig.ask(&channel, "before", &gateway).await;
+    rig.sim.post_as(&rig.world.alice.id, &channel, "PANIC-ON-THIS now", None);
+    assert_eventually!(
+        gateway.count(&["channel instance halted"]) == 1,
+        "one restart is allowed, the second is not\n{}",
+        tail(&gateway, 40)
+    );
+    // Halted: messages wait for the next build.
+    rig.sim.post_as(&rig.world.alice.id, &channel, "while halted", None);
+    assert_eventually!(
+        gateway.status().await?["generations"][0]["state"] == "halted",
+        "the generation is marked halted: {}",
+        gateway.status().await?
+    );
+    rig.drop_build(&rig.artifacts.fixture("build-b")?)?;
+    let answered = || rig.bot_posts().contains_key("echo: while halted");
+    assert_eventually!(answered(), "the new build answers what waited\n{}", tail(&gateway, 40));
+    assert!(!rig.bot_posts().keys().any(|m| m.contains("PANIC-ON-THIS")), "the poisoned message stays unanswered");
+    assert_eq!(rig.ask(&channel, "after", &gateway).await, format!("echo: after{BUILD_B_TAG}"));
+    assert_eq!(rig.bot_posts()["echo: while halted"].len(), 1, "answered once");
+    assert_eq!(rig.sim.ws_connections_opened(), 1, "the WebSocket stayed up throughout");
+    Ok(())
+}
