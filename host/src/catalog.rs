@@ -163,7 +163,7 @@ impl Catalog {
             if !meta.is_file() {
                 continue;
             }
-            if let Err(refusal) = loader::check_permissions(&path) {
+            if let Err(refusal) = loader::check_permissions(&path).and_then(|()| loader::check_complete(&path)) {
                 refused.push((path.clone(), refusal.to_string()));
                 continue;
             }

@@ -48,10 +48,64 @@ pub enum LoadError {
     InitFailed { file: PathBuf, reason: String },
     #[error("{file}: the adapter's manifest could not be read: {reason}")]
     Manifest { file: PathBuf, reason: String },
+    #[error("{file} is cut short ({len} bytes; its headers need at least {needed}): an interrupted copy?")]
+    Truncated { file: PathBuf, len: u64, needed: u64 },
     #[error("{file} is writable by group or others (mode {mode:o}); refusing to load it (chmod go-w)")]
     WritableByOthers { file: PathBuf, mode: u32 },
     #[error("{file} is owned by uid {owner}, not by the gateway's user (uid {expected}) or root; refusing to load it")]
     ForeignOwner { file: PathBuf, owner: u32, expected: u32 },
+}
+
+/// An ELF file whose headers point past its end was cut short (an interrupted copy).
+/// `dlopen` of such a file maps pages beyond the end and dies of SIGBUS on first touch, so it
+/// is refused by reading the headers first. Other formats are left to the loader.
+pub fn check_complete(file: &Path) -> Result<(), LoadError> {
+    let unreadable = |e: io::Error| LoadError::Unreadable { file: file.to_path_buf(), reason: e.to_string() };
+    let mut header = [0u8; 64];
+    let mut reader = fs::File::open(file).map_err(unreadable)?;
+    let len = reader.metadata().map_err(unreadable)?.len();
+    let read = read_up_to(&mut reader, &mut header).map_err(unreadable)?;
+    if read < 16 || header[..4] != *b"\x7fELF" {
+        return Ok(());
+    }
+    let wide = header[4] == 2;
+    let little = header[5] == 1;
+    let need = if wide { 64 } else { 52 };
+    let truncated = |needed: u64| LoadError::Truncated { file: file.to_path_buf(), len, needed };
+    if read < need {
+        return Err(truncated(need as u64));
+    }
+    let number = |at: usize, size: usize| -> u64 {
+        let bytes = &header[at..at + size];
+        let fold = |acc: u64, b: &u8| (acc << 8) | u64::from(*b);
+        if little {
+            bytes.iter().rev().fold(0, fold)
+        } else {
+            bytes.iter().fold(0, fold)
+        }
+    };
+    // e_phoff, e_shoff, e_phentsize, e_phnum, e_shentsize, e_shnum
+    let (phoff, shoff, phentsize, phnum, shentsize, shnum) = if wide {
+        (number(32, 8), number(40, 8), number(54, 2), number(56, 2), number(58, 2), number(60, 2))
+    } else {
+        (number(28, 4), number(32, 4), number(42, 2), number(44, 2), number(46, 2), number(48, 2))
+    };
+    let needed = (phoff + phentsize * phnum).max(shoff + shentsize * shnum);
+    if needed > len {
+        return Err(truncated(needed));
+    }
+    Ok(())
+}
+
+fn read_up_to(reader: &mut impl Read, buffer: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buffer.len() {
+        match reader.read(&mut buffer[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
 }
 
 /// Code that anyone else could have written is not run: the file must belong to the
@@ -116,6 +170,7 @@ pub fn stage(
     digest: &FileDigest,
 ) -> Result<PathBuf, LoadError> {
     check_permissions(file)?;
+    check_complete(file)?;
     let failed = |e: io::Error| LoadError::Stage { file: file.to_path_buf(), reason: e.to_string() };
     fs::create_dir_all(generations_dir).map_err(failed)?;
     let extension = file.extension().and_then(|e| e.to_str()).unwrap_or("so");
@@ -210,4 +265,23 @@ pub fn is_mapped(path: &Path) -> Option<bool> {
     let maps = fs::read_to_string("/proc/self/maps").ok()?;
     let needle = path.to_string_lossy();
     Some(maps.lines().any(|line| line.ends_with(needle.as_ref())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_library_cut_short_is_recognised_and_a_whole_one_passes() {
+        let me = std::env::current_exe().unwrap();
+        check_complete(&me).expect("this test binary is whole");
+        let bytes = fs::read(&me).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let cut = dir.path().join("cut.so");
+        fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+        assert!(matches!(check_complete(&cut), Err(LoadError::Truncated { .. })), "{:?}", check_complete(&cut));
+        let text = dir.path().join("text.so");
+        fs::write(&text, b"not an ELF file").unwrap();
+        assert!(check_complete(&text).is_ok(), "other formats are left to the loader");
+    }
 }

@@ -3,7 +3,11 @@
 //! `catch_unwind`, so a panic becomes [`PluginError::Panicked`] instead of aborting the host
 //! (ARCHITECTURE.md §3.6; plugins must build with `panic = "unwind"`).
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::{
+    cell::RefCell,
+    panic::{catch_unwind, AssertUnwindSafe},
+    sync::Once,
+};
 
 use abi_stable::{
     prefix_type::PrefixTypeTrait,
@@ -41,16 +45,38 @@ pub trait AdapterPlugin: Sized + 'static {
     }
 }
 
+thread_local! {
+    /// Where the last panic on this thread happened (set by the plugin's panic hook).
+    static PANIC_LOCATION: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Replace the default panic hook of the plugin's own copy of std (the host's is untouched):
+/// it only notes where the panic happened, for [`guard`]'s error. The default hook prints to
+/// stderr and, with `RUST_BACKTRACE` set, symbolises a backtrace, which maps the library file
+/// again and keeps it mapped after `dlclose` (seen: every panicked generation stayed mapped).
+fn install_quiet_panic_hook() {
+    static INSTALLED: Once = Once::new();
+    INSTALLED.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            let location = info.location().map(|l| format!("{}:{}", l.file(), l.line()));
+            PANIC_LOCATION.with(|slot| *slot.borrow_mut() = location);
+        }))
+    });
+}
+
 /// Run `work`, turning a panic into [`PluginError::Panicked`] with the panic's message.
 pub fn guard<T>(work: impl FnOnce() -> T) -> RResult<T, PluginError> {
     match catch_unwind(AssertUnwindSafe(work)) {
         Ok(value) => ROk(value),
         Err(payload) => {
-            let message = payload
+            let mut message = payload
                 .downcast_ref::<&str>()
                 .map(|s| s.to_string())
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "panic with a non-string payload".to_string());
+            if let Some(location) = PANIC_LOCATION.with(|slot| slot.borrow_mut().take()) {
+                message = format!("{message} (at {location})");
+            }
             RErr(PluginError::Panicked(message.into()))
         }
     }
@@ -58,6 +84,7 @@ pub fn guard<T>(work: impl FnOnce() -> T) -> RResult<T, PluginError> {
 
 /// The root module for adapter `A`; called by the code [`export_adapter!`] generates.
 pub fn root_module<A: AdapterPlugin>() -> AdapterModuleRef {
+    install_quiet_panic_hook();
     AdapterModule {
         manifest: manifest_entry::<A>,
         validate_config: validate_config_entry::<A>,

@@ -155,6 +155,31 @@ async fn broken_builds_dropped_in_are_refused_while_the_running_build_keeps_answ
         let answer = rig.ask(&channel, &format!("still here {round}"), &gateway).await;
         assert!(!answer.ends_with(BUILD_B_TAG), "the first build answers after {fixture}");
     }
+    // Cut short in transit: the first 64 KiB of a good build.
+    let truncated = rig.scratch.path().join("truncated.so");
+    std::fs::write(&truncated, &std::fs::read(rig.artifacts.fixture("build-b")?)?[..64 * 1024])?;
+    rig.drop_build(&truncated)?;
+    assert_eventually!(
+        gateway.count(&["is cut short (65536 bytes"]) > 0,
+        "a truncated file is refused\n{}",
+        tail(&gateway, 40)
+    );
+    rig.ask(&channel, "after the truncated file", &gateway).await;
+    // A real library that is no adapter (no root module symbol).
+    let system_library =
+        ["/lib/x86_64-linux-gnu/libm.so.6", "/usr/lib64/libm.so.6", "/lib/aarch64-linux-gnu/libm.so.6"]
+            .into_iter()
+            .map(std::path::Path::new)
+            .find(|p| p.is_file());
+    if let Some(library) = system_library {
+        rig.drop_build(library)?;
+        assert_eventually!(
+            gateway.count(&["not a switchboard adapter"]) > 0,
+            "a library without the root module is refused\n{}",
+            tail(&gateway, 40)
+        );
+        rig.ask(&channel, "after the foreign library", &gateway).await;
+    }
     // Writable by others: not loaded, whatever it contains.
     // (std::fs::copy carries the mode over, so the dropped file is 0666 too.)
     let writable = rig.scratch.path().join("writable.so");
@@ -307,7 +332,9 @@ async fn a_spent_restart_budget_halts_the_instance_and_a_new_build_resumes_it_lo
     let rig = Rig::with_gateway_keys("onmessage", "kind = \"echo\"", "adapter_restart_budget = 1").await?;
     rig.drop_build(&rig.artifacts.fixture("panic-on-message")?)?;
     let channel = rig.open_channels(1).remove(0);
-    let gateway = rig.start(&[]).await?;
+    // With backtraces on, a plugin panic once kept the library mapped after dlclose (the
+    // default hook symbolised the backtrace); the halted generation must still be unmapped.
+    let gateway = rig.start(&[("RUST_BACKTRACE", "1")]).await?;
     rig.ask(&channel, "before", &gateway).await;
     rig.sim.post_as(&rig.world.alice.id, &channel, "PANIC-ON-THIS now", None);
     assert_eventually!(
