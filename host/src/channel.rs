@@ -644,6 +644,7 @@ impl Instance {
             loaded_at_ms: now_ms(),
             state: GenerationState::Refused,
             events_handled: 0,
+            swap_pause_us: None,
             mapped: Some(true),
         });
         self.shared.metrics.generations_loaded.inc();
@@ -709,6 +710,7 @@ impl Instance {
         self.dispatch(first).await;
         let pause = paused_at.elapsed();
         self.shared.metrics.swap_pause_seconds.observe(pause.as_secs_f64());
+        self.shared.ledger.update(&self.id, number, |r| r.swap_pause_us = Some(pause.as_micros() as u64));
         tracing::info!(
             channel = %self.id,
             generation = number,

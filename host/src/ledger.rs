@@ -36,6 +36,8 @@ pub struct GenerationRecord {
     pub loaded_at_ms: i64,
     pub state: GenerationState,
     pub events_handled: u64,
+    /// How long events were held while this generation took over (µs).
+    pub swap_pause_us: Option<u64>,
     /// Whether `/proc/self/maps` still lists the copy (`null` where it cannot be told).
     pub mapped: Option<bool>,
 }

@@ -285,22 +285,32 @@ impl Store {
     }
 
     pub fn insert_session(&self, session: &Session) -> Result<(), StoreError> {
-        let connection = self.connection.lock().unwrap();
-        connection
-            .prepare_cached(
+        self.insert_sessions(std::slice::from_ref(session))
+    }
+
+    /// Insert many sessions in one transaction (imports, benchmarks).
+    pub fn insert_sessions(&self, sessions: &[Session]) -> Result<(), StoreError> {
+        let mut connection = self.connection.lock().unwrap();
+        let transaction = connection.transaction()?;
+        {
+            let mut statement = transaction.prepare_cached(
                 "INSERT OR IGNORE INTO sessions
                  (key, agent_id, channel_instance, conversation_id, thread_root_id, created_at_ms, last_active_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?
-            .execute(params![
-                session.key,
-                session.agent_id,
-                session.target.channel_instance,
-                session.target.conversation_id,
-                session.target.thread_root_id,
-                session.created_at_ms,
-                session.last_active_ms
-            ])?;
+            )?;
+            for session in sessions {
+                statement.execute(params![
+                    session.key,
+                    session.agent_id,
+                    session.target.channel_instance,
+                    session.target.conversation_id,
+                    session.target.thread_root_id,
+                    session.created_at_ms,
+                    session.last_active_ms
+                ])?;
+            }
+        }
+        transaction.commit()?;
         Ok(())
     }
 

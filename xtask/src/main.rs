@@ -5,7 +5,8 @@
 //! - `fixtures`: deliberately broken builds of the Mattermost adapter for the refusal tests,
 //!   in `target/fixtures/`;
 //! - `test`: `build` + `fixtures`, then the whole test suite (what `.ci/run` calls);
-//! - `demo`: `build`, then the simulator, the gateway and a short scripted conversation.
+//! - `demo`: `build`, then the simulator, the gateway and a short scripted conversation;
+//! - `bench [--quick]`: release builds, then the benchmark (`tests/src/bin/bench.rs`).
 
 use std::{
     path::{Path, PathBuf},
@@ -44,6 +45,13 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
+    /// Release builds, then the benchmark against a floor in the same run; prints a table and
+    /// writes target/bench/results.json. `--quick` takes seconds (CI) and still fails on any
+    /// lost, duplicated or misrouted message.
+    Bench {
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 /// Plugin crates: (package, library file stem without the `lib` prefix).
@@ -68,6 +76,7 @@ fn main() -> Result<()> {
         Task::Test { cargo_test_args } => test(&root, &cargo_test_args),
         Task::Ci => test(&root, &[]),
         Task::Demo { release } => demo(&root, release),
+        Task::Bench { quick } => bench(&root, quick),
     }
 }
 
@@ -143,6 +152,37 @@ fn fixtures(root: &Path) -> Result<()> {
     // Leave the normal build in place for whoever builds next.
     cargo(root, &["build", "--package", "switchboard-mattermost"])?;
     eprintln!("xtask: fixtures in {}", fixture_dir.display());
+    Ok(())
+}
+
+fn bench(root: &Path, quick: bool) -> Result<()> {
+    // The second build the reload part swaps in, built first: the normal build below must
+    // be the last one in target/release.
+    let profile = profile_dir(root, true);
+    let built = profile.join(dylib_name("switchboard_mattermost"));
+    cargo(root, &["build", "--release", "--package", "switchboard-mattermost", "--features", "fixture-build-b"])?;
+    let build_b = target_dir(root).join("fixtures").join("release").join(dylib_name("switchboard_mattermost_b"));
+    install(&built, &build_b)?;
+    let plugin_dir = build(root, true)?;
+    let out = target_dir(root).join("bench").join("results.json");
+    let mut command = Command::new(profile.join("bench"));
+    command
+        .arg("--switchboard")
+        .arg(profile.join("switchboard"))
+        .arg("--plugin")
+        .arg(plugin_dir.join(dylib_name("switchboard_mattermost")))
+        .arg("--build-b")
+        .arg(&build_b)
+        .arg("--out")
+        .arg(&out)
+        .current_dir(root);
+    if quick {
+        command.arg("--quick");
+    }
+    let status = command.status().context("cannot run the bench program")?;
+    if !status.success() {
+        bail!("the bench failed ({status})");
+    }
     Ok(())
 }
 

@@ -116,6 +116,12 @@ struct State {
     reconnect_attempts: u32,
     ping_outstanding: Option<i64>,
     rng: u64,
+    /// Tells this gateway's reply marks from another's posting as the same bot (a second
+    /// deployment, a wiped state dir): reply ids alone repeat, and Mattermost would answer a
+    /// repeated `pending_post_id` with the *other* reply's post. Empty in states saved before
+    /// it existed (their marks stay as they were).
+    #[serde(default)]
+    mark_nonce: String,
 }
 
 pub struct Adapter {
@@ -160,7 +166,9 @@ impl Adapter {
             }
         }
         if adapter.state.rng == 0 {
-            adapter.state.rng = (adapter.host.now_ms() as u64) | 1;
+            adapter.state.rng = ((adapter.host.now_ms() as u64) ^ (u64::from(std::process::id()) << 40)) | 1;
+            let nonce = adapter.random();
+            adapter.state.mark_nonce = format!("{:x}", nonce & 0xffff_ffff_ffff);
         }
         Ok(adapter)
     }
@@ -735,7 +743,7 @@ impl Adapter {
             });
             return;
         }
-        let mark = format!("{bot_id}:{reply_id}:{}", delivery.next_part);
+        let mark = format!("{}:{}", mark_prefix(&bot_id, &self.state.mark_nonce, reply_id), delivery.next_part);
         let mut body = json!({
             "channel_id": delivery.channel_id,
             "message": delivery.parts[delivery.next_part],
@@ -855,7 +863,7 @@ impl Adapter {
                 let mut fields = mark.rsplitn(2, ':');
                 let part = fields.next().and_then(|p| p.parse::<usize>().ok());
                 if let (Some(part), Some(prefix)) = (part, fields.next()) {
-                    if prefix == format!("{bot_id}:{reply_id}") {
+                    if prefix == mark_prefix(&bot_id, &self.state.mark_nonce, reply_id) {
                         posted.insert(part, post["id"].as_str().unwrap_or_default().to_string());
                     }
                 }
@@ -970,6 +978,15 @@ impl Adapter {
             "data": {"channel_id": target.conversation_id.as_str(), "parent_id": target.thread_root_id.as_str()},
         });
         self.out.push(Action::WsSend { conn, text: frame.to_string().into() });
+    }
+}
+
+/// The part of a reply mark before the part number.
+fn mark_prefix(bot_id: &str, nonce: &str, reply_id: u64) -> String {
+    if nonce.is_empty() {
+        format!("{bot_id}:{reply_id}")
+    } else {
+        format!("{bot_id}:{nonce}:{reply_id}")
     }
 }
 

@@ -163,6 +163,13 @@ impl Simulator {
         self.world.lock().unwrap().posts.iter().filter(|p| p.channel_id == channel_id).cloned().collect()
     }
 
+    /// Every post created from now on, with the instant it was created.
+    pub fn observe_posts(&self) -> tokio::sync::mpsc::UnboundedReceiver<(SimPost, std::time::Instant)> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.world.lock().unwrap().post_observers.push(tx);
+        rx
+    }
+
     pub fn posts_by(&self, user_id: &str) -> Vec<SimPost> {
         self.world.lock().unwrap().posts.iter().filter(|p| p.user_id == user_id).cloned().collect()
     }

@@ -143,6 +143,10 @@ pub struct World {
     pub fail_next_posts: Option<(usize, u16)>,
     /// Until then, WebSocket upgrades are answered 503 (the server is unreachable).
     pub websockets_refused_until: Option<std::time::Instant>,
+    /// Index into `posts` by `"<user>\0<pending_post_id>"` (the server's de-duplication cache).
+    pub pending_post_ids: HashMap<String, usize>,
+    /// Who wants a copy of every new post (benchmarks time replies with it).
+    pub post_observers: Vec<mpsc::UnboundedSender<(SimPost, Instant)>>,
 }
 
 /// An event before it is numbered for one connection: `{"event","data","broadcast"}`.
@@ -225,7 +229,14 @@ impl World {
             pending_post_id: pending_post_id.into(),
             props,
         };
+        if !pending_post_id.is_empty() {
+            self.pending_post_ids.insert(format!("{user_id}\0{pending_post_id}"), self.posts.len());
+        }
         self.posts.push(post.clone());
+        if !self.post_observers.is_empty() {
+            let now = Instant::now();
+            self.post_observers.retain(|observer| observer.send((post.clone(), now)).is_ok());
+        }
         let Some(channel) = self.channels.get(channel_id).cloned() else { return post };
         let author = self.users.get(user_id).cloned();
         let author_name = author.as_ref().map_or_else(String::new, |u| u.username.clone());

@@ -244,11 +244,10 @@ async fn create_post(
     // already made; after that the id is forgotten and a repeat makes a new post.
     if !request.pending_post_id.is_empty() {
         let now = crate::sim::model::now_ms();
-        if let Some(existing) = world.posts.iter().find(|p| {
-            p.pending_post_id == request.pending_post_id
-                && p.user_id == me
-                && now - p.create_at < PENDING_POST_ID_TTL_MS
-        }) {
+        let known = world.pending_post_ids.get(&format!("{me}\0{}", request.pending_post_id)).copied();
+        if let Some(existing) =
+            known.map(|index| &world.posts[index]).filter(|p| now - p.create_at < PENDING_POST_ID_TTL_MS)
+        {
             return (StatusCode::CREATED, Json(existing.to_json())).into_response();
         }
     }

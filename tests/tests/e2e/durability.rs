@@ -241,3 +241,18 @@ async fn sigterm_lets_a_running_turn_finish_and_sigusr2_restarts_in_place() -> R
     assert_eq!(replies(), 3, "the reply of the turn that was running when SIGTERM came");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_wiped_state_dir_restarted_within_the_pending_post_id_window_still_answers() -> Result<()> {
+    // Reply ids start again at 1 in a fresh database; Mattermost answers a pending_post_id it
+    // saw in the last 30 s with the earlier post, so marks must differ between databases.
+    let rig = Rig::new("onmessage", "kind = \"echo\"").await?;
+    let channel = rig.open_channels(1).remove(0);
+    let gateway = rig.start(&[]).await?;
+    rig.ask(&channel, "first life", &gateway).await;
+    gateway.stop().await?;
+    std::fs::remove_dir_all(rig.scratch.path().join("state"))?;
+    let gateway = rig.start(&[]).await?;
+    assert_eq!(rig.ask(&channel, "second life", &gateway).await, "echo: second life");
+    Ok(())
+}

@@ -1,0 +1,749 @@
+//! `cargo xtask bench`: the real `switchboard` binary with the real Mattermost `.so` against
+//! the simulator on loopback, `echo` agent, measured against a floor in the same run.
+//!
+//! Usage: `bench --switchboard <binary> --plugin <adapter .so> --build-b <second build>
+//!         --out <results.json> [--quick]`.
+//!
+//! - floor: the simulator's own round trip with a minimal client that answers each `posted`
+//!   event directly (WebSocket in, REST post out), no gateway;
+//! - throughput (1, 10, 100 channels, a burst of unique tokens) and its ratio to the floor;
+//! - latency at a moderate fixed rate, and what the gateway adds to the floor's;
+//! - reload: swap pause, file dropped → new build answering, lost/duplicated/misrouted during
+//!   swaps under load;
+//! - memory: RSS idle, under load, after many reloads; generations still mapped;
+//! - scale: start-up, swap pause (the handover) and RSS with 1k … 1M stored sessions;
+//!   registry load time, lookup cost and bytes per session in-process;
+//! - start-up: process start to first reply delivered.
+//!
+//! Every run checks that nothing was lost, duplicated or misrouted; `--quick` (CI) exits
+//! non-zero if anything was.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use switchboard::{
+    session::{DeliveryTarget, DurableSessions, Session, SessionStore},
+    store::{Durability, Store},
+};
+use switchboard_tests::{
+    harness::{install_plugin, mattermost_file_name, seed_config, Gateway},
+    sim::{demo_world, ChannelType, DemoWorld, Simulator},
+};
+use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+
+const BUILD_B_TAG: &str = " [build b]";
+
+struct Args {
+    switchboard: PathBuf,
+    plugin: PathBuf,
+    build_b: PathBuf,
+    out: PathBuf,
+    quick: bool,
+}
+
+fn parse_args() -> Result<Args> {
+    let (mut switchboard, mut plugin, mut build_b, mut out, mut quick) = (None, None, None, None, false);
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--switchboard" => switchboard = args.next().map(PathBuf::from),
+            "--plugin" => plugin = args.next().map(PathBuf::from),
+            "--build-b" => build_b = args.next().map(PathBuf::from),
+            "--out" => out = args.next().map(PathBuf::from),
+            "--quick" => quick = true,
+            other => bail!("unknown argument {other:?}"),
+        }
+    }
+    Ok(Args {
+        switchboard: switchboard.context("--switchboard <binary> is required")?,
+        plugin: plugin.context("--plugin <file> is required")?,
+        build_b: build_b.context("--build-b <file> is required")?,
+        out: out.context("--out <file> is required")?,
+        quick,
+    })
+}
+
+/// How big each part of the run is.
+struct Sizes {
+    burst: usize,
+    latency_rate: u64,
+    latency_count: usize,
+    swaps_under_load: usize,
+    swap_load_rate: u64,
+    reloads_total: usize,
+    session_counts: Vec<usize>,
+}
+
+impl Sizes {
+    fn for_mode(quick: bool) -> Self {
+        if quick {
+            Self {
+                burst: 1_000,
+                latency_rate: 200,
+                latency_count: 400,
+                swaps_under_load: 6,
+                swap_load_rate: 200,
+                reloads_total: 20,
+                session_counts: vec![1_000, 10_000],
+            }
+        } else {
+            Self {
+                burst: 20_000,
+                latency_rate: 500,
+                latency_count: 5_000,
+                swaps_under_load: 50,
+                swap_load_rate: 300,
+                reloads_total: 500,
+                session_counts: vec![1_000, 100_000, 1_000_000],
+            }
+        }
+    }
+}
+
+/// What one load run saw.
+#[derive(Debug, Default)]
+struct Load {
+    posted: usize,
+    answered: usize,
+    lost: usize,
+    duplicated: usize,
+    misrouted: usize,
+    seconds: f64,
+    latencies_us: Vec<u64>,
+}
+
+impl Load {
+    fn per_second(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.answered as f64 / self.seconds
+        } else {
+            0.0
+        }
+    }
+
+    fn clean(&self) -> bool {
+        self.lost == 0 && self.duplicated == 0 && self.misrouted == 0
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "posted": self.posted, "answered": self.answered, "lost": self.lost,
+            "duplicated": self.duplicated, "misrouted": self.misrouted,
+            "seconds": self.seconds, "per_second": self.per_second(),
+            "latency_us": latency_json(&self.latencies_us),
+        })
+    }
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn latency_json(sorted: &[u64]) -> Value {
+    json!({"p50": percentile(sorted, 0.5), "p99": percentile(sorted, 0.99), "max": sorted.last().copied().unwrap_or(0)})
+}
+
+struct Bench {
+    args: Args,
+    sizes: Sizes,
+    sim: Simulator,
+    world: DemoWorld,
+    channels: Vec<String>,
+    probe_channel: String,
+    scratch: tempfile::TempDir,
+    runs: std::sync::atomic::AtomicUsize,
+}
+
+impl Bench {
+    async fn new(args: Args) -> Result<Self> {
+        let sim = Simulator::start().await?;
+        let world = demo_world(&sim);
+        let open = |name: String| {
+            let id = sim.add_channel(&world.team_id, &name, &name, ChannelType::Open);
+            sim.add_member(&id, &world.bot.id);
+            sim.add_member(&id, &world.alice.id);
+            id
+        };
+        let channels = (0..100).map(|i| open(format!("bench-{i}"))).collect();
+        let probe_channel = open("bench-probe".into());
+        let sizes = Sizes::for_mode(args.quick);
+        Ok(Self {
+            args,
+            sizes,
+            sim,
+            world,
+            channels,
+            probe_channel,
+            scratch: tempfile::tempdir()?,
+            runs: Default::default(),
+        })
+    }
+
+    /// Post `count` unique tokens round-robin over the first `channels` channels (as fast as
+    /// possible, or at `rate` per second) and collect the bot's answers to them.
+    async fn load(&self, channels: usize, count: usize, rate: Option<u64>) -> Load {
+        let run = self.runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let prefix = format!("r{run}-");
+        let mut observer = self.sim.observe_posts();
+        let targets = &self.channels[..channels];
+        let poster = async {
+            let mut tick = rate.map(|rate| {
+                let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                tick
+            });
+            for i in 0..count {
+                match tick.as_mut() {
+                    Some(tick) => {
+                        tick.tick().await;
+                    }
+                    None if i % 64 == 0 => tokio::task::yield_now().await,
+                    None => {}
+                }
+                self.sim.post_as(&self.world.alice.id, &targets[i % channels], &format!("{prefix}{i}"), None);
+            }
+        };
+        let deadline = Duration::from_secs(60) + Duration::from_millis(count as u64 * 2);
+        let collector = async {
+            let mut sent: HashMap<String, (String, Instant)> = HashMap::with_capacity(count);
+            let mut answered: HashMap<String, usize> = HashMap::with_capacity(count);
+            let mut load = Load { posted: count, ..Load::default() };
+            let (mut first, mut last) = (None, None);
+            let started = Instant::now();
+            let mut complete_at: Option<Instant> = None;
+            loop {
+                // After the last answer, wait a little for duplicates to show.
+                let wait = match complete_at {
+                    Some(at) => Duration::from_millis(300).saturating_sub(at.elapsed()),
+                    None => deadline.saturating_sub(started.elapsed()),
+                };
+                let Ok(Some((post, at))) = tokio::time::timeout(wait, observer.recv()).await else { break };
+                if post.user_id == self.world.alice.id {
+                    if post.message.starts_with(&prefix) {
+                        first.get_or_insert(at);
+                        sent.insert(post.message, (post.channel_id, at));
+                    }
+                    continue;
+                }
+                if post.user_id != self.world.bot.id {
+                    continue;
+                }
+                let text = post.message.strip_prefix("echo: ").unwrap_or("");
+                let token = text.strip_suffix(BUILD_B_TAG).unwrap_or(text);
+                let Some((channel, posted_at)) = sent.get(token) else { continue };
+                let seen = answered.entry(token.to_string()).or_insert(0);
+                *seen += 1;
+                if *seen > 1 {
+                    load.duplicated += 1;
+                    continue;
+                }
+                if *channel != post.channel_id {
+                    load.misrouted += 1;
+                }
+                load.latencies_us.push(at.duration_since(*posted_at).as_micros() as u64);
+                last = Some(at);
+                if answered.len() == count {
+                    complete_at = Some(Instant::now());
+                }
+            }
+            load.answered = answered.len();
+            load.lost = count - load.answered;
+            if let (Some(first), Some(last)) = (first, last) {
+                load.seconds = last.duration_since(first).as_secs_f64();
+            }
+            load.latencies_us.sort_unstable();
+            load
+        };
+        let ((), load) = tokio::join!(poster, collector);
+        load
+    }
+
+    fn plugin_dir(&self) -> PathBuf {
+        self.scratch.path().join("plugins")
+    }
+
+    fn write_config(&self, name: &str, state_dir: &Path) -> Result<PathBuf> {
+        let config = seed_config(&self.sim.base_url(), &self.plugin_dir(), "onmessage", "kind = \"echo\"")
+            .replacen(
+                "state_dir = \"state\"\n",
+                &format!(
+                    "state_dir = \"{}\"\nmax_concurrent_turns = 256\nlane_capacity = 1000000\n",
+                    state_dir.display()
+                ),
+                1,
+            )
+            .replacen("[plugins]\n", "[plugins]\nsettle_ms = 20\n", 1)
+            .replace("typing_interval_ms = 200", "typing_interval_ms = 3000");
+        let path = self.scratch.path().join(name);
+        std::fs::write(&path, config)?;
+        Ok(path)
+    }
+
+    async fn start_gateway(&self, config: &Path) -> Result<Gateway> {
+        let gateway = Gateway::start(
+            &self.args.switchboard,
+            self.scratch.path(),
+            config,
+            &[
+                ("MM_BOT_TOKEN", &self.world.bot.token),
+                (
+                    "SWITCHBOARD_LOG",
+                    std::env::var("BENCH_GATEWAY_LOG").as_deref().unwrap_or("warn,switchboard::gateway=info"),
+                ),
+            ],
+        )
+        .await?;
+        Ok(gateway)
+    }
+
+    /// Wait until a gateway just started has opened its WebSocket (and said hello).
+    async fn wait_for_connection(&self, opened_before: u64) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.sim.ws_connections_opened() == opened_before {
+            if Instant::now() > deadline {
+                bail!("the gateway did not connect within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(())
+    }
+
+    /// Post a probe in the probe channel and wait for its answer (the answer's text).
+    async fn ask(&self, text: &str) -> Result<String> {
+        let before = self.sim.posts_in(&self.probe_channel).len();
+        self.sim.post_as(&self.world.alice.id, &self.probe_channel, text, None);
+        let wanted = format!("echo: {text}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let posts = self.sim.posts_in(&self.probe_channel);
+            if let Some(post) = posts[before..].iter().find(|p| {
+                p.user_id == self.world.bot.id && p.message.strip_suffix(BUILD_B_TAG).unwrap_or(&p.message) == wanted
+            }) {
+                return Ok(post.message.clone());
+            }
+            if Instant::now() > deadline {
+                let tail: Vec<String> = posts
+                    .iter()
+                    .rev()
+                    .take(4)
+                    .map(|p| format!("{} {}: {}", p.channel_id, p.user_id, p.message))
+                    .collect();
+                bail!("no answer to {text:?} within 30 s; last posts in {}: {tail:?}", self.probe_channel);
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Drop build B (or A) into the plugin directory and wait until it answers; the time it took.
+    async fn swap(&self, to_b: bool, round: usize) -> Result<Duration> {
+        let build = if to_b { &self.args.build_b } else { &self.args.plugin };
+        let dropped = Instant::now();
+        install_plugin(build, &self.plugin_dir(), &mattermost_file_name())?;
+        for attempt in 0.. {
+            let answer = self.ask(&format!("probe-{round}-{attempt}")).await?;
+            if answer.ends_with(BUILD_B_TAG) == to_b {
+                return Ok(dropped.elapsed());
+            }
+            if dropped.elapsed() > Duration::from_secs(30) {
+                bail!("swap {round} did not take effect within 30 s");
+            }
+        }
+        unreachable!()
+    }
+
+    /// Whichever build is in the plugin directory, make it build A.
+    fn reset_plugin_dir(&self) -> Result<()> {
+        install_plugin(&self.args.plugin, &self.plugin_dir(), &mattermost_file_name())?;
+        Ok(())
+    }
+}
+
+/// A minimal Mattermost client that answers each `posted` event directly: the floor.
+async fn floor_client(sim: &Simulator, world: &DemoWorld) -> Result<tokio::task::JoinHandle<()>> {
+    let base = sim.base_url();
+    let mut request = format!("{}/api/v4/websocket", base.replacen("http", "ws", 1)).into_client_request()?;
+    request.headers_mut().insert("Authorization", format!("Bearer {}", world.bot.token).parse()?);
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await?;
+    let http = reqwest::Client::new();
+    let (token, bot) = (world.bot.token.clone(), world.bot.id.clone());
+    Ok(tokio::spawn(async move {
+        while let Some(Ok(message)) = socket.next().await {
+            let Message::Text(text) = message else { continue };
+            let Ok(event) = serde_json::from_str::<Value>(text.as_str()) else { continue };
+            if event["event"] != "posted" {
+                continue;
+            }
+            let Some(post) = event["data"]["post"].as_str().and_then(|p| serde_json::from_str::<Value>(p).ok()) else {
+                continue;
+            };
+            if post["user_id"] == bot.as_str() {
+                continue;
+            }
+            let body = json!({"channel_id": post["channel_id"], "message": format!("echo: {}", post["message"].as_str().unwrap_or(""))});
+            let (http, url, token) = (http.clone(), format!("{base}/api/v4/posts"), token.clone());
+            tokio::spawn(async move {
+                let _ = http.post(url).bearer_auth(token).json(&body).send().await;
+            });
+        }
+    }))
+}
+
+fn rss_kib_of_self() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Swap pauses (µs) of generations after the first, from `/status`.
+async fn swap_pauses(gateway: &Gateway) -> Result<Vec<u64>> {
+    let status = gateway.status().await?;
+    let mut pauses: Vec<u64> = status["generations"]
+        .as_array()
+        .map(|g| {
+            g.iter()
+                .filter(|g| g["generation"].as_u64() > Some(1))
+                .filter_map(|g| g["swap_pause_us"].as_u64())
+                .collect()
+        })
+        .unwrap_or_default();
+    pauses.sort_unstable();
+    Ok(pauses)
+}
+
+async fn generations_still_mapped(gateway: &Gateway) -> Result<usize> {
+    let status = gateway.status().await?;
+    Ok(status["generations"]
+        .as_array()
+        .map(|g| g.iter().filter(|g| g["state"] != "running" && g["mapped"] == true).count())
+        .unwrap_or(0))
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let args = parse_args()?;
+    let bench = Bench::new(args).await?;
+    let mut results = json!({
+        "mode": if bench.args.quick { "quick" } else { "full" },
+        "machine": machine(),
+    });
+    let mut clean = true;
+    let sizes = &bench.sizes;
+
+    // 1. The floor.
+    eprintln!("bench: floor");
+    let floor = floor_client(&bench.sim, &bench.world).await?;
+    let mut floor_throughput = serde_json::Map::new();
+    for channels in [1, 10, 100] {
+        let load = bench.load(channels, sizes.burst, None).await;
+        clean &= load.clean();
+        floor_throughput.insert(channels.to_string(), load.json());
+    }
+    let floor_latency = bench.load(10, sizes.latency_count, Some(sizes.latency_rate)).await;
+    clean &= floor_latency.clean();
+    floor.abort();
+    results["floor"] = json!({"throughput": floor_throughput, "latency": floor_latency.json()});
+
+    // 2. Start-up and idle memory.
+    eprintln!("bench: start-up");
+    std::fs::create_dir_all(bench.plugin_dir())?;
+    bench.reset_plugin_dir()?;
+    let config = bench.write_config("bench.toml", &bench.scratch.path().join("state"))?;
+    let opened_before = bench.sim.ws_connections_opened();
+    let spawned = Instant::now();
+    let gateway = bench.start_gateway(&config).await?;
+    bench.wait_for_connection(opened_before).await?;
+    bench.ask("first").await?;
+    let start_up_ms = spawned.elapsed().as_secs_f64() * 1000.0;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_idle = gateway.rss_kib().unwrap_or(0);
+    results["start_up_ms"] = json!(start_up_ms);
+
+    // 3. Throughput and latency through the gateway.
+    eprintln!("bench: throughput");
+    let mut throughput = serde_json::Map::new();
+    let mut rss_under_load = 0;
+    for channels in [1, 10, 100] {
+        let peak = std::sync::atomic::AtomicU64::new(0);
+        let sampling = async {
+            loop {
+                peak.fetch_max(gateway.rss_kib().unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        let load = tokio::select! {
+            load = bench.load(channels, sizes.burst, None) => load,
+            () = sampling => unreachable!("sampling never ends"),
+        };
+        rss_under_load = rss_under_load.max(peak.load(std::sync::atomic::Ordering::Relaxed));
+        clean &= load.clean();
+        let floor_rate = results["floor"]["throughput"][channels.to_string()]["per_second"].as_f64().unwrap_or(0.0);
+        let mut entry = load.json();
+        entry["ratio_to_floor"] = json!(if floor_rate > 0.0 { load.per_second() / floor_rate } else { 0.0 });
+        throughput.insert(channels.to_string(), entry);
+    }
+    results["throughput"] = Value::Object(throughput);
+    eprintln!("bench: latency");
+    let latency = bench.load(10, sizes.latency_count, Some(sizes.latency_rate)).await;
+    clean &= latency.clean();
+    let added =
+        |p: f64| percentile(&latency.latencies_us, p) as i64 - percentile(&floor_latency.latencies_us, p) as i64;
+    results["latency"] = json!({
+        "rate_per_second": sizes.latency_rate,
+        "gateway_us": latency_json(&latency.latencies_us),
+        "floor_us": latency_json(&floor_latency.latencies_us),
+        "added_us": {"p50": added(0.5), "p99": added(0.99),
+                     "max": latency.latencies_us.last().copied().unwrap_or(0) as i64
+                            - floor_latency.latencies_us.last().copied().unwrap_or(0) as i64},
+        "load": latency.json(),
+    });
+
+    // 4. Reload under load.
+    eprintln!("bench: reload under load");
+    // About as long as the swaps take (each roughly a quarter of a second).
+    let count = (sizes.swaps_under_load as u64 * sizes.swap_load_rate / 4).max(200) as usize;
+    let swaps = async {
+        let mut to_answer = Vec::new();
+        for round in 1..=sizes.swaps_under_load {
+            to_answer.push(bench.swap(round % 2 == 1, round).await?.as_millis() as u64);
+        }
+        anyhow::Ok(to_answer)
+    };
+    let (load, to_answer) = tokio::join!(bench.load(20, count, Some(sizes.swap_load_rate)), swaps);
+    let mut to_answer = to_answer?;
+    to_answer.sort_unstable();
+    clean &= load.clean();
+    let pauses = swap_pauses(&gateway).await?;
+    results["reload"] = json!({
+        "swaps": sizes.swaps_under_load,
+        "swap_pause_us": latency_json(&pauses),
+        "file_to_answer_ms": latency_json(&to_answer),
+        "load": load.json(),
+    });
+
+    // 5. Memory after many reloads.
+    eprintln!("bench: {} reloads", sizes.reloads_total);
+    for round in sizes.swaps_under_load + 1..=sizes.reloads_total {
+        bench.swap(round % 2 == 1, round).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_after_reloads = gateway.rss_kib().unwrap_or(0);
+    let still_mapped = generations_still_mapped(&gateway).await?;
+    results["memory_kib"] = json!({
+        "idle": rss_idle,
+        "under_load": rss_under_load,
+        "after_reloads": rss_after_reloads,
+        "reloads": sizes.reloads_total,
+        "generations_still_mapped": still_mapped,
+    });
+    gateway.stop().await?;
+
+    // 6. Scale.
+    eprintln!("bench: scale");
+    let mut scale = serde_json::Map::new();
+    for &sessions in &sizes.session_counts {
+        scale.insert(sessions.to_string(), bench_scale(&bench, sessions).await?);
+    }
+    results["scale"] = Value::Object(scale);
+    results["clean"] = json!(clean);
+
+    if let Some(dir) = bench.args.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&bench.args.out, serde_json::to_string_pretty(&results)?)?;
+    print_table(&results);
+    eprintln!("bench: results in {}", bench.args.out.display());
+    if !clean {
+        bail!("messages were lost, duplicated or misrouted (see {})", bench.args.out.display());
+    }
+    Ok(())
+}
+
+/// `sessions` stored sessions: registry load, lookup and memory in-process; start-up, RSS and
+/// swap pause (the handover of the registry to a new generation) with the real gateway.
+async fn bench_scale(bench: &Bench, sessions: usize) -> Result<Value> {
+    eprintln!("bench: scale {sessions}");
+    let state_dir = bench.scratch.path().join(format!("state-{sessions}"));
+    std::fs::create_dir_all(&state_dir)?;
+    let store = Arc::new(Store::open(&state_dir, Durability::Normal)?);
+    let now = switchboard::session::now_ms();
+    let keys: Vec<String> = (0..sessions).map(|i| format!("agent:main:mattermost:channel:c{i:026}")).collect();
+    for chunk in keys.chunks(50_000) {
+        let batch: Vec<Session> = chunk
+            .iter()
+            .map(|key| Session {
+                key: key.clone(),
+                agent_id: "main".into(),
+                target: DeliveryTarget {
+                    channel_instance: "mattermost".into(),
+                    conversation_id: key.rsplit(':').next().unwrap_or_default().into(),
+                    thread_root_id: String::new(),
+                },
+                created_at_ms: now,
+                last_active_ms: now,
+            })
+            .collect();
+        store.insert_sessions(&batch)?;
+    }
+    let rss_before = rss_kib_of_self();
+    let loading = Instant::now();
+    let registry = DurableSessions::load(store.clone())?;
+    let load_ms = loading.elapsed().as_secs_f64() * 1000.0;
+    let bytes_per_session = (rss_kib_of_self().saturating_sub(rss_before) * 1024) as f64 / sessions as f64;
+    let lookups = 200_000;
+    let looking = Instant::now();
+    let mut found = 0;
+    for i in 0..lookups {
+        let key = &keys[(i * 7919) % sessions];
+        found += usize::from(registry.get(key).is_some());
+    }
+    let lookup_ns = looking.elapsed().as_nanos() as f64 / lookups as f64;
+    if found != lookups {
+        bail!("registry lookups failed");
+    }
+    drop(registry);
+    drop(store);
+
+    bench.reset_plugin_dir()?;
+    let config = bench.write_config(&format!("scale-{sessions}.toml"), &state_dir)?;
+    let opened_before = bench.sim.ws_connections_opened();
+    let spawned = Instant::now();
+    let gateway = bench.start_gateway(&config).await?;
+    bench.wait_for_connection(opened_before).await?;
+    if let Err(e) = bench.ask(&format!("scale-{sessions}")).await {
+        let log = gateway.log();
+        bail!("{e}\n--- gateway log (tail) ---\n{}", log[log.len().saturating_sub(30)..].join("\n"));
+    }
+    let start_up_ms = spawned.elapsed().as_secs_f64() * 1000.0;
+    let rss = gateway.rss_kib().unwrap_or(0);
+    for round in 1..=5 {
+        bench.swap(round % 2 == 1, 10_000 + sessions + round).await?;
+    }
+    let pauses = swap_pauses(&gateway).await?;
+    gateway.stop().await?;
+    Ok(json!({
+        "registry_load_ms": load_ms,
+        "lookup_ns": lookup_ns,
+        "bytes_per_session": bytes_per_session,
+        "gateway_start_up_ms": start_up_ms,
+        "gateway_rss_kib": rss,
+        "swap_pause_us": latency_json(&pauses),
+    }))
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name"))?.split(':').nth(1).map(|m| m.trim().to_string()))
+        .unwrap_or_default();
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| s.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("").to_string()))
+        .unwrap_or_default();
+    json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu": cpu,
+        "memory_kib": memory,
+        "os": std::env::consts::OS,
+    })
+}
+
+fn print_table(r: &Value) {
+    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let u = |v: &Value| v.as_u64().unwrap_or(0);
+    println!(
+        "\nswitchboard bench ({} mode) on {} × {}",
+        r["mode"].as_str().unwrap_or(""),
+        u(&r["machine"]["cpus"]),
+        r["machine"]["cpu"].as_str().unwrap_or("")
+    );
+    println!("{:<58} {:>14} {:>14}", "", "gateway", "floor");
+    for channels in ["1", "10", "100"] {
+        let g = &r["throughput"][channels];
+        println!(
+            "{:<58} {:>14.0} {:>14.0}   ({:.0}% of floor; lost {} dup {} misrouted {})",
+            format!("throughput, {channels} channel(s) (replies/s)"),
+            f(&g["per_second"]),
+            f(&r["floor"]["throughput"][channels]["per_second"]),
+            f(&g["ratio_to_floor"]) * 100.0,
+            u(&g["lost"]),
+            u(&g["duplicated"]),
+            u(&g["misrouted"]),
+        );
+    }
+    let l = &r["latency"];
+    println!(
+        "{:<58} {:>14} {:>14}",
+        format!("latency at {}/s, p50 / p99 / max (µs)", u(&l["rate_per_second"])),
+        format!("{}/{}/{}", u(&l["gateway_us"]["p50"]), u(&l["gateway_us"]["p99"]), u(&l["gateway_us"]["max"])),
+        format!("{}/{}/{}", u(&l["floor_us"]["p50"]), u(&l["floor_us"]["p99"]), u(&l["floor_us"]["max"])),
+    );
+    println!(
+        "{:<58} {:>14}",
+        "added latency p50 / p99 / max (µs)",
+        format!("{}/{}/{}", l["added_us"]["p50"], l["added_us"]["p99"], l["added_us"]["max"])
+    );
+    let re = &r["reload"];
+    println!(
+        "{:<58} {:>14}",
+        format!("swap pause over {} swaps under load, p50 / p99 (µs)", u(&re["swaps"])),
+        format!("{}/{}", u(&re["swap_pause_us"]["p50"]), u(&re["swap_pause_us"]["p99"]))
+    );
+    println!(
+        "{:<58} {:>14}",
+        "file dropped → new build answering, p50 / p99 (ms)",
+        format!("{}/{}", u(&re["file_to_answer_ms"]["p50"]), u(&re["file_to_answer_ms"]["p99"]))
+    );
+    println!(
+        "{:<58} {:>14}",
+        "lost / duplicated / misrouted during the swaps",
+        format!("{}/{}/{}", u(&re["load"]["lost"]), u(&re["load"]["duplicated"]), u(&re["load"]["misrouted"]))
+    );
+    let m = &r["memory_kib"];
+    println!(
+        "{:<58} {:>14}",
+        "RSS idle / under load (MiB)",
+        format!("{:.1}/{:.1}", f(&m["idle"]) / 1024.0, f(&m["under_load"]) / 1024.0)
+    );
+    println!(
+        "{:<58} {:>14}",
+        format!("RSS after {} reloads (MiB); generations still mapped", u(&m["reloads"])),
+        format!("{:.1}; {}", f(&m["after_reloads"]) / 1024.0, u(&m["generations_still_mapped"]))
+    );
+    println!("{:<58} {:>14.0}", "start-up: process start → first reply (ms)", f(&r["start_up_ms"]));
+    if let Some(scale) = r["scale"].as_object() {
+        for (sessions, s) in scale {
+            println!(
+                "{:<58} {:>14}",
+                format!("{sessions} sessions: swap pause p50, lookup, bytes/session"),
+                format!(
+                    "{} µs, {:.0} ns, {:.0} B",
+                    u(&s["swap_pause_us"]["p50"]),
+                    f(&s["lookup_ns"]),
+                    f(&s["bytes_per_session"])
+                )
+            );
+            println!(
+                "{:<58} {:>14}",
+                format!("{sessions} sessions: gateway start-up, RSS, registry load"),
+                format!(
+                    "{:.0} ms, {:.1} MiB, {:.0} ms",
+                    f(&s["gateway_start_up_ms"]),
+                    f(&s["gateway_rss_kib"]) / 1024.0,
+                    f(&s["registry_load_ms"])
+                )
+            );
+        }
+    }
+    println!("nothing lost, duplicated or misrouted: {}", r["clean"]);
+}
