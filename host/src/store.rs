@@ -187,6 +187,7 @@ pub struct StoreCounts {
 }
 
 pub struct Store {
+    durability: Durability,
     path: PathBuf,
     connection: Mutex<Connection>,
 }
@@ -213,18 +214,15 @@ impl Store {
         if path.as_os_str() != ":memory:" && !mode.eq_ignore_ascii_case("wal") {
             return Err(StoreError::Open { path, reason: format!("journal mode is {mode}, WAL is required") });
         }
-        let synchronous = match durability {
-            Durability::Normal => "NORMAL",
-            Durability::Full => "FULL",
-        };
-        connection
-            .execute_batch(&format!("PRAGMA synchronous = {synchronous}; PRAGMA foreign_keys = ON;"))
-            .map_err(corrupt)?;
+        // Commits do not wait for the disk by themselves; with `Durability::Full` the commits
+        // that gate something leaving the gateway (a reply about to be sent) do, and since the
+        // WAL is written in order, that sync carries every earlier commit to the disk too.
+        connection.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;").map_err(corrupt)?;
         let check: String = connection.query_row("PRAGMA quick_check", [], |row| row.get(0)).map_err(corrupt)?;
         if check != "ok" {
             return Err(StoreError::Corrupt { path, reason: check });
         }
-        let store = Store { path, connection: Mutex::new(connection) };
+        let store = Store { path, connection: Mutex::new(connection), durability };
         store.migrate()?;
         Ok(store)
     }
@@ -399,46 +397,19 @@ impl Store {
     }
 
     /// Store a finished turn; returns the queued reply's id (its `reply_id`) when there is one.
+    /// With `Durability::Full` and a reply, the commit waits for the disk: the reply is sent
+    /// right after, and must not be sent again after a power loss.
     pub fn finish_turn(&self, turn: &FinishedTurn<'_>, now_ms: i64) -> Result<Option<i64>, StoreError> {
         let mut connection = self.connection.lock().unwrap();
-        let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        {
-            let mut append = transaction.prepare_cached(
-                "INSERT INTO turns (session_key, role, content, message_id, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?;
-            for entry in &turn.transcript {
-                append.execute(params![turn.session_key, entry.role, entry.content, turn.message_id, now_ms])?;
-            }
+        let must_sync = self.durability == Durability::Full && turn.reply.is_some();
+        if must_sync {
+            connection.pragma_update(None, "synchronous", "FULL")?;
         }
-        let reply_id = match turn.reply {
-            Some((target, text)) => {
-                transaction
-                    .prepare_cached(
-                        "INSERT INTO outbound (session_key, channel_instance, conversation_id, thread_root_id, text,
-                         inbound_id, status, created_at_ms, updated_at_ms)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?7)",
-                    )?
-                    .execute(params![
-                        turn.session_key,
-                        target.channel_instance,
-                        target.conversation_id,
-                        target.thread_root_id,
-                        text,
-                        turn.inbound_id,
-                        now_ms
-                    ])?;
-                Some(transaction.last_insert_rowid())
-            }
-            None => None,
-        };
-        transaction
-            .prepare_cached("UPDATE inbound SET status = 'answered' WHERE id = ?1")?
-            .execute([turn.inbound_id])?;
-        transaction
-            .prepare_cached("UPDATE sessions SET last_active_ms = ?2 WHERE key = ?1")?
-            .execute(params![turn.session_key, now_ms])?;
-        transaction.commit()?;
-        Ok(reply_id)
+        let written = write_turn(&mut connection, turn, now_ms);
+        if must_sync {
+            connection.pragma_update(None, "synchronous", "NORMAL")?;
+        }
+        written
     }
 
     /// Mark an inbound message as not going to be answered (e.g. its lane overflowed).
@@ -579,6 +550,45 @@ fn classify(path: &Path, error: rusqlite::Error) -> StoreError {
         ) => StoreError::Open { path: path.to_path_buf(), reason: error.to_string() },
         _ => StoreError::Sql(error),
     }
+}
+
+fn write_turn(connection: &mut Connection, turn: &FinishedTurn<'_>, now_ms: i64) -> Result<Option<i64>, StoreError> {
+    let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    {
+        let mut append = transaction.prepare_cached(
+            "INSERT INTO turns (session_key, role, content, message_id, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        for entry in &turn.transcript {
+            append.execute(params![turn.session_key, entry.role, entry.content, turn.message_id, now_ms])?;
+        }
+    }
+    let reply_id = match turn.reply {
+        Some((target, text)) => {
+            transaction
+                .prepare_cached(
+                    "INSERT INTO outbound (session_key, channel_instance, conversation_id, thread_root_id, text,
+                         inbound_id, status, created_at_ms, updated_at_ms)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?7)",
+                )?
+                .execute(params![
+                    turn.session_key,
+                    target.channel_instance,
+                    target.conversation_id,
+                    target.thread_root_id,
+                    text,
+                    turn.inbound_id,
+                    now_ms
+                ])?;
+            Some(transaction.last_insert_rowid())
+        }
+        None => None,
+    };
+    transaction.prepare_cached("UPDATE inbound SET status = 'answered' WHERE id = ?1")?.execute([turn.inbound_id])?;
+    transaction
+        .prepare_cached("UPDATE sessions SET last_active_ms = ?2 WHERE key = ?1")?
+        .execute(params![turn.session_key, now_ms])?;
+    transaction.commit()?;
+    Ok(reply_id)
 }
 
 #[cfg(test)]

@@ -162,6 +162,8 @@ struct Bench {
     probe_channel: String,
     scratch: tempfile::TempDir,
     runs: std::sync::atomic::AtomicUsize,
+    /// `gateway.durability` of the gateways started (`BENCH_DURABILITY`, default `full`).
+    durability: String,
 }
 
 impl Bench {
@@ -186,6 +188,7 @@ impl Bench {
             probe_channel,
             scratch: tempfile::tempdir()?,
             runs: Default::default(),
+            durability: std::env::var("BENCH_DURABILITY").unwrap_or_else(|_| "full".into()),
         })
     }
 
@@ -277,8 +280,9 @@ impl Bench {
             .replacen(
                 "state_dir = \"state\"\n",
                 &format!(
-                    "state_dir = \"{}\"\nmax_concurrent_turns = 256\nlane_capacity = 1000000\n",
-                    state_dir.display()
+                    "state_dir = \"{}\"\nmax_concurrent_turns = 256\nlane_capacity = 1000000\ndurability = \"{}\"\n",
+                    state_dir.display(),
+                    self.durability
                 ),
                 1,
             )
