@@ -24,7 +24,7 @@ use crate::{
     lane::Lanes,
     metrics::{self, Metrics},
     session::{now_ms, session_key, DeliveryTarget, Session, SessionStore},
-    store::{FinishedTurn, QueuedReply, Store, Turn},
+    store::{FinishedTurn, QueuedReply, Store, Turn, TurnWriter},
 };
 
 /// The part of the config routing needs; replaced as a whole on reload.
@@ -40,6 +40,7 @@ pub struct Router {
     table: RwLock<Table>,
     sessions: Arc<dyn SessionStore>,
     store: Arc<Store>,
+    turn_writer: TurnWriter,
     lanes: Lanes,
     instances: RwLock<HashMap<String, mpsc::UnboundedSender<Event>>>,
     metrics: Arc<Metrics>,
@@ -60,6 +61,7 @@ impl Router {
         let router = Arc::new(Router {
             table: RwLock::new(Table::default()),
             sessions,
+            turn_writer: TurnWriter::start(store.clone()),
             store,
             lanes: Lanes::new(config.gateway.max_concurrent_turns, config.gateway.lane_capacity),
             instances: RwLock::new(HashMap::new()),
@@ -284,16 +286,17 @@ impl Router {
             DeliveryTarget { thread_root_id: inbound.thread_root_id.clone(), ..session.target.clone() };
         let finished = FinishedTurn {
             inbound_id,
-            session_key: &session.key,
+            session_key: session.key.clone(),
             transcript,
-            message_id: &inbound.message_id,
-            reply: reply.as_deref().map(|text| (&delivery_target, text)),
+            message_id: inbound.message_id.clone(),
+            reply: reply.clone().map(|text| (delivery_target.clone(), text)),
+            finished_at_ms: now_ms(),
         };
-        match self.store.finish_turn(&finished, now_ms()) {
+        match self.turn_writer.finish(finished).await {
             Ok(Some(reply_id)) => self.deliver(QueuedReply {
                 id: reply_id,
                 session_key: session.key.clone(),
-                target: delivery_target.clone(),
+                target: delivery_target,
                 text: reply.unwrap_or_default(),
             }),
             Ok(None) => {}

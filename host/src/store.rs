@@ -8,7 +8,8 @@
 //! - [`Store::commit_batch`]: the inbound messages of one batch of adapter events, the reply
 //!   outcomes it reported and the adapter state after it. The adapter's resume cursor is
 //!   therefore never stored ahead of a message it has passed.
-//! - [`Store::finish_turn`]: the transcript turns, the queued reply and "inbound answered".
+//! - [`Store::finish_turns`]: per turn, the transcript turns, the queued reply and "inbound
+//!   answered" (several turns share a transaction: [`TurnWriter`]'s group commits).
 //!   A crash before it re-runs the turn; a crash after it re-sends the queued reply.
 
 use std::{
@@ -127,6 +128,10 @@ pub enum StoreError {
     TooNew { path: PathBuf, found: i64, supported: i64 },
     #[error("state database: {0}")]
     Sql(#[from] rusqlite::Error),
+    #[error("cannot make the state database wait for the disk: {0}")]
+    CannotSync(String),
+    #[error("the state database writer has stopped")]
+    WriterStopped,
 }
 
 /// How hard a commit waits for the disk. `Normal` survives a crash of the process, `Full` also
@@ -153,16 +158,17 @@ pub struct Turn {
     pub content: String,
 }
 
-/// A finished agent turn, stored in one transaction.
+/// A finished agent turn, stored atomically (alone, or with other turns in one group commit).
 #[derive(Debug)]
-pub struct FinishedTurn<'a> {
+pub struct FinishedTurn {
     pub inbound_id: i64,
-    pub session_key: &'a str,
+    pub session_key: String,
     /// The turns to append to the transcript (the user's message, the agent's answer).
     pub transcript: Vec<Turn>,
-    pub message_id: &'a str,
+    pub message_id: String,
     /// The reply to queue, with where it goes.
-    pub reply: Option<(&'a DeliveryTarget, &'a str)>,
+    pub reply: Option<(DeliveryTarget, String)>,
+    pub finished_at_ms: i64,
 }
 
 /// A reply in the delivery queue.
@@ -397,19 +403,38 @@ impl Store {
     }
 
     /// Store a finished turn; returns the queued reply's id (its `reply_id`) when there is one.
-    /// With `Durability::Full` and a reply, the commit waits for the disk: the reply is sent
-    /// right after, and must not be sent again after a power loss.
-    pub fn finish_turn(&self, turn: &FinishedTurn<'_>, now_ms: i64) -> Result<Option<i64>, StoreError> {
+    pub fn finish_turn(&self, turn: &FinishedTurn) -> Result<Option<i64>, StoreError> {
+        self.finish_turns(std::slice::from_ref(turn)).pop().expect("one result per turn")
+    }
+
+    /// Store finished turns, each atomically, in one transaction when they all can be (a group
+    /// commit: one commit and at most one sync for all); each turn's queued reply id.
+    ///
+    /// With `Durability::Full` and a reply among them, the commit waits for the disk: the
+    /// replies are sent right after, and must not be sent again after a power loss.
+    pub fn finish_turns(&self, turns: &[FinishedTurn]) -> Vec<Result<Option<i64>, StoreError>> {
         let mut connection = self.connection.lock().unwrap();
-        let must_sync = self.durability == Durability::Full && turn.reply.is_some();
+        let must_sync = self.durability == Durability::Full && turns.iter().any(|t| t.reply.is_some());
         if must_sync {
-            connection.pragma_update(None, "synchronous", "FULL")?;
+            if let Err(e) = connection.pragma_update(None, "synchronous", "FULL") {
+                return turns.iter().map(|_| Err(StoreError::CannotSync(e.to_string()))).collect();
+            }
         }
-        let written = write_turn(&mut connection, turn, now_ms);
+        let results = match write_turns(&mut connection, turns) {
+            Ok(ids) => ids.into_iter().map(Ok).collect(),
+            // One bad turn must not fail the others: each on its own, to find it.
+            Err(_) if turns.len() > 1 => turns
+                .iter()
+                .map(|turn| write_turns(&mut connection, std::slice::from_ref(turn)).map(|mut ids| ids.remove(0)))
+                .collect(),
+            Err(e) => vec![Err(e)],
+        };
         if must_sync {
-            connection.pragma_update(None, "synchronous", "NORMAL")?;
+            if let Err(e) = connection.pragma_update(None, "synchronous", "NORMAL") {
+                tracing::warn!("cannot set the state database back to synchronous=NORMAL: {e}");
+            }
         }
-        written
+        results
     }
 
     /// Mark an inbound message as not going to be answered (e.g. its lane overflowed).
@@ -552,43 +577,94 @@ fn classify(path: &Path, error: rusqlite::Error) -> StoreError {
     }
 }
 
-fn write_turn(connection: &mut Connection, turn: &FinishedTurn<'_>, now_ms: i64) -> Result<Option<i64>, StoreError> {
+/// All of `turns` in one transaction, or none of them.
+fn write_turns(connection: &mut Connection, turns: &[FinishedTurn]) -> Result<Vec<Option<i64>>, StoreError> {
     let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut reply_ids = Vec::with_capacity(turns.len());
     {
         let mut append = transaction.prepare_cached(
             "INSERT INTO turns (session_key, role, content, message_id, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
         )?;
-        for entry in &turn.transcript {
-            append.execute(params![turn.session_key, entry.role, entry.content, turn.message_id, now_ms])?;
+        let mut queue = transaction.prepare_cached(
+            "INSERT INTO outbound (session_key, channel_instance, conversation_id, thread_root_id, text,
+                 inbound_id, status, created_at_ms, updated_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?7)",
+        )?;
+        let mut answered = transaction.prepare_cached("UPDATE inbound SET status = 'answered' WHERE id = ?1")?;
+        let mut touch = transaction.prepare_cached("UPDATE sessions SET last_active_ms = ?2 WHERE key = ?1")?;
+        for turn in turns {
+            let at_ms = turn.finished_at_ms;
+            for entry in &turn.transcript {
+                append.execute(params![turn.session_key, entry.role, entry.content, turn.message_id, at_ms])?;
+            }
+            reply_ids.push(match &turn.reply {
+                Some((target, text)) => {
+                    queue.execute(params![
+                        turn.session_key,
+                        target.channel_instance,
+                        target.conversation_id,
+                        target.thread_root_id,
+                        text,
+                        turn.inbound_id,
+                        at_ms
+                    ])?;
+                    Some(transaction.last_insert_rowid())
+                }
+                None => None,
+            });
+            answered.execute([turn.inbound_id])?;
+            touch.execute(params![turn.session_key, at_ms])?;
         }
     }
-    let reply_id = match turn.reply {
-        Some((target, text)) => {
-            transaction
-                .prepare_cached(
-                    "INSERT INTO outbound (session_key, channel_instance, conversation_id, thread_root_id, text,
-                         inbound_id, status, created_at_ms, updated_at_ms)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?7)",
-                )?
-                .execute(params![
-                    turn.session_key,
-                    target.channel_instance,
-                    target.conversation_id,
-                    target.thread_root_id,
-                    text,
-                    turn.inbound_id,
-                    now_ms
-                ])?;
-            Some(transaction.last_insert_rowid())
-        }
-        None => None,
-    };
-    transaction.prepare_cached("UPDATE inbound SET status = 'answered' WHERE id = ?1")?.execute([turn.inbound_id])?;
-    transaction
-        .prepare_cached("UPDATE sessions SET last_active_ms = ?2 WHERE key = ?1")?
-        .execute(params![turn.session_key, now_ms])?;
     transaction.commit()?;
-    Ok(reply_id)
+    Ok(reply_ids)
+}
+
+/// Stores finished turns from many tasks with group commits, on a thread of its own: while one
+/// commit waits for the disk, the turns finished meanwhile gather for the next, and no async
+/// worker is blocked by SQLite.
+pub struct TurnWriter {
+    requests: std::sync::mpsc::Sender<TurnRequest>,
+}
+
+type TurnRequest = (FinishedTurn, tokio::sync::oneshot::Sender<Result<Option<i64>, StoreError>>);
+
+/// The most turns one group commit takes.
+const GROUP_COMMIT_MAX: usize = 1024;
+
+impl TurnWriter {
+    /// Start the writer thread; it ends when the writer is dropped.
+    pub fn start(store: std::sync::Arc<Store>) -> TurnWriter {
+        let (requests, incoming) = std::sync::mpsc::channel::<TurnRequest>();
+        let spawned = std::thread::Builder::new().name("store-writer".into()).spawn(move || {
+            while let Ok(first) = incoming.recv() {
+                let mut group = vec![first];
+                while group.len() < GROUP_COMMIT_MAX {
+                    match incoming.try_recv() {
+                        Ok(request) => group.push(request),
+                        Err(_) => break,
+                    }
+                }
+                let (turns, waiting): (Vec<_>, Vec<_>) = group.into_iter().unzip();
+                for (result, waiter) in store.finish_turns(&turns).into_iter().zip(waiting) {
+                    let _ = waiter.send(result);
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            // Without the thread every request fails with `WriterStopped`; nothing is lost
+            // (the turns are answered after the next start).
+            tracing::error!("cannot start the store writer thread: {e}");
+        }
+        TurnWriter { requests }
+    }
+
+    /// Store `turn` with the next group commit; its queued reply's id.
+    pub async fn finish(&self, turn: FinishedTurn) -> Result<Option<i64>, StoreError> {
+        let (done, result) = tokio::sync::oneshot::channel();
+        self.requests.send((turn, done)).map_err(|_| StoreError::WriterStopped)?;
+        result.await.map_err(|_| StoreError::WriterStopped)?
+    }
 }
 
 #[cfg(test)]
@@ -636,15 +712,16 @@ mod tests {
             store.commit_batch("mm", &BatchRecord { inbound: vec![inbound("p1")], ..Default::default() }, 1).unwrap();
         let turn = FinishedTurn {
             inbound_id: ids[0].unwrap(),
-            session_key: "k",
+            session_key: "k".into(),
             transcript: vec![
                 Turn { role: "user".into(), content: "hi".into() },
                 Turn { role: "assistant".into(), content: "hello".into() },
             ],
-            message_id: "p1",
-            reply: Some((&target, "hello")),
+            message_id: "p1".into(),
+            reply: Some((target, "hello".into())),
+            finished_at_ms: 2,
         };
-        let reply_id = store.finish_turn(&turn, 2).unwrap().unwrap();
+        let reply_id = store.finish_turn(&turn).unwrap().unwrap();
         assert!(store.pending_inbound("mm").unwrap().is_empty());
         assert_eq!(store.queued_replies("mm").unwrap()[0].id, reply_id);
         assert_eq!(store.history("k", 1).unwrap(), vec![Turn { role: "assistant".into(), content: "hello".into() }]);
@@ -653,6 +730,57 @@ mod tests {
         store.commit_batch("mm", &done, 3).unwrap();
         assert!(store.queued_replies("mm").unwrap().is_empty());
         assert_eq!(store.counts().unwrap().outbound_delivered, 1);
+    }
+
+    fn turn_answering(inbound_id: i64, session_key: &str, text: &str) -> FinishedTurn {
+        FinishedTurn {
+            inbound_id,
+            session_key: session_key.into(),
+            transcript: vec![Turn { role: "user".into(), content: text.into() }],
+            message_id: format!("m{inbound_id}"),
+            reply: Some((
+                DeliveryTarget {
+                    channel_instance: "mm".into(),
+                    conversation_id: session_key.into(),
+                    thread_root_id: "".into(),
+                },
+                format!("echo: {text}"),
+            )),
+            finished_at_ms: 2,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn turns_finished_together_are_each_stored_with_their_own_reply() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(Store::open(dir.path(), Durability::Full).unwrap());
+        let batch =
+            BatchRecord { inbound: (0..200).map(|i| inbound(&format!("p{i}"))).collect(), ..Default::default() };
+        let ids: Vec<i64> = store.commit_batch("mm", &batch, 1).unwrap().into_iter().map(Option::unwrap).collect();
+        let writer = std::sync::Arc::new(TurnWriter::start(store.clone()));
+        let tasks: Vec<_> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| {
+                let writer = writer.clone();
+                tokio::spawn(async move {
+                    writer.finish(turn_answering(id, &format!("s{}", i % 7), &format!("t{i}"))).await
+                })
+            })
+            .collect();
+        let mut reply_ids = Vec::new();
+        for task in tasks {
+            reply_ids.push(task.await.unwrap().unwrap().unwrap());
+        }
+        let queued = store.queued_replies("mm").unwrap();
+        assert_eq!(queued.len(), 200);
+        for (i, reply_id) in reply_ids.iter().enumerate() {
+            let reply = queued.iter().find(|r| r.id == *reply_id).unwrap();
+            assert_eq!(reply.text, format!("echo: t{i}"));
+            assert_eq!(reply.target.conversation_id, format!("s{}", i % 7));
+        }
+        assert!(store.pending_inbound("mm").unwrap().is_empty());
+        assert_eq!(store.history("s0", 1000).unwrap().len(), 29);
     }
 
     #[test]

@@ -206,7 +206,9 @@ async fn run_socket(
             _ => tracing::warn!(conn, header = %name, "adapter asked for an invalid WebSocket header; skipped"),
         }
     }
-    let mut socket = match tokio_tungstenite::connect_async(request).await {
+    // Nagle off: a small frame sent (typing) while the server's last frame is still unacked
+    // would otherwise hold the next one back until the delayed ACK, tens of milliseconds.
+    let mut socket = match tokio_tungstenite::connect_async_with_config(request, None, true).await {
         Ok((socket, _response)) => socket,
         Err(e) => {
             let _ = events.send(closed(1006, format!("connect failed: {e}")));

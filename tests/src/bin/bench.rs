@@ -2,7 +2,7 @@
 //! the simulator on loopback, `echo` agent, measured against a floor in the same run.
 //!
 //! Usage: `bench --switchboard <binary> --plugin <adapter .so> --build-b <second build>
-//!         --out <results.json> [--quick]`.
+//!         --out <results.json> [--quick] [--only throughput,latency,reload,scale]`.
 //!
 //! - floor: the simulator's own round trip with a minimal client that answers each `posted`
 //!   event directly (WebSocket in, REST post out), no gateway;
@@ -14,6 +14,9 @@
 //! - scale: start-up, swap pause (the handover) and RSS with 1k … 1M stored sessions;
 //!   registry load time, lookup cost and bytes per session in-process;
 //! - start-up: process start to first reply delivered.
+//!
+//! `BENCH_GATEWAY_LOG` sets the gateways' log filter and `BENCH_GATEWAY_LOG_TO` a file the
+//! main gateway's log is written to; `BENCH_DURABILITY` their `gateway.durability`.
 //!
 //! Every run checks that nothing was lost, duplicated or misrouted; `--quick` (CI) exits
 //! non-zero if anything was.
@@ -46,10 +49,19 @@ struct Args {
     build_b: PathBuf,
     out: PathBuf,
     quick: bool,
+    /// Parts to run (`--only throughput,latency`); all when empty. The floor always runs.
+    only: Vec<String>,
+}
+
+impl Args {
+    fn wants(&self, part: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|p| p == part)
+    }
 }
 
 fn parse_args() -> Result<Args> {
     let (mut switchboard, mut plugin, mut build_b, mut out, mut quick) = (None, None, None, None, false);
+    let mut only = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -58,6 +70,7 @@ fn parse_args() -> Result<Args> {
             "--build-b" => build_b = args.next().map(PathBuf::from),
             "--out" => out = args.next().map(PathBuf::from),
             "--quick" => quick = true,
+            "--only" => only = args.next().unwrap_or_default().split(',').map(str::to_string).collect(),
             other => bail!("unknown argument {other:?}"),
         }
     }
@@ -67,6 +80,7 @@ fn parse_args() -> Result<Args> {
         build_b: build_b.context("--build-b <file> is required")?,
         out: out.context("--out <file> is required")?,
         quick,
+        only,
     })
 }
 
@@ -448,7 +462,7 @@ async fn main() -> Result<()> {
     eprintln!("bench: floor");
     let floor = floor_client(&bench.sim, &bench.world).await?;
     let mut floor_throughput = serde_json::Map::new();
-    for channels in [1, 10, 100] {
+    for channels in [1, 10, 100].into_iter().filter(|_| bench.args.wants("throughput")) {
         let load = bench.load(channels, sizes.burst, None).await;
         clean &= load.clean();
         floor_throughput.insert(channels.to_string(), load.json());
@@ -477,7 +491,7 @@ async fn main() -> Result<()> {
     eprintln!("bench: throughput");
     let mut throughput = serde_json::Map::new();
     let mut rss_under_load = 0;
-    for channels in [1, 10, 100] {
+    for channels in [1, 10, 100].into_iter().filter(|_| bench.args.wants("throughput")) {
         let peak = std::sync::atomic::AtomicU64::new(0);
         let sampling = async {
             loop {
@@ -497,68 +511,78 @@ async fn main() -> Result<()> {
         throughput.insert(channels.to_string(), entry);
     }
     results["throughput"] = Value::Object(throughput);
-    eprintln!("bench: latency");
-    let latency = bench.load(10, sizes.latency_count, Some(sizes.latency_rate)).await;
-    clean &= latency.clean();
-    let added =
-        |p: f64| percentile(&latency.latencies_us, p) as i64 - percentile(&floor_latency.latencies_us, p) as i64;
-    results["latency"] = json!({
-        "rate_per_second": sizes.latency_rate,
-        "gateway_us": latency_json(&latency.latencies_us),
-        "floor_us": latency_json(&floor_latency.latencies_us),
-        "added_us": {"p50": added(0.5), "p99": added(0.99),
-                     "max": latency.latencies_us.last().copied().unwrap_or(0) as i64
-                            - floor_latency.latencies_us.last().copied().unwrap_or(0) as i64},
-        "load": latency.json(),
-    });
-
-    // 4. Reload under load.
-    eprintln!("bench: reload under load");
-    // About as long as the swaps take (each roughly a quarter of a second).
-    let count = (sizes.swaps_under_load as u64 * sizes.swap_load_rate / 4).max(200) as usize;
-    let swaps = async {
-        let mut to_answer = Vec::new();
-        for round in 1..=sizes.swaps_under_load {
-            to_answer.push(bench.swap(round % 2 == 1, round).await?.as_millis() as u64);
-        }
-        anyhow::Ok(to_answer)
-    };
-    let (load, to_answer) = tokio::join!(bench.load(20, count, Some(sizes.swap_load_rate)), swaps);
-    let mut to_answer = to_answer?;
-    to_answer.sort_unstable();
-    clean &= load.clean();
-    let pauses = swap_pauses(&gateway).await?;
-    results["reload"] = json!({
-        "swaps": sizes.swaps_under_load,
-        "swap_pause_us": latency_json(&pauses),
-        "file_to_answer_ms": latency_json(&to_answer),
-        "load": load.json(),
-    });
-
-    // 5. Memory after many reloads.
-    eprintln!("bench: {} reloads", sizes.reloads_total);
-    for round in sizes.swaps_under_load + 1..=sizes.reloads_total {
-        bench.swap(round % 2 == 1, round).await?;
+    if bench.args.wants("latency") {
+        eprintln!("bench: latency");
+        let latency = bench.load(10, sizes.latency_count, Some(sizes.latency_rate)).await;
+        clean &= latency.clean();
+        let added =
+            |p: f64| percentile(&latency.latencies_us, p) as i64 - percentile(&floor_latency.latencies_us, p) as i64;
+        results["latency"] = json!({
+            "rate_per_second": sizes.latency_rate,
+            "gateway_us": latency_json(&latency.latencies_us),
+            "floor_us": latency_json(&floor_latency.latencies_us),
+            "added_us": {"p50": added(0.5), "p99": added(0.99),
+                         "max": latency.latencies_us.last().copied().unwrap_or(0) as i64
+                                - floor_latency.latencies_us.last().copied().unwrap_or(0) as i64},
+            "load": latency.json(),
+        });
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss_after_reloads = gateway.rss_kib().unwrap_or(0);
-    let still_mapped = generations_still_mapped(&gateway).await?;
-    results["memory_kib"] = json!({
-        "idle": rss_idle,
-        "under_load": rss_under_load,
-        "after_reloads": rss_after_reloads,
-        "reloads": sizes.reloads_total,
-        "generations_still_mapped": still_mapped,
-    });
+    // 4. Reload under load.
+    if bench.args.wants("reload") {
+        eprintln!("bench: reload under load");
+        // About as long as the swaps take (each roughly a quarter of a second).
+        let count = (sizes.swaps_under_load as u64 * sizes.swap_load_rate / 4).max(200) as usize;
+        let swaps = async {
+            let mut to_answer = Vec::new();
+            for round in 1..=sizes.swaps_under_load {
+                to_answer.push(bench.swap(round % 2 == 1, round).await?.as_millis() as u64);
+            }
+            anyhow::Ok(to_answer)
+        };
+        let (load, to_answer) = tokio::join!(bench.load(20, count, Some(sizes.swap_load_rate)), swaps);
+        let mut to_answer = to_answer?;
+        to_answer.sort_unstable();
+        clean &= load.clean();
+        let pauses = swap_pauses(&gateway).await?;
+        results["reload"] = json!({
+            "swaps": sizes.swaps_under_load,
+            "swap_pause_us": latency_json(&pauses),
+            "file_to_answer_ms": latency_json(&to_answer),
+            "load": load.json(),
+        });
+    }
+    // 5. Memory after many reloads.
+    if bench.args.wants("reload") {
+        eprintln!("bench: {} reloads", sizes.reloads_total);
+        for round in sizes.swaps_under_load + 1..=sizes.reloads_total {
+            bench.swap(round % 2 == 1, round).await?;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let rss_after_reloads = gateway.rss_kib().unwrap_or(0);
+        let still_mapped = generations_still_mapped(&gateway).await?;
+        results["memory_kib"] = json!({
+            "idle": rss_idle,
+            "under_load": rss_under_load,
+            "after_reloads": rss_after_reloads,
+            "reloads": sizes.reloads_total,
+            "generations_still_mapped": still_mapped,
+        });
+    }
+    if let Ok(path) = std::env::var("BENCH_GATEWAY_LOG_TO") {
+        // For finding where the time goes: `BENCH_GATEWAY_LOG=switchboard=trace`.
+        std::fs::write(path, gateway.log_text())?;
+    }
     gateway.stop().await?;
 
     // 6. Scale.
-    eprintln!("bench: scale");
-    let mut scale = serde_json::Map::new();
-    for &sessions in &sizes.session_counts {
-        scale.insert(sessions.to_string(), bench_scale(&bench, sessions).await?);
+    if bench.args.wants("scale") {
+        eprintln!("bench: scale");
+        let mut scale = serde_json::Map::new();
+        for &sessions in &sizes.session_counts {
+            scale.insert(sessions.to_string(), bench_scale(&bench, sessions).await?);
+        }
+        results["scale"] = Value::Object(scale);
     }
-    results["scale"] = Value::Object(scale);
     results["clean"] = json!(clean);
 
     if let Some(dir) = bench.args.out.parent() {

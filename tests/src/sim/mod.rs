@@ -66,6 +66,10 @@ impl Simulator {
         let app = server::router(server::Shared { world: world.clone(), options });
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
+            // Like the real server (Go turns Nagle off on every TCP connection by default).
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             let _ = axum::serve(listener, app)
                 .with_graceful_shutdown(async {
                     let _ = stopped.await;
