@@ -25,6 +25,9 @@ use crate::{
     session::{DeliveryTarget, Session},
 };
 
+/// How often the WAL is copied into the database file.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// The file name of the database inside the state directory.
 pub const DATABASE_FILE: &str = "switchboard.db";
 
@@ -196,6 +199,11 @@ pub struct Store {
     durability: Durability,
     path: PathBuf,
     connection: Mutex<Connection>,
+    /// A second connection for the reads on the answering path (history): under WAL it reads
+    /// the last commit while the writer commits or waits for the disk. `None` in memory.
+    reader: Option<Mutex<Connection>>,
+    /// While this lives, the checkpoint thread runs.
+    _checkpoints: Option<std::sync::Arc<()>>,
 }
 
 impl Store {
@@ -205,7 +213,31 @@ impl Store {
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let connection = Connection::open_with_flags(&path, flags)
             .map_err(|e| StoreError::Open { path: path.clone(), reason: e.to_string() })?;
-        Store::init(path, connection, durability)
+        let mut store = Store::init(path, connection, durability)?;
+        let reader = Connection::open_with_flags(&store.path, flags)
+            .map_err(|e| StoreError::Open { path: store.path.clone(), reason: e.to_string() })?;
+        reader.busy_timeout(std::time::Duration::from_secs(5))?;
+        store.reader = Some(Mutex::new(reader));
+        // Checkpoints copy the WAL into the database and sync it: on a thread of their own, so
+        // no commit (and no reply waiting behind it) pays for one.
+        let checkpointer = Connection::open_with_flags(&store.path, flags)
+            .map_err(|e| StoreError::Open { path: store.path.clone(), reason: e.to_string() })?;
+        store.connection.lock().unwrap().pragma_update(None, "wal_autocheckpoint", 0)?;
+        let alive = std::sync::Arc::new(());
+        let watched = std::sync::Arc::downgrade(&alive);
+        std::thread::Builder::new()
+            .name("store-checkpoint".into())
+            .spawn(move || {
+                while watched.upgrade().is_some() {
+                    std::thread::sleep(CHECKPOINT_EVERY);
+                    if let Err(e) = checkpointer.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                        tracing::warn!("state database checkpoint failed (retried): {e}");
+                    }
+                }
+            })
+            .map_err(|e| StoreError::Open { path: store.path.clone(), reason: format!("checkpoint thread: {e}") })?;
+        store._checkpoints = Some(alive);
+        Ok(store)
     }
 
     /// A private in-memory database, for tests.
@@ -228,7 +260,7 @@ impl Store {
         if check != "ok" {
             return Err(StoreError::Corrupt { path, reason: check });
         }
-        let store = Store { path, connection: Mutex::new(connection), durability };
+        let store = Store { path, connection: Mutex::new(connection), reader: None, _checkpoints: None, durability };
         store.migrate()?;
         Ok(store)
     }
@@ -391,7 +423,7 @@ impl Store {
 
     /// The last `limit` transcript turns of a session, oldest first.
     pub fn history(&self, session_key: &str, limit: usize) -> Result<Vec<Turn>, StoreError> {
-        let connection = self.connection.lock().unwrap();
+        let connection = self.reader.as_ref().unwrap_or(&self.connection).lock().unwrap();
         let mut statement = connection.prepare_cached(
             "SELECT role, content FROM (SELECT id, role, content FROM turns WHERE session_key = ?1
              ORDER BY id DESC LIMIT ?2) ORDER BY id",
