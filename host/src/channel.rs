@@ -34,6 +34,9 @@ use crate::{
 /// How many queued events go to the apartment in one hop.
 const BATCH: usize = 256;
 
+/// Replies handed to the adapter and not yet confirmed or failed, per channel instance, at most.
+const DELIVERY_WINDOW: usize = 64;
+
 /// A generation that is loaded (on its apartment) but not yet constructed.
 pub struct Prepared {
     pub number: u64,
@@ -139,6 +142,9 @@ struct Instance {
     /// Events that arrived while no generation was running; delivered to the next one.
     parked: Vec<Event>,
     pending_replies: HashMap<u64, PendingReply>,
+    /// Replies waiting for room in the delivery window, oldest first. The host keeps them,
+    /// not the adapter: its state (exported after every batch) stays small under a backlog.
+    delivery_backlog: VecDeque<Event>,
     /// The last state stored for the adapter (handed to a generation that starts without
     /// a predecessor: the first one of this process, or after its predecessor died).
     saved_state: Option<StateBlob>,
@@ -184,6 +190,7 @@ pub async fn spawn(id: String, config: ChannelConfig, prepared: Prepared, shared
         current: None,
         parked: Vec::new(),
         pending_replies: HashMap::new(),
+        delivery_backlog: VecDeque::new(),
         saved_state,
         cold: true,
         host_retries: HashMap::new(),
@@ -203,7 +210,10 @@ impl Instance {
             tokio::select! {
                 biased;
                 control = self.control.recv() => match control {
-                    Some(Control::Replace { prepared, config, done }) => self.replace(*prepared, config, done).await,
+                    Some(Control::Replace { prepared, config, done }) => {
+                        self.replace(*prepared, config, done).await;
+                        self.release_deliveries().await;
+                    }
                     Some(Control::Stop { done }) => {
                         self.stop().await;
                         let _ = done.send(());
@@ -223,9 +233,43 @@ impl Instance {
                             Err(_) => break,
                         }
                     }
-                    self.dispatch(batch).await;
+                    let batch = self.hold_back_deliveries(batch);
+                    if !batch.is_empty() {
+                        self.dispatch(batch).await;
+                    }
+                    self.release_deliveries().await;
                 }
             }
+        }
+    }
+
+    /// Keep the replies beyond the delivery window (and all after them, for order) back.
+    fn hold_back_deliveries(&mut self, batch: Vec<Event>) -> Vec<Event> {
+        let mut room = DELIVERY_WINDOW.saturating_sub(self.pending_replies.len());
+        let mut admitted = Vec::with_capacity(batch.len());
+        for event in batch {
+            if matches!(event, Event::DeliverReply(_)) {
+                if room == 0 || !self.delivery_backlog.is_empty() {
+                    self.delivery_backlog.push_back(event);
+                    continue;
+                }
+                room -= 1;
+            }
+            admitted.push(event);
+        }
+        admitted
+    }
+
+    /// Hand held-back replies to the adapter as the window frees up.
+    async fn release_deliveries(&mut self) {
+        while !self.delivery_backlog.is_empty() && self.current.is_some() {
+            let room = DELIVERY_WINDOW.saturating_sub(self.pending_replies.len());
+            if room == 0 {
+                return;
+            }
+            let take = room.min(self.delivery_backlog.len());
+            let batch: Vec<Event> = self.delivery_backlog.drain(..take).collect();
+            self.dispatch(batch).await;
         }
     }
 
@@ -810,6 +854,9 @@ impl Instance {
         self.shared.router.unregister_instance(&self.id);
         if !self.parked.is_empty() {
             tracing::warn!(channel = %self.id, events = self.parked.len(), "instance stopped with events no generation handled");
+        }
+        if !self.delivery_backlog.is_empty() {
+            tracing::info!(channel = %self.id, replies = self.delivery_backlog.len(), "replies still queued; sent after the next start");
         }
     }
 }

@@ -198,12 +198,10 @@ pub struct StoreCounts {
 pub struct Store {
     durability: Durability,
     path: PathBuf,
-    connection: Mutex<Connection>,
+    connection: std::sync::Arc<Mutex<Connection>>,
     /// A second connection for the reads on the answering path (history): under WAL it reads
     /// the last commit while the writer commits or waits for the disk. `None` in memory.
     reader: Option<Mutex<Connection>>,
-    /// While this lives, the checkpoint thread runs.
-    _checkpoints: Option<std::sync::Arc<()>>,
 }
 
 impl Store {
@@ -223,20 +221,11 @@ impl Store {
         let checkpointer = Connection::open_with_flags(&store.path, flags)
             .map_err(|e| StoreError::Open { path: store.path.clone(), reason: e.to_string() })?;
         store.connection.lock().unwrap().pragma_update(None, "wal_autocheckpoint", 0)?;
-        let alive = std::sync::Arc::new(());
-        let watched = std::sync::Arc::downgrade(&alive);
+        let writer = std::sync::Arc::downgrade(&store.connection);
         std::thread::Builder::new()
             .name("store-checkpoint".into())
-            .spawn(move || {
-                while watched.upgrade().is_some() {
-                    std::thread::sleep(CHECKPOINT_EVERY);
-                    if let Err(e) = checkpointer.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                        tracing::warn!("state database checkpoint failed (retried): {e}");
-                    }
-                }
-            })
+            .spawn(move || checkpoint_while_open(&checkpointer, &writer))
             .map_err(|e| StoreError::Open { path: store.path.clone(), reason: format!("checkpoint thread: {e}") })?;
-        store._checkpoints = Some(alive);
         Ok(store)
     }
 
@@ -260,7 +249,7 @@ impl Store {
         if check != "ok" {
             return Err(StoreError::Corrupt { path, reason: check });
         }
-        let store = Store { path, connection: Mutex::new(connection), reader: None, _checkpoints: None, durability };
+        let store = Store { path, connection: std::sync::Arc::new(Mutex::new(connection)), reader: None, durability };
         store.migrate()?;
         Ok(store)
     }
@@ -606,6 +595,33 @@ fn classify(path: &Path, error: rusqlite::Error) -> StoreError {
             rusqlite::ErrorCode::CannotOpen | rusqlite::ErrorCode::ReadOnly | rusqlite::ErrorCode::PermissionDenied,
         ) => StoreError::Open { path: path.to_path_buf(), reason: error.to_string() },
         _ => StoreError::Sql(error),
+    }
+}
+
+/// Every `CHECKPOINT_EVERY`, until the store is dropped: copy the WAL into the database
+/// without holding up writers, then copy what was appended meanwhile under the writer's lock.
+/// That last step is short, and it lets the next commit start the WAL over: under a steady
+/// write load a checkpoint that never catches up would let the WAL grow without end.
+fn checkpoint_while_open(checkpointer: &Connection, writer: &std::sync::Weak<Mutex<Connection>>) {
+    let passive = |connection: &Connection| {
+        connection
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| Ok((row.get::<_, i64>(1)?, row.get::<_, i64>(2)?)))
+    };
+    loop {
+        std::thread::sleep(CHECKPOINT_EVERY);
+        let Some(writer) = writer.upgrade() else { return };
+        match passive(checkpointer) {
+            Ok((frames, _)) if frames <= 0 => continue,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!("state database checkpoint failed (retried): {e}");
+                continue;
+            }
+        }
+        let locked = writer.lock().unwrap();
+        if let Err(e) = passive(&locked) {
+            tracing::warn!("state database checkpoint failed (retried): {e}");
+        }
     }
 }
 

@@ -4,9 +4,10 @@
 //!   `target/plugins/<profile>/` (the plugin directory the demo and the tests use);
 //! - `fixtures`: deliberately broken builds of the Mattermost adapter for the refusal tests,
 //!   in `target/fixtures/`;
-//! - `test`: `build` + `fixtures`, then the whole test suite (what `.ci/run` calls);
+//! - `test`: `build` + `fixtures`, then the whole test suite;
+//! - `ci`: what `.ci/run` calls: `test`, then `bench --quick`;
 //! - `demo`: `build`, then the simulator, the gateway and a short scripted conversation;
-//! - `bench [--quick]`: release builds, then the benchmark (`tests/src/bin/bench.rs`).
+//! - `bench [--quick] [--only parts]`: release builds, then the benchmark (`tests/src/bin/bench.rs`).
 
 use std::{
     path::{Path, PathBuf},
@@ -37,7 +38,7 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         cargo_test_args: Vec<String>,
     },
-    /// What CI runs: the test task.
+    /// What CI runs: the test task, then the quick benchmark.
     Ci,
     /// Start the simulator and the gateway and play a short conversation, with a chatmode
     /// reload (SIGUSR1) in the middle.
@@ -51,6 +52,9 @@ enum Task {
     Bench {
         #[arg(long)]
         quick: bool,
+        /// Only these parts (the floor always runs): throughput, latency, reload, scale.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
 }
 
@@ -74,9 +78,9 @@ fn main() -> Result<()> {
         Task::Build { release } => build(&root, release).map(|_| ()),
         Task::Fixtures => fixtures(&root),
         Task::Test { cargo_test_args } => test(&root, &cargo_test_args),
-        Task::Ci => test(&root, &[]),
+        Task::Ci => test(&root, &[]).and_then(|()| bench(&root, true, &[])),
         Task::Demo { release } => demo(&root, release),
-        Task::Bench { quick } => bench(&root, quick),
+        Task::Bench { quick, only } => bench(&root, quick, &only),
     }
 }
 
@@ -155,7 +159,7 @@ fn fixtures(root: &Path) -> Result<()> {
     Ok(())
 }
 
-fn bench(root: &Path, quick: bool) -> Result<()> {
+fn bench(root: &Path, quick: bool, only: &[String]) -> Result<()> {
     // The second build the reload part swaps in, built first: the normal build below must
     // be the last one in target/release.
     let profile = profile_dir(root, true);
@@ -178,6 +182,9 @@ fn bench(root: &Path, quick: bool) -> Result<()> {
         .current_dir(root);
     if quick {
         command.arg("--quick");
+    }
+    if !only.is_empty() {
+        command.arg("--only").arg(only.join(","));
     }
     let status = command.status().context("cannot run the bench program")?;
     if !status.success() {

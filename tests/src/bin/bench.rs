@@ -527,6 +527,10 @@ async fn main() -> Result<()> {
             "load": latency.json(),
         });
     }
+    // RSS once the load has passed: the base the reloads' growth is measured from.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_before_reloads = gateway.rss_kib().unwrap_or(0);
+
     // 4. Reload under load.
     if bench.args.wants("reload") {
         eprintln!("bench: reload under load");
@@ -563,7 +567,9 @@ async fn main() -> Result<()> {
         results["memory_kib"] = json!({
             "idle": rss_idle,
             "under_load": rss_under_load,
-            "after_reloads": rss_after_reloads,
+            "before_reloads": rss_before_reloads,
+        "after_reloads": rss_after_reloads,
+        "growth_over_reloads": rss_after_reloads as i64 - rss_before_reloads as i64,
             "reloads": sizes.reloads_total,
             "generations_still_mapped": still_mapped,
         });
@@ -745,8 +751,13 @@ fn print_table(r: &Value) {
     );
     println!(
         "{:<58} {:>14}",
-        format!("RSS after {} reloads (MiB); generations still mapped", u(&m["reloads"])),
-        format!("{:.1}; {}", f(&m["after_reloads"]) / 1024.0, u(&m["generations_still_mapped"]))
+        format!("RSS before → after {} reloads (MiB); still mapped", u(&m["reloads"])),
+        format!(
+            "{:.1} → {:.1}; {}",
+            f(&m["before_reloads"]) / 1024.0,
+            f(&m["after_reloads"]) / 1024.0,
+            u(&m["generations_still_mapped"])
+        )
     );
     println!("{:<58} {:>14.0}", "start-up: process start → first reply (ms)", f(&r["start_up_ms"]));
     if let Some(scale) = r["scale"].as_object() {
