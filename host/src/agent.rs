@@ -67,6 +67,12 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// Whether the agent is shown the session's transcript (the echo agent is not: reading it
+    /// would cost a store read per message for nothing).
+    pub fn reads_history(&self) -> bool {
+        self.config.history_limit > 0 && !matches!(self.config.kind, AgentKind::Echo)
+    }
+
     /// The reply text, or `None` when the agent chose not to answer.
     pub async fn respond(&self, http: &reqwest::Client, request: &AgentRequest) -> Result<Option<String>, AgentError> {
         match &self.config.kind {

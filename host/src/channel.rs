@@ -148,6 +148,12 @@ struct Instance {
     /// The last state stored for the adapter (handed to a generation that starts without
     /// a predecessor: the first one of this process, or after its predecessor died).
     saved_state: Option<StateBlob>,
+    /// `saved_state` is newer than the one in the store.
+    state_unstored: bool,
+    /// When the adapter's state was last written to the store.
+    state_stored_at: Option<Instant>,
+    /// When the running generation last handled a batch (the end of a swap's pause).
+    handled_at: Option<Instant>,
     /// No generation has run on this transport yet: nothing of an earlier one survives.
     cold: bool,
     /// Replies the adapter gave up on (retryable) and how often the host sent them again.
@@ -160,6 +166,12 @@ struct Instance {
 /// how long it waits first (times the round).
 const HOST_DELIVERY_ROUNDS: u32 = 5;
 const HOST_RETRY_AFTER: Duration = Duration::from_secs(20);
+
+/// How often, at most, the adapter's state goes to the store under load. Storing it less often
+/// than it changes is safe (a crash resumes from an older cursor: the replayed messages are
+/// recognised as seen, and deliveries look before they post again); at tens of kilobytes it
+/// was most of what every batch wrote. Swaps and restarts hand over the state in memory.
+const STATE_STORE_EVERY: Duration = Duration::from_millis(100);
 
 /// Whether a batch can have moved the adapter's state (everything but typing indicators).
 fn moves_state(event: &Event) -> bool {
@@ -192,6 +204,9 @@ pub async fn spawn(id: String, config: ChannelConfig, prepared: Prepared, shared
         pending_replies: HashMap::new(),
         delivery_backlog: VecDeque::new(),
         saved_state,
+        state_unstored: false,
+        state_stored_at: None,
+        handled_at: None,
         cold: true,
         host_retries: HashMap::new(),
         restarts: VecDeque::new(),
@@ -224,6 +239,10 @@ impl Instance {
                         return;
                     }
                 },
+                () = tokio::time::sleep(STATE_STORE_EVERY), if self.state_unstored => {
+                    let generation = self.current.as_ref().map_or(0, |r| r.number);
+                    self.commit(generation, &[], None, true).await;
+                }
                 Some(first) = self.events.recv() => {
                     let mut batch = Vec::with_capacity(16);
                     batch.push(first);
@@ -403,6 +422,7 @@ impl Instance {
                 cold,
             });
         };
+        self.handled_at = Some(Instant::now());
         let count = handled.len() as u64;
         if let Some(running) = self.current.as_mut() {
             running.events_handled += count;
@@ -422,7 +442,7 @@ impl Instance {
         };
         // Write ahead: the batch's inbound, reply outcomes and the adapter's cursor are stored
         // together before anything the batch asked for is carried out.
-        let inbound_ids = self.commit(number, &commands, state);
+        let inbound_ids = self.commit(number, &commands, state, false).await;
         let mut inbound_ids = inbound_ids.into_iter();
         for command in commands {
             match command {
@@ -548,7 +568,14 @@ impl Instance {
 
     /// Store one batch. Returns, per inbound command in order, its new id or `None` for a
     /// redelivery. When the store fails the messages are still answered (and said so).
-    fn commit(&mut self, generation: u64, commands: &[Command], state: Option<(u32, String)>) -> Vec<Option<i64>> {
+    /// The adapter's state goes with it when `state_now` or [`STATE_STORE_EVERY`] has passed.
+    async fn commit(
+        &mut self,
+        generation: u64,
+        commands: &[Command],
+        state: Option<(u32, String)>,
+        state_now: bool,
+    ) -> Vec<Option<i64>> {
         let mut record = BatchRecord { adapter_state: state, ..Default::default() };
         for command in commands {
             match command {
@@ -565,6 +592,14 @@ impl Instance {
                 _ => {}
             }
         }
+        if let Some((format_version, data)) = record.adapter_state.take() {
+            self.saved_state = Some(StateBlob { format_version, data: data.into() });
+            self.state_unstored = true;
+        }
+        let due = state_now || self.state_stored_at.is_none_or(|at| at.elapsed() >= STATE_STORE_EVERY);
+        if self.state_unstored && due {
+            record.adapter_state = self.saved_state.as_ref().map(|s| (s.format_version, s.data.to_string()));
+        }
         if record.inbound.is_empty()
             && record.delivered.is_empty()
             && record.failed.is_empty()
@@ -572,21 +607,26 @@ impl Instance {
         {
             return Vec::new();
         }
-        if let Some((format_version, data)) = &record.adapter_state {
-            self.saved_state = Some(StateBlob { format_version: *format_version, data: data.as_str().into() });
-        }
-        match self.shared.router.store().commit_batch(&self.id, &record, now_ms()) {
-            Ok(ids) => ids,
+        let storing_state = record.adapter_state.is_some();
+        let inbound = record.inbound.len();
+        match self.shared.router.writer().commit_batch(&self.id, record, now_ms()).await {
+            Ok(ids) => {
+                if storing_state {
+                    self.state_unstored = false;
+                    self.state_stored_at = Some(Instant::now());
+                }
+                ids
+            }
             Err(e) => {
                 self.shared.metrics.store_errors.inc();
                 tracing::error!(
                     channel = %self.id,
                     generation,
-                    inbound = record.inbound.len(),
+                    inbound,
                     "cannot store this batch; its messages are answered but a crash now could lose them: {e}"
                 );
                 // Without the store there is no telling a redelivery; answer rather than drop.
-                (0..record.inbound.len()).map(|_| Some(0)).collect()
+                (0..inbound).map(|_| Some(0)).collect()
             }
         }
     }
@@ -689,6 +729,7 @@ impl Instance {
             state: GenerationState::Refused,
             events_handled: 0,
             swap_pause_us: None,
+            swap_settled_us: None,
             mapped: Some(true),
         });
         self.shared.metrics.generations_loaded.inc();
@@ -727,11 +768,35 @@ impl Instance {
             Err(gone) => return self.refuse(number, apartment, gone.to_string(), done),
         }
 
-        // 3. Cut over: the old generation is told it was replaced (it must leave the
-        //    connections alone), the new one starts, and queued events flow to it.
+        // 3. Cut over: the new generation starts and the events queued meanwhile flow to it;
+        //    then the old one is told it was replaced (it must leave the connections alone).
+        //    It is only ever run when called, so telling it after the cut-over is safe and
+        //    keeps its goodbye out of the pause.
         let previous = self.current.replace(Running { number, apartment, events_handled: 0, cold_start: self.cold });
         self.cold = false;
         self.config = config;
+        self.shared.ledger.update(&self.id, number, |r| r.state = GenerationState::Running);
+        self.shared.metrics.generations_started.inc();
+        let mut first = vec![Event::Started { generation: number }];
+        first.append(&mut self.parked);
+        while first.len() < BATCH {
+            match self.events.try_recv() {
+                Ok(event) => first.push(event),
+                Err(_) => break,
+            }
+        }
+        let first = self.hold_back_deliveries(first);
+        self.handled_at = None;
+        self.dispatch(first).await;
+        // Paused until the new generation has handled what queued up; storing the batch and
+        // carrying out what it asked for follows as for any batch (`swap_settled_us`).
+        let settled = paused_at.elapsed();
+        let pause = self.handled_at.map_or(settled, |at| at.duration_since(paused_at));
+        self.shared.metrics.swap_pause_seconds.observe(pause.as_secs_f64());
+        self.shared.ledger.update(&self.id, number, |r| {
+            r.swap_pause_us = Some(pause.as_micros() as u64);
+            r.swap_settled_us = Some(settled.as_micros() as u64);
+        });
         if let Some(old) = previous {
             if let Ok(outcomes) = old
                 .apartment
@@ -747,14 +812,6 @@ impl Instance {
             }
             self.retire(old, true);
         }
-        self.shared.ledger.update(&self.id, number, |r| r.state = GenerationState::Running);
-        self.shared.metrics.generations_started.inc();
-        let mut first = vec![Event::Started { generation: number }];
-        first.append(&mut self.parked);
-        self.dispatch(first).await;
-        let pause = paused_at.elapsed();
-        self.shared.metrics.swap_pause_seconds.observe(pause.as_secs_f64());
-        self.shared.ledger.update(&self.id, number, |r| r.swap_pause_us = Some(pause.as_micros() as u64));
         tracing::info!(
             channel = %self.id,
             generation = number,
@@ -839,7 +896,7 @@ impl Instance {
             {
                 let commands: Vec<Command> = outcomes.into_iter().flatten().flatten().collect();
                 // The last state (cursor, deliveries) is what the next start resumes from.
-                self.commit(number, &commands, state.ok());
+                self.commit(number, &commands, state.ok(), true).await;
                 for command in commands {
                     if !matches!(command, Command::Inbound(_)) {
                         self.execute(number, command);

@@ -36,8 +36,11 @@ pub struct GenerationRecord {
     pub loaded_at_ms: i64,
     pub state: GenerationState,
     pub events_handled: u64,
-    /// How long events were held while this generation took over (µs).
+    /// How long events were held while this generation took over (µs): until it had handled
+    /// the events that queued up meanwhile.
     pub swap_pause_us: Option<u64>,
+    /// Until that first batch was also stored and what it asked for carried out (µs).
+    pub swap_settled_us: Option<u64>,
     /// Whether `/proc/self/maps` still lists the copy (`null` where it cannot be told).
     pub mapped: Option<bool>,
 }

@@ -24,7 +24,7 @@ use crate::{
     lane::Lanes,
     metrics::{self, Metrics},
     session::{now_ms, session_key, DeliveryTarget, Session, SessionStore},
-    store::{FinishedTurn, QueuedReply, Store, Turn, TurnWriter},
+    store::{FinishedTurn, QueuedReply, Store, StoreWriter, Turn},
 };
 
 /// The part of the config routing needs; replaced as a whole on reload.
@@ -40,7 +40,7 @@ pub struct Router {
     table: RwLock<Table>,
     sessions: Arc<dyn SessionStore>,
     store: Arc<Store>,
-    turn_writer: TurnWriter,
+    writer: StoreWriter,
     lanes: Lanes,
     instances: RwLock<HashMap<String, mpsc::UnboundedSender<Event>>>,
     metrics: Arc<Metrics>,
@@ -61,7 +61,7 @@ impl Router {
         let router = Arc::new(Router {
             table: RwLock::new(Table::default()),
             sessions,
-            turn_writer: TurnWriter::start(store.clone()),
+            writer: StoreWriter::start(store.clone()),
             store,
             lanes: Lanes::new(config.gateway.max_concurrent_turns, config.gateway.lane_capacity),
             instances: RwLock::new(HashMap::new()),
@@ -92,6 +92,11 @@ impl Router {
 
     pub fn store(&self) -> Arc<Store> {
         self.store.clone()
+    }
+
+    /// The group-commit writer shared by every channel instance and turn.
+    pub fn writer(&self) -> &StoreWriter {
+        &self.writer
     }
 
     pub fn register_instance(&self, id: &str, events: mpsc::UnboundedSender<Event>) {
@@ -237,7 +242,12 @@ impl Router {
         // The reply goes where the registry says the session lives, into the thread the
         // message came from.
         let target = ReplyTarget::new(&session.target.conversation_id, &inbound.thread_root_id);
-        let history = match self.store.history(&session.key, agent.config.history_limit) {
+        let stored = if agent.reads_history() {
+            self.store.history(&session.key, agent.config.history_limit)
+        } else {
+            Ok(Vec::new())
+        };
+        let history = match stored {
             Ok(turns) => turns.into_iter().map(|t| HistoryTurn { role: t.role, content: t.content }).collect(),
             Err(e) => {
                 self.metrics.store_errors.inc();
@@ -292,7 +302,7 @@ impl Router {
             reply: reply.clone().map(|text| (delivery_target.clone(), text)),
             finished_at_ms: now_ms(),
         };
-        match self.turn_writer.finish(finished).await {
+        match self.writer.finish(finished).await {
             Ok(Some(reply_id)) => self.deliver(QueuedReply {
                 id: reply_id,
                 session_key: session.key.clone(),

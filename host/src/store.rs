@@ -9,8 +9,10 @@
 //!   outcomes it reported and the adapter state after it. The adapter's resume cursor is
 //!   therefore never stored ahead of a message it has passed.
 //! - [`Store::finish_turns`]: per turn, the transcript turns, the queued reply and "inbound
-//!   answered" (several turns share a transaction: [`TurnWriter`]'s group commits).
-//!   A crash before it re-runs the turn; a crash after it re-sends the queued reply.
+//!   answered". A crash before it re-runs the turn; a crash after it re-sends the queued reply.
+//!
+//! Both usually go through the [`StoreWriter`] thread, whose group commits put the writes of
+//! many tasks into one transaction, each inside a savepoint of its own.
 
 use std::{
     path::{Path, PathBuf},
@@ -135,6 +137,8 @@ pub enum StoreError {
     CannotSync(String),
     #[error("the state database writer has stopped")]
     WriterStopped,
+    #[error("state database: the group commit this write was part of failed: {0}")]
+    GroupFailed(String),
 }
 
 /// How hard a commit waits for the disk. `Normal` survives a crash of the process, `Full` also
@@ -244,7 +248,11 @@ impl Store {
         // Commits do not wait for the disk by themselves; with `Durability::Full` the commits
         // that gate something leaving the gateway (a reply about to be sent) do, and since the
         // WAL is written in order, that sync carries every earlier commit to the disk too.
-        connection.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;").map_err(corrupt)?;
+        // Statement journals (each group commit's savepoints) stay in memory: as temp files they
+        // cost a write per page touched.
+        connection
+            .execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY;")
+            .map_err(corrupt)?;
         let check: String = connection.query_row("PRAGMA quick_check", [], |row| row.get(0)).map_err(corrupt)?;
         if check != "ok" {
             return Err(StoreError::Corrupt { path, reason: check });
@@ -359,53 +367,7 @@ impl Store {
     ) -> Result<Vec<Option<i64>>, StoreError> {
         let mut connection = self.connection.lock().unwrap();
         let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let mut ids = Vec::with_capacity(batch.inbound.len());
-        {
-            let mut insert = transaction.prepare_cached(
-                "INSERT OR IGNORE INTO inbound
-                 (channel_instance, message_id, peer_kind, peer_id, thread_root_id, sender_id, sender_name, text,
-                  created_at_ms, received_at_ms, status)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'received')",
-            )?;
-            for message in &batch.inbound {
-                let inserted = insert.execute(params![
-                    channel,
-                    message.message_id,
-                    message.peer_kind.as_str(),
-                    message.peer_id,
-                    message.thread_root_id,
-                    message.sender_id,
-                    message.sender_name,
-                    message.text,
-                    message.created_at_ms,
-                    now_ms
-                ])?;
-                ids.push((inserted == 1).then(|| transaction.last_insert_rowid()));
-            }
-            let mut delivered = transaction.prepare_cached(
-                "UPDATE outbound SET status = 'delivered', platform_message_id = ?2, updated_at_ms = ?3 WHERE id = ?1",
-            )?;
-            for (reply_id, post_id) in &batch.delivered {
-                delivered.execute(params![*reply_id as i64, post_id, now_ms])?;
-            }
-            let mut failed = transaction.prepare_cached(
-                "UPDATE outbound SET status = 'failed', error = ?2, updated_at_ms = ?3 WHERE id = ?1",
-            )?;
-            for (reply_id, error) in &batch.failed {
-                failed.execute(params![*reply_id as i64, error, now_ms])?;
-            }
-            if let Some((format_version, data)) = &batch.adapter_state {
-                transaction
-                    .prepare_cached(
-                        "INSERT INTO adapter_state (channel_instance, format_version, data, saved_at_ms)
-                         VALUES (?1, ?2, ?3, ?4)
-                         ON CONFLICT (channel_instance) DO UPDATE
-                         SET format_version = excluded.format_version, data = excluded.data,
-                             saved_at_ms = excluded.saved_at_ms",
-                    )?
-                    .execute(params![channel, format_version, data, now_ms])?;
-            }
-        }
+        let ids = write_batch(&transaction, channel, batch, now_ms)?;
         transaction.commit()?;
         Ok(ids)
     }
@@ -625,93 +587,272 @@ fn checkpoint_while_open(checkpointer: &Connection, writer: &std::sync::Weak<Mut
     }
 }
 
+/// One batch's rows (see [`Store::commit_batch`]) inside `transaction`.
+fn write_batch(
+    transaction: &Connection,
+    channel: &str,
+    batch: &BatchRecord,
+    now_ms: i64,
+) -> Result<Vec<Option<i64>>, StoreError> {
+    let mut ids = Vec::with_capacity(batch.inbound.len());
+    {
+        let mut insert = transaction.prepare_cached(
+            "INSERT OR IGNORE INTO inbound
+         (channel_instance, message_id, peer_kind, peer_id, thread_root_id, sender_id, sender_name, text,
+          created_at_ms, received_at_ms, status)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'received')",
+        )?;
+        for message in &batch.inbound {
+            let inserted = insert.execute(params![
+                channel,
+                message.message_id,
+                message.peer_kind.as_str(),
+                message.peer_id,
+                message.thread_root_id,
+                message.sender_id,
+                message.sender_name,
+                message.text,
+                message.created_at_ms,
+                now_ms
+            ])?;
+            ids.push((inserted == 1).then(|| transaction.last_insert_rowid()));
+        }
+        let mut delivered = transaction.prepare_cached(
+            "UPDATE outbound SET status = 'delivered', platform_message_id = ?2, updated_at_ms = ?3 WHERE id = ?1",
+        )?;
+        for (reply_id, post_id) in &batch.delivered {
+            delivered.execute(params![*reply_id as i64, post_id, now_ms])?;
+        }
+        let mut failed = transaction
+            .prepare_cached("UPDATE outbound SET status = 'failed', error = ?2, updated_at_ms = ?3 WHERE id = ?1")?;
+        for (reply_id, error) in &batch.failed {
+            failed.execute(params![*reply_id as i64, error, now_ms])?;
+        }
+        if let Some((format_version, data)) = &batch.adapter_state {
+            transaction
+                .prepare_cached(
+                    "INSERT INTO adapter_state (channel_instance, format_version, data, saved_at_ms)
+             VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (channel_instance) DO UPDATE
+             SET format_version = excluded.format_version, data = excluded.data,
+                 saved_at_ms = excluded.saved_at_ms",
+                )?
+                .execute(params![channel, format_version, data, now_ms])?;
+        }
+    }
+    Ok(ids)
+}
+
 /// All of `turns` in one transaction, or none of them.
 fn write_turns(connection: &mut Connection, turns: &[FinishedTurn]) -> Result<Vec<Option<i64>>, StoreError> {
     let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let mut reply_ids = Vec::with_capacity(turns.len());
-    {
-        let mut append = transaction.prepare_cached(
-            "INSERT INTO turns (session_key, role, content, message_id, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-        )?;
-        let mut queue = transaction.prepare_cached(
-            "INSERT INTO outbound (session_key, channel_instance, conversation_id, thread_root_id, text,
-                 inbound_id, status, created_at_ms, updated_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?7)",
-        )?;
-        let mut answered = transaction.prepare_cached("UPDATE inbound SET status = 'answered' WHERE id = ?1")?;
-        let mut touch = transaction.prepare_cached("UPDATE sessions SET last_active_ms = ?2 WHERE key = ?1")?;
-        for turn in turns {
-            let at_ms = turn.finished_at_ms;
-            for entry in &turn.transcript {
-                append.execute(params![turn.session_key, entry.role, entry.content, turn.message_id, at_ms])?;
-            }
-            reply_ids.push(match &turn.reply {
-                Some((target, text)) => {
-                    queue.execute(params![
-                        turn.session_key,
-                        target.channel_instance,
-                        target.conversation_id,
-                        target.thread_root_id,
-                        text,
-                        turn.inbound_id,
-                        at_ms
-                    ])?;
-                    Some(transaction.last_insert_rowid())
-                }
-                None => None,
-            });
-            answered.execute([turn.inbound_id])?;
-            touch.execute(params![turn.session_key, at_ms])?;
-        }
-    }
+    let reply_ids = turns.iter().map(|turn| write_turn(&transaction, turn)).collect::<Result<Vec<_>, _>>()?;
     transaction.commit()?;
     Ok(reply_ids)
 }
 
-/// Stores finished turns from many tasks with group commits, on a thread of its own: while one
-/// commit waits for the disk, the turns finished meanwhile gather for the next, and no async
-/// worker is blocked by SQLite.
-pub struct TurnWriter {
-    requests: std::sync::mpsc::Sender<TurnRequest>,
+/// One finished turn's rows (see [`Store::finish_turns`]) inside `transaction`; its queued
+/// reply's id.
+fn write_turn(transaction: &Connection, turn: &FinishedTurn) -> Result<Option<i64>, StoreError> {
+    let at_ms = turn.finished_at_ms;
+    let mut append = transaction.prepare_cached(
+        "INSERT INTO turns (session_key, role, content, message_id, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    for entry in &turn.transcript {
+        append.execute(params![turn.session_key, entry.role, entry.content, turn.message_id, at_ms])?;
+    }
+    let reply_id = match &turn.reply {
+        Some((target, text)) => {
+            transaction
+                .prepare_cached(
+                    "INSERT INTO outbound (session_key, channel_instance, conversation_id, thread_root_id, text,
+                         inbound_id, status, created_at_ms, updated_at_ms)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?7)",
+                )?
+                .execute(params![
+                    turn.session_key,
+                    target.channel_instance,
+                    target.conversation_id,
+                    target.thread_root_id,
+                    text,
+                    turn.inbound_id,
+                    at_ms
+                ])?;
+            Some(transaction.last_insert_rowid())
+        }
+        None => None,
+    };
+    transaction.prepare_cached("UPDATE inbound SET status = 'answered' WHERE id = ?1")?.execute([turn.inbound_id])?;
+    transaction
+        .prepare_cached("UPDATE sessions SET last_active_ms = ?2 WHERE key = ?1")?
+        .execute(params![turn.session_key, at_ms])?;
+    Ok(reply_id)
 }
 
-type TurnRequest = (FinishedTurn, tokio::sync::oneshot::Sender<Result<Option<i64>, StoreError>>);
+/// A write for the [`StoreWriter`] thread, with where its outcome goes.
+enum WriteRequest {
+    Batch {
+        channel: String,
+        record: BatchRecord,
+        now_ms: i64,
+        done: tokio::sync::oneshot::Sender<Result<Vec<Option<i64>>, StoreError>>,
+    },
+    Turn {
+        turn: FinishedTurn,
+        done: tokio::sync::oneshot::Sender<Result<Option<i64>, StoreError>>,
+    },
+}
 
-/// The most turns one group commit takes.
+impl WriteRequest {
+    fn queues_reply(&self) -> bool {
+        matches!(self, WriteRequest::Turn { turn, .. } if turn.reply.is_some())
+    }
+}
+
+/// What one request's rows came to inside a group, before the group's commit.
+enum Written {
+    Batch(Result<Vec<Option<i64>>, StoreError>),
+    Turn(Result<Option<i64>, StoreError>),
+}
+
+/// Carries out the state database's hot writes — channel batches and finished turns from all
+/// tasks — on a thread of its own, with group commits: while one commit waits for the disk,
+/// the writes that arrive meanwhile gather for the next, so a burst costs a few transactions
+/// (and under `Durability::Full` a few syncs) instead of one per message, and no async worker
+/// waits for SQLite.
+///
+/// Each request keeps its own atomicity (a savepoint in the group): one that fails is rolled
+/// back alone and reported to its caller; the others commit.
+///
+/// Within a round, requests that queue no reply commit first, without a sync (the WAL is
+/// sequential: the next synced commit carries them to the disk), so an inbound batch never
+/// waits for the disk on behalf of replies.
+pub struct StoreWriter {
+    requests: std::sync::mpsc::Sender<WriteRequest>,
+}
+
+/// The most requests one group commit takes.
 const GROUP_COMMIT_MAX: usize = 1024;
 
-impl TurnWriter {
+impl StoreWriter {
     /// Start the writer thread; it ends when the writer is dropped.
-    pub fn start(store: std::sync::Arc<Store>) -> TurnWriter {
-        let (requests, incoming) = std::sync::mpsc::channel::<TurnRequest>();
+    pub fn start(store: std::sync::Arc<Store>) -> StoreWriter {
+        let (requests, incoming) = std::sync::mpsc::channel::<WriteRequest>();
         let spawned = std::thread::Builder::new().name("store-writer".into()).spawn(move || {
             while let Ok(first) = incoming.recv() {
-                let mut group = vec![first];
-                while group.len() < GROUP_COMMIT_MAX {
+                let mut round = vec![first];
+                while round.len() < GROUP_COMMIT_MAX {
                     match incoming.try_recv() {
-                        Ok(request) => group.push(request),
+                        Ok(request) => round.push(request),
                         Err(_) => break,
                     }
                 }
-                let (turns, waiting): (Vec<_>, Vec<_>) = group.into_iter().unzip();
-                for (result, waiter) in store.finish_turns(&turns).into_iter().zip(waiting) {
-                    let _ = waiter.send(result);
+                let (replies, quiet): (Vec<_>, Vec<_>) = round.into_iter().partition(WriteRequest::queues_reply);
+                for group in [quiet, replies] {
+                    if !group.is_empty() {
+                        store.write_group(group);
+                    }
                 }
             }
         });
         if let Err(e) = spawned {
             // Without the thread every request fails with `WriterStopped`; nothing is lost
-            // (the turns are answered after the next start).
+            // (the messages are redelivered and the turns answered after the next start).
             tracing::error!("cannot start the store writer thread: {e}");
         }
-        TurnWriter { requests }
+        StoreWriter { requests }
     }
 
     /// Store `turn` with the next group commit; its queued reply's id.
     pub async fn finish(&self, turn: FinishedTurn) -> Result<Option<i64>, StoreError> {
         let (done, result) = tokio::sync::oneshot::channel();
-        self.requests.send((turn, done)).map_err(|_| StoreError::WriterStopped)?;
+        self.requests.send(WriteRequest::Turn { turn, done }).map_err(|_| StoreError::WriterStopped)?;
         result.await.map_err(|_| StoreError::WriterStopped)?
+    }
+
+    /// [`Store::commit_batch`] with the next group commit.
+    pub async fn commit_batch(
+        &self,
+        channel: &str,
+        record: BatchRecord,
+        now_ms: i64,
+    ) -> Result<Vec<Option<i64>>, StoreError> {
+        let (done, result) = tokio::sync::oneshot::channel();
+        let request = WriteRequest::Batch { channel: channel.to_string(), record, now_ms, done };
+        self.requests.send(request).map_err(|_| StoreError::WriterStopped)?;
+        result.await.map_err(|_| StoreError::WriterStopped)?
+    }
+}
+
+impl Store {
+    /// Write `group` in one transaction, each request inside a savepoint of its own, and
+    /// answer every request.
+    fn write_group(&self, group: Vec<WriteRequest>) {
+        let must_sync = self.durability == Durability::Full && group.iter().any(WriteRequest::queues_reply);
+        let mut connection = self.connection.lock().unwrap();
+        let outcome = (|| -> Result<Vec<Written>, StoreError> {
+            if must_sync {
+                connection
+                    .pragma_update(None, "synchronous", "FULL")
+                    .map_err(|e| StoreError::CannotSync(e.to_string()))?;
+            }
+            let mut transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut written = Vec::with_capacity(group.len());
+            for request in &group {
+                let savepoint = transaction.savepoint()?;
+                let outcome = match request {
+                    WriteRequest::Batch { channel, record, now_ms, .. } => {
+                        Written::Batch(write_batch(&savepoint, channel, record, *now_ms))
+                    }
+                    WriteRequest::Turn { turn, .. } => Written::Turn(write_turn(&savepoint, turn)),
+                };
+                let failed = matches!(&outcome, Written::Batch(Err(_)) | Written::Turn(Err(_)));
+                if failed {
+                    // Dropping the savepoint rolls this request back; the others stay.
+                    drop(savepoint);
+                } else {
+                    savepoint.commit()?;
+                }
+                written.push(outcome);
+            }
+            transaction.commit()?;
+            Ok(written)
+        })();
+        if must_sync {
+            if let Err(e) = connection.pragma_update(None, "synchronous", "NORMAL") {
+                tracing::warn!("cannot set the state database back to synchronous=NORMAL: {e}");
+            }
+        }
+        drop(connection);
+        match outcome {
+            Ok(written) => {
+                for (request, outcome) in group.into_iter().zip(written) {
+                    match (request, outcome) {
+                        (WriteRequest::Batch { done, .. }, Written::Batch(result)) => {
+                            let _ = done.send(result);
+                        }
+                        (WriteRequest::Turn { done, .. }, Written::Turn(result)) => {
+                            let _ = done.send(result);
+                        }
+                        _ => unreachable!("outcomes are in request order"),
+                    }
+                }
+            }
+            Err(e) => {
+                // The group did not commit: nothing of it is stored.
+                let reason = e.to_string();
+                for request in group {
+                    match request {
+                        WriteRequest::Batch { done, .. } => {
+                            let _ = done.send(Err(StoreError::GroupFailed(reason.clone())));
+                        }
+                        WriteRequest::Turn { done, .. } => {
+                            let _ = done.send(Err(StoreError::GroupFailed(reason.clone())));
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -799,14 +940,25 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn turns_finished_together_are_each_stored_with_their_own_reply() {
+    async fn writes_grouped_together_are_each_stored_or_refused_alone() {
         let dir = tempfile::tempdir().unwrap();
         let store = std::sync::Arc::new(Store::open(dir.path(), Durability::Full).unwrap());
+        // One turn in the group fails inside SQLite; only it may be rolled back.
+        store
+            .connection
+            .lock()
+            .unwrap()
+            .execute_batch(
+                "CREATE TRIGGER poison BEFORE INSERT ON turns WHEN NEW.content = 't13'
+                 BEGIN SELECT RAISE(ABORT, 'poisoned'); END;",
+            )
+            .unwrap();
+        let writer = std::sync::Arc::new(StoreWriter::start(store.clone()));
         let batch =
             BatchRecord { inbound: (0..200).map(|i| inbound(&format!("p{i}"))).collect(), ..Default::default() };
-        let ids: Vec<i64> = store.commit_batch("mm", &batch, 1).unwrap().into_iter().map(Option::unwrap).collect();
-        let writer = std::sync::Arc::new(TurnWriter::start(store.clone()));
-        let tasks: Vec<_> = ids
+        let ids: Vec<i64> =
+            writer.commit_batch("mm", batch, 1).await.unwrap().into_iter().map(Option::unwrap).collect();
+        let turns: Vec<_> = ids
             .iter()
             .enumerate()
             .map(|(i, &id)| {
@@ -816,19 +968,51 @@ mod tests {
                 })
             })
             .collect();
+        // Channel batches arrive among the turns (redeliveries of p0..p9 and new messages).
+        let batches: Vec<_> = (0..10)
+            .map(|i| {
+                let writer = writer.clone();
+                tokio::spawn(async move {
+                    let record = BatchRecord {
+                        inbound: vec![inbound(&format!("p{i}")), inbound(&format!("q{i}"))],
+                        ..Default::default()
+                    };
+                    writer.commit_batch("mm", record, 3).await
+                })
+            })
+            .collect();
         let mut reply_ids = Vec::new();
-        for task in tasks {
-            reply_ids.push(task.await.unwrap().unwrap().unwrap());
+        for (i, task) in turns.into_iter().enumerate() {
+            let outcome = task.await.unwrap();
+            if i == 13 {
+                assert!(outcome.unwrap_err().to_string().contains("poisoned"));
+            } else {
+                reply_ids.push((i, outcome.unwrap().unwrap()));
+            }
+        }
+        for task in batches {
+            let ids = task.await.unwrap().unwrap();
+            assert_eq!(ids[0], None, "a redelivery is recognised");
+            assert!(ids[1].is_some());
         }
         let queued = store.queued_replies("mm").unwrap();
-        assert_eq!(queued.len(), 200);
-        for (i, reply_id) in reply_ids.iter().enumerate() {
+        assert_eq!(queued.len(), 199);
+        for (i, reply_id) in &reply_ids {
             let reply = queued.iter().find(|r| r.id == *reply_id).unwrap();
             assert_eq!(reply.text, format!("echo: t{i}"));
             assert_eq!(reply.target.conversation_id, format!("s{}", i % 7));
         }
-        assert!(store.pending_inbound("mm").unwrap().is_empty());
+        // The refused turn left nothing behind: its message is still to be answered.
+        let pending: Vec<String> =
+            store.pending_inbound("mm").unwrap().into_iter().map(|(_, m)| m.message_id).collect();
+        let mut expected: Vec<String> = (0..10).map(|i| format!("q{i}")).collect();
+        expected.push("p13".into());
+        expected.sort();
+        let mut pending = pending;
+        pending.sort();
+        assert_eq!(pending, expected);
         assert_eq!(store.history("s0", 1000).unwrap().len(), 29);
+        assert_eq!(store.history("s6", 1000).unwrap().len(), 27, "t13 (of 28 in s6) was refused");
     }
 
     #[test]

@@ -19,6 +19,9 @@ use tokio_tungstenite::tungstenite::{
 /// The largest HTTP response body handed to an adapter.
 const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 
+/// Frames written to a WebSocket before it is flushed, at most.
+const WRITE_COALESCE: usize = 64;
+
 enum Outgoing {
     Text(String),
     Close(u16, String),
@@ -239,18 +242,40 @@ async fn run_socket(
                 Some(Err(e)) => break (1006, format!("read failed: {e}")),
                 None => break (1006, "connection closed without a close frame".to_string()),
             },
-            command = outgoing.recv() => match command {
-                Some(Outgoing::Text(text)) => {
-                    if let Err(e) = socket.send(Message::Text(text.into())).await {
-                        break (1006, format!("write failed: {e}"));
+            command = outgoing.recv() => {
+                // Frames the adapter asked for meanwhile go out in one write (Nagle is off, so
+                // a write per frame would be a packet and a syscall per frame under load).
+                let mut next = command;
+                let mut written = 0;
+                let ended = loop {
+                    match next {
+                        Some(Outgoing::Text(text)) => {
+                            if let Err(e) = socket.feed(Message::Text(text.into())).await {
+                                break Some((1006, format!("write failed: {e}")));
+                            }
+                        }
+                        Some(Outgoing::Close(code, reason)) => {
+                            let frame = CloseFrame { code: CloseCode::from(code), reason: reason.clone().into() };
+                            let _ = tokio::time::timeout(Duration::from_secs(2), socket.close(Some(frame))).await;
+                            break Some((code, reason));
+                        }
+                        None => break Some((1001, "gateway stopping".to_string())),
                     }
+                    written += 1;
+                    if written == WRITE_COALESCE {
+                        break None;
+                    }
+                    match outgoing.try_recv() {
+                        Ok(more) => next = Some(more),
+                        Err(_) => break None,
+                    }
+                };
+                if let Some(ended) = ended {
+                    break ended;
                 }
-                Some(Outgoing::Close(code, reason)) => {
-                    let frame = CloseFrame { code: CloseCode::from(code), reason: reason.clone().into() };
-                    let _ = tokio::time::timeout(Duration::from_secs(2), socket.close(Some(frame))).await;
-                    break (code, reason);
+                if let Err(e) = socket.flush().await {
+                    break (1006, format!("write failed: {e}"));
                 }
-                None => break (1001, "gateway stopping".to_string()),
             },
         }
     };

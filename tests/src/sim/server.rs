@@ -370,6 +370,9 @@ fn fail(seq: i64, id: &str, message: &str, status: u16) -> String {
     format!("{reply}\n")
 }
 
+/// Frames written to a socket before it is flushed, at most.
+const WRITE_COALESCE: usize = 64;
+
 async fn serve_socket(s: Shared, socket: WebSocket, mut user: Option<String>, requested: Option<(String, i64)>) {
     let (mut sink, mut stream) = socket.split();
     let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing>();
@@ -382,16 +385,36 @@ async fn serve_socket(s: Shared, socket: WebSocket, mut user: Option<String>, re
     let mut last_pong = tokio::time::Instant::now();
     let dropped = loop {
         tokio::select! {
-            outgoing = rx.recv() => match outgoing {
-                Some(Outgoing::Text(text)) => {
-                    if sink.send(Message::Text(text.into())).await.is_err() { break false; }
-                }
-                Some(Outgoing::Close(code)) => {
-                    let frame = axum::extract::ws::CloseFrame { code, reason: "".into() };
-                    let _ = sink.send(Message::Close(Some(frame))).await;
-                    break false;
-                }
-                Some(Outgoing::Drop) | None => break true,
+            outgoing = rx.recv() => {
+                // Frames queued meanwhile go out in one write, as a buffered Go writer would:
+                // a syscall per frame would make the simulator the bottleneck of the bench.
+                let mut next = outgoing;
+                let mut queued = 0;
+                let ended = loop {
+                    match next {
+                        Some(Outgoing::Text(text)) => {
+                            if sink.feed(Message::Text(text.into())).await.is_err() { break Some(false); }
+                        }
+                        Some(Outgoing::Close(code)) => {
+                            let frame = axum::extract::ws::CloseFrame { code, reason: "".into() };
+                            let _ = sink.send(Message::Close(Some(frame))).await;
+                            break Some(false);
+                        }
+                        Some(Outgoing::Drop) | None => {
+                            // What was queued before the cut went out before it.
+                            let _ = sink.flush().await;
+                            break Some(true);
+                        }
+                    }
+                    queued += 1;
+                    if queued == WRITE_COALESCE { break None; }
+                    match rx.try_recv() {
+                        Ok(more) => next = Some(more),
+                        Err(_) => break None,
+                    }
+                };
+                if let Some(dropped) = ended { break dropped; }
+                if sink.flush().await.is_err() { break false; }
             },
             incoming = stream.next() => match incoming {
                 Some(Ok(Message::Text(text))) => {
