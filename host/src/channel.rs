@@ -752,6 +752,8 @@ impl Instance {
             None => self.saved_state.clone(),
         };
 
+        let exported_after = paused_at.elapsed();
+
         // 2. Construct the new generation with the registry handle, the open connections
         //    and the handed-over state.
         let handover = Handover {
@@ -767,6 +769,8 @@ impl Instance {
             Ok(Err(e)) => return self.refuse(number, apartment, format!("constructor failed: {e}"), done),
             Err(gone) => return self.refuse(number, apartment, gone.to_string(), done),
         }
+
+        let constructed_after = paused_at.elapsed();
 
         // 3. Cut over: the new generation starts and the events queued meanwhile flow to it;
         //    then the old one is told it was replaced (it must leave the connections alone).
@@ -820,6 +824,8 @@ impl Instance {
             build = %manifest.build,
             sha256 = %digest.short(),
             pause_us = pause.as_micros() as u64,
+            exported_after_us = exported_after.as_micros() as u64,
+            constructed_after_us = constructed_after.as_micros() as u64,
             "generation started"
         );
         let _ = done.send(Ok(()));
