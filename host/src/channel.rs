@@ -27,7 +27,7 @@ use crate::{
     metrics::{self, Metrics},
     routing::Router,
     session::now_ms,
-    store::{BatchRecord, DeadLetter},
+    store::{BatchRecord, DeadLetter, PendingBatch, StoreError},
     transport::Transport,
 };
 
@@ -36,6 +36,11 @@ const BATCH: usize = 256;
 
 /// Replies handed to the adapter and not yet confirmed or failed, per channel instance, at most.
 const DELIVERY_WINDOW: usize = 64;
+
+/// Batches handled by the adapter whose commit is still in flight, at most. The adapter
+/// handles the next batch while the store writes the last one; what a batch asked for is
+/// carried out once it is stored, in order.
+const COMMITS_IN_FLIGHT: usize = 4;
 
 /// A generation that is loaded (on its apartment) but not yet constructed.
 pub struct Prepared {
@@ -116,6 +121,17 @@ struct Running {
     cold_start: bool,
 }
 
+/// A batch the adapter handled, on its way to the store: what it asked for waits for the
+/// commit (write ahead).
+struct Committing {
+    generation: u64,
+    commands: Vec<Command>,
+    /// The adapter's state went with it (if the commit fails, it is still unstored).
+    storing_state: bool,
+    inbound: usize,
+    outcome: PendingBatch,
+}
+
 /// Who a pending reply is for, for the delivery log line.
 struct PendingReply {
     session_key: String,
@@ -142,6 +158,8 @@ struct Instance {
     /// Events that arrived while no generation was running; delivered to the next one.
     parked: Vec<Event>,
     pending_replies: HashMap<u64, PendingReply>,
+    /// Handled batches waiting for their commit, oldest first.
+    committing: VecDeque<Committing>,
     /// Replies waiting for room in the delivery window, oldest first. The host keeps them,
     /// not the adapter: its state (exported after every batch) stays small under a backlog.
     delivery_backlog: VecDeque<Event>,
@@ -178,6 +196,14 @@ fn moves_state(event: &Event) -> bool {
     !matches!(event, Event::AgentWorking { .. })
 }
 
+/// The outcome of the oldest batch in flight.
+async fn next_commit(committing: &mut VecDeque<Committing>) -> Result<Vec<Option<i64>>, StoreError> {
+    match committing.front_mut() {
+        Some(oldest) => (&mut oldest.outcome).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Start a channel instance with its first generation.
 pub async fn spawn(id: String, config: ChannelConfig, prepared: Prepared, shared: Arc<Shared>) -> InstanceHandle {
     let (events_tx, events) = mpsc::unbounded_channel();
@@ -202,6 +228,7 @@ pub async fn spawn(id: String, config: ChannelConfig, prepared: Prepared, shared
         current: None,
         parked: Vec::new(),
         pending_replies: HashMap::new(),
+        committing: VecDeque::new(),
         delivery_backlog: VecDeque::new(),
         saved_state,
         state_unstored: false,
@@ -239,11 +266,16 @@ impl Instance {
                         return;
                     }
                 },
+                outcome = next_commit(&mut self.committing), if !self.committing.is_empty() => {
+                    let committed = self.committing.pop_front().expect("a commit was awaited");
+                    self.carry_out(committed, outcome);
+                    self.release_deliveries().await;
+                }
                 () = tokio::time::sleep(STATE_STORE_EVERY), if self.state_unstored => {
                     let generation = self.current.as_ref().map_or(0, |r| r.number);
-                    self.commit(generation, &[], None, true).await;
+                    self.submit(generation, Vec::new(), None, true).await;
                 }
-                Some(first) = self.events.recv() => {
+                Some(first) = self.events.recv(), if self.committing.len() < COMMITS_IN_FLIGHT => {
                     let mut batch = Vec::with_capacity(16);
                     batch.push(first);
                     while batch.len() < BATCH {
@@ -414,6 +446,8 @@ impl Instance {
                 return;
             }
             self.shared.metrics.adapter_restarts.get_or_create(&metrics::channel(&self.id)).inc();
+            // The earlier batches' actions first: the handover lists the open connections.
+            self.settle().await;
             let cold = self.current.as_ref().is_some_and(|r| r.cold_start);
             restart = Some(Handover {
                 generation: number,
@@ -442,7 +476,29 @@ impl Instance {
         };
         // Write ahead: the batch's inbound, reply outcomes and the adapter's cursor are stored
         // together before anything the batch asked for is carried out.
-        let inbound_ids = self.commit(number, &commands, state, false).await;
+        self.submit(number, commands, state, false).await;
+    }
+
+    /// Carry out what a stored batch asked for.
+    fn carry_out(&mut self, committed: Committing, outcome: Result<Vec<Option<i64>>, StoreError>) {
+        let Committing { generation, commands, storing_state, inbound, .. } = committed;
+        let inbound_ids = match outcome {
+            Ok(ids) => ids,
+            Err(e) => {
+                if storing_state {
+                    self.state_unstored = true;
+                }
+                self.shared.metrics.store_errors.inc();
+                tracing::error!(
+                    channel = %self.id,
+                    generation,
+                    inbound,
+                    "cannot store this batch; its messages are answered but a crash now could lose them: {e}"
+                );
+                // Without the store there is no telling a redelivery; answer rather than drop.
+                (0..inbound).map(|_| Some(0)).collect()
+            }
+        };
         let mut inbound_ids = inbound_ids.into_iter();
         for command in commands {
             match command {
@@ -457,8 +513,16 @@ impl Instance {
                         );
                     }
                 },
-                command => self.execute(number, command),
+                command => self.execute(generation, command),
             }
+        }
+    }
+
+    /// Wait for every batch in flight to be stored and carry out what each asked for.
+    async fn settle(&mut self) {
+        while let Some(mut committed) = self.committing.pop_front() {
+            let outcome = (&mut committed.outcome).await;
+            self.carry_out(committed, outcome);
         }
     }
 
@@ -566,18 +630,12 @@ impl Instance {
         self.parked = kept;
     }
 
-    /// Store one batch. Returns, per inbound command in order, its new id or `None` for a
-    /// redelivery. When the store fails the messages are still answered (and said so).
-    /// The adapter's state goes with it when `state_now` or [`STATE_STORE_EVERY`] has passed.
-    async fn commit(
-        &mut self,
-        generation: u64,
-        commands: &[Command],
-        state: Option<(u32, String)>,
-        state_now: bool,
-    ) -> Vec<Option<i64>> {
+    /// Send one batch to the store, to be carried out once stored ([`Self::carry_out`]); waits
+    /// only when [`COMMITS_IN_FLIGHT`] batches are already on their way. The adapter's state
+    /// goes with it when `state_now` or [`STATE_STORE_EVERY`] has passed.
+    async fn submit(&mut self, generation: u64, commands: Vec<Command>, state: Option<(u32, String)>, state_now: bool) {
         let mut record = BatchRecord { adapter_state: state, ..Default::default() };
-        for command in commands {
+        for command in &commands {
             match command {
                 Command::Inbound(inbound) => record.inbound.push(inbound.clone()),
                 Command::ReplyDelivered { reply_id, platform_message_id } => {
@@ -600,35 +658,31 @@ impl Instance {
         if self.state_unstored && due {
             record.adapter_state = self.saved_state.as_ref().map(|s| (s.format_version, s.data.to_string()));
         }
-        if record.inbound.is_empty()
-            && record.delivered.is_empty()
-            && record.failed.is_empty()
-            && record.adapter_state.is_none()
-        {
-            return Vec::new();
-        }
         let storing_state = record.adapter_state.is_some();
+        if storing_state {
+            // Counted as stored from now on; a failed commit marks it unstored again.
+            self.state_unstored = false;
+            self.state_stored_at = Some(Instant::now());
+        }
         let inbound = record.inbound.len();
-        match self.shared.router.writer().commit_batch(&self.id, record, now_ms()).await {
-            Ok(ids) => {
-                if storing_state {
-                    self.state_unstored = false;
-                    self.state_stored_at = Some(Instant::now());
-                }
-                ids
-            }
-            Err(e) => {
-                self.shared.metrics.store_errors.inc();
-                tracing::error!(
-                    channel = %self.id,
-                    generation,
-                    inbound,
-                    "cannot store this batch; its messages are answered but a crash now could lose them: {e}"
-                );
-                // Without the store there is no telling a redelivery; answer rather than drop.
-                (0..inbound).map(|_| Some(0)).collect()
+        let nothing_to_store =
+            inbound == 0 && record.delivered.is_empty() && record.failed.is_empty() && !storing_state;
+        if nothing_to_store && self.committing.is_empty() {
+            let ready = PendingBatch::ready(Ok(Vec::new()));
+            return self.carry_out(Committing { generation, commands, storing_state, inbound, outcome: ready }, Ok(Vec::new()));
+        }
+        let outcome = if nothing_to_store {
+            PendingBatch::ready(Ok(Vec::new()))
+        } else {
+            self.shared.router.writer().submit_batch(&self.id, record, now_ms())
+        };
+        if self.committing.len() >= COMMITS_IN_FLIGHT {
+            if let Some(mut oldest) = self.committing.pop_front() {
+                let outcome = (&mut oldest.outcome).await;
+                self.carry_out(oldest, outcome);
             }
         }
+        self.committing.push_back(Committing { generation, commands, storing_state, inbound, outcome });
     }
 
     fn execute(&mut self, generation: u64, command: Command) {
@@ -713,6 +767,9 @@ impl Instance {
     /// Swap in `prepared`. Events wait in the queue meanwhile. On any failure the current
     /// generation keeps serving, untouched.
     async fn replace(&mut self, prepared: Prepared, config: ChannelConfig, done: oneshot::Sender<Result<(), String>>) {
+        // What the current generation asked for so far is carried out first: the handover
+        // lists the open connections, and the new generation must not miss one being opened.
+        self.settle().await;
         let paused_at = Instant::now();
         let Prepared { number, apartment, source, digest } = prepared;
         let manifest = apartment.manifest.clone();
@@ -792,6 +849,7 @@ impl Instance {
         let first = self.hold_back_deliveries(first);
         self.handled_at = None;
         self.dispatch(first).await;
+        self.settle().await;
         // Paused until the new generation has handled what queued up; storing the batch and
         // carrying out what it asked for follows as for any batch (`swap_settled_us`).
         let settled = paused_at.elapsed();
@@ -890,6 +948,7 @@ impl Instance {
     }
 
     async fn stop(&mut self) {
+        self.settle().await;
         if let Some(running) = self.current.as_ref() {
             let number = running.number;
             if let Ok((outcomes, state)) = running
@@ -902,10 +961,17 @@ impl Instance {
             {
                 let commands: Vec<Command> = outcomes.into_iter().flatten().flatten().collect();
                 // The last state (cursor, deliveries) is what the next start resumes from.
-                self.commit(number, &commands, state.ok(), true).await;
-                for command in commands {
-                    if !matches!(command, Command::Inbound(_)) {
-                        self.execute(number, command);
+                // Inbound it hands over now is stored, for the next start to answer.
+                self.submit(number, commands, state.ok(), true).await;
+                if let Some(mut last) = self.committing.pop_back() {
+                    if let Err(e) = (&mut last.outcome).await {
+                        self.shared.metrics.store_errors.inc();
+                        tracing::error!(channel = %self.id, generation = number, "cannot store the adapter's last state: {e}");
+                    }
+                    for command in last.commands {
+                        if !matches!(command, Command::Inbound(_)) {
+                            self.execute(number, command);
+                        }
                     }
                 }
             }

@@ -777,10 +777,42 @@ impl StoreWriter {
         record: BatchRecord,
         now_ms: i64,
     ) -> Result<Vec<Option<i64>>, StoreError> {
-        let (done, result) = tokio::sync::oneshot::channel();
+        self.submit_batch(channel, record, now_ms).await
+    }
+
+    /// Queue `record` for the next group commit without waiting for it: the caller can go on
+    /// with other work and await the outcome later. Batches submitted one after another
+    /// commit in that order (all batches are in a round's first group).
+    pub fn submit_batch(&self, channel: &str, record: BatchRecord, now_ms: i64) -> PendingBatch {
+        let (done, outcome) = tokio::sync::oneshot::channel();
         let request = WriteRequest::Batch { channel: channel.to_string(), record, now_ms, done };
-        self.requests.send(request).map_err(|_| StoreError::WriterStopped)?;
-        result.await.map_err(|_| StoreError::WriterStopped)?
+        if let Err(std::sync::mpsc::SendError(WriteRequest::Batch { done, .. })) = self.requests.send(request) {
+            let _ = done.send(Err(StoreError::WriterStopped));
+        }
+        PendingBatch { outcome }
+    }
+}
+
+/// A batch on its way to the store ([`StoreWriter::submit_batch`]); awaiting it gives, per
+/// inbound message in order, its new id or `None` for a redelivery.
+pub struct PendingBatch {
+    outcome: tokio::sync::oneshot::Receiver<Result<Vec<Option<i64>>, StoreError>>,
+}
+
+impl PendingBatch {
+    /// An outcome known without the store (nothing to write).
+    pub fn ready(outcome: Result<Vec<Option<i64>>, StoreError>) -> PendingBatch {
+        let (done, pending) = tokio::sync::oneshot::channel();
+        let _ = done.send(outcome);
+        PendingBatch { outcome: pending }
+    }
+}
+
+impl std::future::Future for PendingBatch {
+    type Output = Result<Vec<Option<i64>>, StoreError>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.outcome).poll(cx).map(|received| received.unwrap_or(Err(StoreError::WriterStopped)))
     }
 }
 

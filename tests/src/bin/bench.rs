@@ -437,6 +437,19 @@ async fn floor_client(sim: &Simulator, world: &DemoWorld) -> Result<tokio::task:
     }))
 }
 
+/// CPU time this process has used (user + system), in clock ticks.
+fn cpu_ticks_of_self() -> u64 {
+    // SAFETY: `tms` is plain data that times(2) fills in.
+    let mut tms: libc::tms = unsafe { std::mem::zeroed() };
+    unsafe { libc::times(&mut tms) };
+    (tms.tms_utime + tms.tms_stime) as u64
+}
+
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf only reads a system constant.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as f64
+}
+
 fn rss_kib_of_self() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -521,15 +534,22 @@ async fn main() -> Result<()> {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         };
+        let cpu_before = (gateway.cpu_ticks().unwrap_or(0), cpu_ticks_of_self());
         let load = tokio::select! {
             load = bench.load(channels, sizes.burst, None) => load,
             () = sampling => unreachable!("sampling never ends"),
         };
+        let cpu_after = (gateway.cpu_ticks().unwrap_or(0), cpu_ticks_of_self());
         rss_under_load = rss_under_load.max(peak.load(std::sync::atomic::Ordering::Relaxed));
         clean &= load.clean();
         let floor_rate = results["floor"]["throughput"][channels.to_string()]["per_second"].as_f64().unwrap_or(0.0);
         let mut entry = load.json();
         entry["ratio_to_floor"] = json!(if floor_rate > 0.0 { load.per_second() / floor_rate } else { 0.0 });
+        // CPU per reply is steadier than replies per second on a shared, noisy machine; the
+        // bench process (simulator and collector) shares the two cores with the gateway.
+        let per_reply = |ticks: u64| ticks as f64 * 1e6 / clock_ticks_per_second() / load.answered.max(1) as f64;
+        entry["gateway_cpu_us_per_reply"] = json!(per_reply(cpu_after.0.saturating_sub(cpu_before.0)));
+        entry["bench_process_cpu_us_per_reply"] = json!(per_reply(cpu_after.1.saturating_sub(cpu_before.1)));
         throughput.insert(channels.to_string(), entry);
     }
     results["throughput"] = Value::Object(throughput);
@@ -741,6 +761,15 @@ fn print_table(r: &Value) {
             u(&g["lost"]),
             u(&g["duplicated"]),
             u(&g["misrouted"]),
+        );
+    }
+    for channels in ["1", "10", "100"] {
+        let g = &r["throughput"][channels];
+        println!(
+            "{:<58} {:>14.0} {:>14.0}",
+            format!("CPU per reply, {channels} channel(s): gateway / bench process (µs)"),
+            f(&g["gateway_cpu_us_per_reply"]),
+            f(&g["bench_process_cpu_us_per_reply"]),
         );
     }
     let l = &r["latency"];
