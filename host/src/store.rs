@@ -715,6 +715,22 @@ enum Written {
     Turn(Result<Option<i64>, StoreError>),
 }
 
+impl Written {
+    fn failed(&self) -> bool {
+        matches!(self, Written::Batch(Err(_)) | Written::Turn(Err(_)))
+    }
+}
+
+/// One request's rows inside the group's transaction.
+fn write_request(transaction: &Connection, request: &WriteRequest) -> Written {
+    match request {
+        WriteRequest::Batch { channel, record, now_ms, .. } => {
+            Written::Batch(write_batch(transaction, channel, record, *now_ms))
+        }
+        WriteRequest::Turn { turn, .. } => Written::Turn(write_turn(transaction, turn)),
+    }
+}
+
 /// Carries out the state database's hot writes — channel batches and finished turns from all
 /// tasks — on a thread of its own, with group commits: while one commit waits for the disk,
 /// the writes that arrive meanwhile gather for the next, so a burst costs a few transactions
@@ -828,19 +844,31 @@ impl Store {
                     .pragma_update(None, "synchronous", "FULL")
                     .map_err(|e| StoreError::CannotSync(e.to_string()))?;
             }
+            // Every request straight into one transaction: savepoints cost a statement
+            // journal copy of each page a request touches, and requests almost never fail.
+            let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut written = Vec::with_capacity(group.len());
+            for request in &group {
+                let outcome = write_request(&transaction, request);
+                if outcome.failed() {
+                    break;
+                }
+                written.push(outcome);
+            }
+            if written.len() == group.len() {
+                transaction.commit()?;
+                return Ok(written);
+            }
+            // One failed, maybe half-written: start over with each request in a savepoint of
+            // its own, so the one that fails is rolled back alone and the others stay.
+            drop(transaction);
             let mut transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut written = Vec::with_capacity(group.len());
             for request in &group {
                 let savepoint = transaction.savepoint()?;
-                let outcome = match request {
-                    WriteRequest::Batch { channel, record, now_ms, .. } => {
-                        Written::Batch(write_batch(&savepoint, channel, record, *now_ms))
-                    }
-                    WriteRequest::Turn { turn, .. } => Written::Turn(write_turn(&savepoint, turn)),
-                };
-                let failed = matches!(&outcome, Written::Batch(Err(_)) | Written::Turn(Err(_)));
-                if failed {
-                    // Dropping the savepoint rolls this request back; the others stay.
+                let outcome = write_request(&savepoint, request);
+                if outcome.failed() {
+                    // Dropping the savepoint rolls this request back.
                     drop(savepoint);
                 } else {
                     savepoint.commit()?;
