@@ -7,6 +7,27 @@ use clap::{Parser, Subcommand};
 use switchboard::{catalog, config::Config, gateway};
 use tracing_subscriber::EnvFilter;
 
+// glibc's allocator was about a sixth of the gateway's CPU under load (arena locks and
+// consolidation passes); mimalloc cut the CPU per reply by about a tenth. Adapters keep their
+// own allocator: what crosses the ABI is freed through the vtable of whoever allocated it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Have the allocator commit its arena as it is used. Committed eagerly (its default on
+/// Linux) and advised as transparent huge pages, the arena doubled the idle gateway's RSS.
+/// The arena is reserved by the first allocation, before `main`: this runs earlier, among
+/// the executable's initialisers.
+#[used]
+#[link_section = ".init_array"]
+static TUNE_ALLOCATOR: extern "C" fn() = tune_allocator;
+
+extern "C" fn tune_allocator() {
+    // `mi_option_arena_eager_commit` in mimalloc.h (v3); the crate names only some options.
+    const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+    // SAFETY: sets a plain integer option; nothing else runs yet.
+    unsafe { libmimalloc_sys::mi_option_set(ARENA_EAGER_COMMIT, 0) };
+}
+
 #[derive(Parser)]
 #[command(
     name = "switchboard",
