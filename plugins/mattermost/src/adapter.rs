@@ -9,7 +9,7 @@
 //! sequence number, fetches what was posted meanwhile when the server cannot resume, and looks
 //! for its own posts before sending again a reply that may already have gone out.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -131,6 +131,11 @@ pub struct Adapter {
     state: State,
     adopted: bool,
     out: Vec<Action>,
+    /// `state.recent_posts` as a set: looked up for every post, where a scan of the list was
+    /// a few percent of the gateway's CPU under load.
+    recent_index: HashSet<String>,
+    /// Size of the last exported state.
+    exported_size: std::cell::Cell<usize>,
 }
 
 impl Adapter {
@@ -141,7 +146,16 @@ impl Adapter {
             .map(|t| t.to_string())
             .filter(|t| !t.trim().is_empty())
             .ok_or_else(|| format!("the environment variable {} (bot_token_env) is not set", settings.bot_token_env))?;
-        let mut adapter = Self { host, settings, token, state: State::default(), adopted: false, out: Vec::new() };
+        let mut adapter = Self {
+            host,
+            settings,
+            token,
+            state: State::default(),
+            adopted: false,
+            out: Vec::new(),
+            recent_index: HashSet::new(),
+            exported_size: std::cell::Cell::new(0),
+        };
         if let Some(previous) = handover.previous_state.into_option() {
             if previous.format_version != STATE_FORMAT {
                 adapter
@@ -165,6 +179,10 @@ impl Adapter {
                 }
             }
         }
+        // States saved by older builds may list a post twice: keep each once.
+        let mut recent_index = HashSet::new();
+        adapter.state.recent_posts.retain(|id| recent_index.insert(id.clone()));
+        adapter.recent_index = recent_index;
         if adapter.state.rng == 0 {
             adapter.state.rng = ((adapter.host.now_ms() as u64) ^ (u64::from(std::process::id()) << 40)) | 1;
             let nonce = adapter.random();
@@ -198,8 +216,28 @@ impl Adapter {
         }
     }
 
+    /// Remember `post_id` as handled (the last [`RECENT_POSTS`] are kept).
+    fn remember_post(&mut self, post_id: &str) {
+        if !self.recent_index.insert(post_id.to_string()) {
+            return;
+        }
+        self.state.recent_posts.push_back(post_id.to_string());
+        if self.state.recent_posts.len() > RECENT_POSTS {
+            if let Some(oldest) = self.state.recent_posts.pop_front() {
+                self.recent_index.remove(&oldest);
+            }
+        }
+    }
+
     pub fn export_state(&self) -> StateBlob {
-        StateBlob { format_version: STATE_FORMAT, data: serde_json::to_string(&self.state).unwrap_or_default().into() }
+        // Exported after every batch: sized like the last one, it is written without regrowing.
+        let mut json = Vec::with_capacity(self.exported_size.get() + 1024);
+        let data = match serde_json::to_writer(&mut json, &self.state) {
+            Ok(()) => String::from_utf8(json).unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        self.exported_size.set(data.len());
+        StateBlob { format_version: STATE_FORMAT, data: data.into() }
     }
 
     /// The Mattermost channel an event concerns (for the host's dead-letter log line).
@@ -444,10 +482,7 @@ impl Adapter {
                 let (post_id, channel_id) = (field("id"), field("channel_id"));
                 if !post_id.is_empty() && !channel_id.is_empty() {
                     self.remember(&channel_id, data, post["create_at"].as_i64().unwrap_or_default(), &field("user_id"));
-                    self.state.recent_posts.push_back(post_id.clone());
-                    if self.state.recent_posts.len() > RECENT_POSTS {
-                        self.state.recent_posts.pop_front();
-                    }
+                    self.remember_post(&post_id);
                 }
                 self.log(LogLevel::Warn, format!("post {post_id} skipped: the host dead-lettered it"));
             }
@@ -588,17 +623,14 @@ impl Adapter {
         if user_id == self.state.bot_id || !field("type").is_empty() {
             return;
         }
-        if self.state.recent_posts.contains(&post_id) {
+        if self.recent_index.contains(&post_id) {
             self.log(LogLevel::Debug, format!("post {post_id} seen before; not answered again"));
             return;
         }
         if cfg!(feature = "fixture-panic-on-message") && message.contains(PANIC_TRIGGER) {
             panic!("fixture: this build panics on posts containing {PANIC_TRIGGER}");
         }
-        self.state.recent_posts.push_back(post_id.clone());
-        if self.state.recent_posts.len() > RECENT_POSTS {
-            self.state.recent_posts.pop_front();
-        }
+        self.remember_post(&post_id);
         let sender_name = data["sender_name"].as_str().unwrap_or_default().trim_start_matches('@').to_string();
         let channel_type = data["channel_type"].as_str().unwrap_or("O");
         let mentioned_by_server = data["mentions"]
