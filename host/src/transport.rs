@@ -211,7 +211,11 @@ async fn run_socket(
     }
     // Nagle off: a small frame sent (typing) while the server's last frame is still unacked
     // would otherwise hold the next one back until the delayed ACK, tens of milliseconds.
-    let mut socket = match tokio_tungstenite::connect_async_with_config(request, None, true).await {
+    // The codec zeroes as much of its read buffer as it may fill before every read: at the
+    // default 128 KiB that was a 128 KiB memset per ~1 KiB event. Larger frames still arrive
+    // whole (the buffer grows for them).
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(16 * 1024);
+    let mut socket = match tokio_tungstenite::connect_async_with_config(request, Some(config), true).await {
         Ok((socket, _response)) => socket,
         Err(e) => {
             let _ = events.send(closed(1006, format!("connect failed: {e}")));
