@@ -454,14 +454,17 @@ impl Adapter {
             self.state.expected_seq = seq + 1;
         }
         if event == "posted" {
-            let data = message["data"].clone();
+            let mut message = message;
+            let data = message["data"].take();
             if self.state.bot_username.is_empty() {
                 if self.state.buffered.len() < BUFFERED_POSTS {
                     self.state.buffered.push_back(data);
                 } else {
                     self.log(LogLevel::Error, "too many posts before the bot identity is known; one dropped".into());
                 }
-            } else if post_channel(&data).is_some_and(|c| self.state.catching_up.contains_key(&c)) {
+            } else if !self.state.catching_up.is_empty()
+                && post_channel(&data).is_some_and(|c| self.state.catching_up.contains_key(&c))
+            {
                 self.state.held.push_back(data);
             } else {
                 self.posted(&data);
@@ -608,19 +611,24 @@ impl Adapter {
     }
 
     fn posted(&mut self, data: &Value) {
-        let Some(post) = data["post"].as_str().and_then(|p| serde_json::from_str::<Value>(p).ok()) else {
+        let Some(post) = data["post"].as_str().and_then(|p| serde_json::from_str::<WirePost>(p).ok()) else {
             self.log(LogLevel::Warn, "posted event without a readable post".into());
             return;
         };
-        let field = |name: &str| post[name].as_str().unwrap_or_default().to_string();
-        let (post_id, user_id, channel_id, root_id) =
-            (field("id"), field("user_id"), field("channel_id"), field("root_id"));
-        let message = field("message");
+        let WirePost { id: post_id, user_id, channel_id, root_id, message, kind, create_at } = post;
+        let (post_id, user_id, channel_id, root_id, message) = (
+            post_id.unwrap_or_default(),
+            user_id.unwrap_or_default(),
+            channel_id.unwrap_or_default(),
+            root_id.unwrap_or_default(),
+            message.unwrap_or_default(),
+        );
+        let create_at = create_at.and_then(|n| n.as_i64()).unwrap_or_default();
         if post_id.is_empty() || channel_id.is_empty() {
             return;
         }
-        self.remember(&channel_id, data, post["create_at"].as_i64().unwrap_or_default(), &user_id);
-        if user_id == self.state.bot_id || !field("type").is_empty() {
+        self.remember(&channel_id, data, create_at, &user_id);
+        if user_id == self.state.bot_id || kind.is_some_and(|k| !k.is_empty()) {
             return;
         }
         if self.recent_index.contains(&post_id) {
@@ -669,7 +677,7 @@ impl Adapter {
                 sender_id: user_id.into(),
                 sender_name: sender_name.into(),
                 text: text.into(),
-                created_at_ms: post["create_at"].as_i64().unwrap_or_default(),
+                created_at_ms: create_at,
             })),
             Ok(_) => self.log(LogLevel::Debug, format!("post {post_id} is empty after stripping; not answered")),
             Err(reason) => self.log(LogLevel::Debug, format!("post {post_id} not answered: {reason}")),
@@ -842,9 +850,9 @@ impl Adapter {
         delivery.in_flight = None;
         match status {
             200 | 201 => {
-                let post: Value = serde_json::from_str(body).unwrap_or_default();
                 if delivery.first_post_id.is_empty() {
-                    delivery.first_post_id = post["id"].as_str().unwrap_or_default().to_string();
+                    let post: WirePost = serde_json::from_str(body).unwrap_or_default();
+                    delivery.first_post_id = post.id.unwrap_or_default();
                 }
                 delivery.next_part += 1;
                 delivery.attempt = 0;
@@ -1026,6 +1034,21 @@ fn mark_prefix(bot_id: &str, nonce: &str, reply_id: u64) -> String {
 pub const PANIC_TRIGGER: &str = "PANIC-ON-THIS";
 /// What the `fixture-build-b` build appends to every reply (tells two builds apart).
 pub const BUILD_B_TAG: &str = "[build b]";
+
+/// The fields of a post the adapter reads (the REST and WebSocket JSON carry many more).
+/// Read into a struct, not a `Value`: every post of every channel goes through here.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct WirePost {
+    id: Option<String>,
+    user_id: Option<String>,
+    channel_id: Option<String>,
+    root_id: Option<String>,
+    message: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    create_at: Option<serde_json::Number>,
+}
 
 /// The channel id of a `posted` event's data.
 fn post_channel(data: &Value) -> Option<String> {
