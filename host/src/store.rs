@@ -103,6 +103,14 @@ const MIGRATIONS: &[&str] = &[
         error TEXT NOT NULL,
         at_ms INTEGER NOT NULL
     );",
+    // 2 → 3: the status indexes hold only what is still to do (a message not yet answered,
+    // a reply not yet sent): what start-up recovery and the delivery queue look up. Indexing
+    // every row by status cost each message several index-page writes as its status moved.
+    "DROP INDEX inbound_by_status;
+    CREATE INDEX inbound_unanswered ON inbound (channel_instance, id) WHERE status = 'received';
+    DROP INDEX outbound_by_status;
+    CREATE INDEX outbound_queued ON outbound (channel_instance, id) WHERE status = 'queued';
+    CREATE INDEX outbound_failed ON outbound (channel_instance, id) WHERE status = 'failed';",
 ];
 
 /// An event an adapter could not handle, twice.
@@ -1095,5 +1103,34 @@ mod tests {
         }
         let store = Store::open(dir.path(), Durability::Full).unwrap();
         assert_eq!(store.pending_inbound("mm").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_version_2_database_keeps_its_pending_work_through_the_migration() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let connection = Connection::open(dir.path().join(DATABASE_FILE)).unwrap();
+            connection.execute_batch(&MIGRATIONS[..2].join(";\n")).unwrap();
+            connection.pragma_update(None, "user_version", 2).unwrap();
+            connection
+                .execute_batch(
+                    "INSERT INTO inbound (channel_instance, message_id, peer_kind, peer_id, thread_root_id, sender_id,
+                         sender_name, text, created_at_ms, received_at_ms, status)
+                     VALUES ('mm', 'p1', 'channel', 'c', '', 'u', 'alice', 'hi', 1, 1, 'received'),
+                            ('mm', 'p2', 'channel', 'c', '', 'u', 'alice', 'hi', 1, 1, 'answered');
+                     INSERT INTO outbound (session_key, channel_instance, conversation_id, thread_root_id, text,
+                         inbound_id, status, created_at_ms, updated_at_ms)
+                     VALUES ('s', 'mm', 'c', '', 'queued one', 1, 'queued', 1, 1),
+                            ('s', 'mm', 'c', '', 'sent one', 2, 'delivered', 1, 1);",
+                )
+                .unwrap();
+        }
+        let store = Store::open(dir.path(), Durability::Full).unwrap();
+        let pending = store.pending_inbound("mm").unwrap();
+        assert_eq!(pending.iter().map(|p| p.1.message_id.as_str()).collect::<Vec<_>>(), ["p1"]);
+        let queued = store.queued_replies("mm").unwrap();
+        assert_eq!(queued.iter().map(|r| r.text.as_str()).collect::<Vec<_>>(), ["queued one"]);
+        let counts = store.counts().unwrap();
+        assert_eq!((counts.inbound_pending, counts.outbound_queued, counts.outbound_delivered), (1, 1, 1));
     }
 }
