@@ -529,7 +529,9 @@ impl Store {
     }
 
     pub fn counts(&self) -> Result<StoreCounts, StoreError> {
-        let connection = self.connection.lock().unwrap();
+        // Some of these scan a table: on the reader connection, so the writer is not held up
+        // (WAL readers and the writer do not block each other).
+        let connection = self.reader.as_ref().unwrap_or(&self.connection).lock().unwrap();
         let count = |sql: &str| connection.query_row(sql, [], |row| row.get::<_, i64>(0));
         Ok(StoreCounts {
             sessions: count("SELECT count(*) FROM sessions")?,
