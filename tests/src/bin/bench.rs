@@ -402,8 +402,19 @@ impl Bench {
 /// Posts the floor client has in flight at most: the gateway's delivery window per instance.
 const FLOOR_IN_FLIGHT: usize = 64;
 
-/// A minimal Mattermost client that answers each `posted` event directly: the floor.
-async fn floor_client(sim: &Simulator, world: &DemoWorld) -> Result<tokio::task::JoinHandle<()>> {
+/// Attempts the floor client makes at each reply before counting it failed.
+const FLOOR_POST_ATTEMPTS: u32 = 5;
+
+/// The floor client: its task, and the replies it gave up on after every attempt failed.
+struct Floor {
+    task: tokio::task::JoinHandle<()>,
+    posts_failed: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// A minimal Mattermost client that answers each `posted` event directly: the floor. Like any
+/// real client it retries a reply whose request failed (a pooled connection the server closed
+/// just then), with the inbound post's id as `pending_post_id` so a retry is never posted twice.
+async fn floor_client(sim: &Simulator, world: &DemoWorld) -> Result<Floor> {
     let base = sim.base_url();
     let mut request = format!("{}/api/v4/websocket", base.replacen("http", "ws", 1)).into_client_request()?;
     request.headers_mut().insert("Authorization", format!("Bearer {}", world.bot.token).parse()?);
@@ -411,7 +422,9 @@ async fn floor_client(sim: &Simulator, world: &DemoWorld) -> Result<tokio::task:
     let http = reqwest::Client::new();
     let (token, bot) = (world.bot.token.clone(), world.bot.id.clone());
     let in_flight = Arc::new(tokio::sync::Semaphore::new(FLOOR_IN_FLIGHT));
-    Ok(tokio::spawn(async move {
+    let posts_failed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let failures = posts_failed.clone();
+    let task = tokio::spawn(async move {
         while let Some(Ok(message)) = socket.next().await {
             let Message::Text(text) = message else { continue };
             let Ok(event) = serde_json::from_str::<Value>(text.as_str()) else { continue };
@@ -424,17 +437,35 @@ async fn floor_client(sim: &Simulator, world: &DemoWorld) -> Result<tokio::task:
             if post["user_id"] == bot.as_str() {
                 continue;
             }
-            let body = json!({"channel_id": post["channel_id"], "message": format!("echo: {}", post["message"].as_str().unwrap_or(""))});
-            let (http, url, token) = (http.clone(), format!("{base}/api/v4/posts"), token.clone());
+            let body = json!({
+                "channel_id": post["channel_id"],
+                "message": format!("echo: {}", post["message"].as_str().unwrap_or("")),
+                "pending_post_id": post["id"],
+            });
+            let (http, url, token, failures) = (http.clone(), format!("{base}/api/v4/posts"), token.clone(), failures.clone());
             // As many posts in flight as the gateway allows itself (its delivery window): an
             // unbounded client opens a connection per post once events arrive in bursts.
             let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
             tokio::spawn(async move {
-                let _ = http.post(url).bearer_auth(token).json(&body).send().await;
+                let mut last_error = String::new();
+                for attempt in 1..=FLOOR_POST_ATTEMPTS {
+                    match http.post(&url).bearer_auth(&token).json(&body).send().await {
+                        Ok(response) if response.status().is_success() => {
+                            drop(permit);
+                            return;
+                        }
+                        Ok(response) => last_error = format!("HTTP {}", response.status()),
+                        Err(error) => last_error = error.to_string(),
+                    }
+                    tokio::time::sleep(Duration::from_millis(10 * u64::from(attempt))).await;
+                }
+                eprintln!("bench: the floor client gave up on a reply: {last_error}");
+                failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 drop(permit);
             });
         }
-    }))
+    });
+    Ok(Floor { task, posts_failed })
 }
 
 /// CPU time this process has used (user + system), in clock ticks.
@@ -495,17 +526,21 @@ async fn main() -> Result<()> {
 
     // 1. The floor.
     eprintln!("bench: floor");
+    // The floor is the baseline, not the system under test: what it loses (its client gave
+    // up after every retry) is reported, and leaves `clean`, which is the gateway's, alone.
     let floor = floor_client(&bench.sim, &bench.world).await?;
     let mut floor_throughput = serde_json::Map::new();
     for channels in [1, 10, 100].into_iter().filter(|_| bench.args.wants("throughput")) {
         let load = bench.load(channels, sizes.burst, None).await;
-        clean &= load.clean();
         floor_throughput.insert(channels.to_string(), load.json());
     }
     let floor_latency = bench.load(10, sizes.latency_count, Some(sizes.latency_rate)).await;
-    clean &= floor_latency.clean();
-    floor.abort();
-    results["floor"] = json!({"throughput": floor_throughput, "latency": floor_latency.json()});
+    floor.task.abort();
+    results["floor"] = json!({
+        "throughput": floor_throughput,
+        "latency": floor_latency.json(),
+        "posts_failed": floor.posts_failed.load(std::sync::atomic::Ordering::Relaxed),
+    });
 
     // 2. Start-up and idle memory.
     eprintln!("bench: start-up");
@@ -846,5 +881,31 @@ fn print_table(r: &Value) {
             );
         }
     }
+    // Which run it was, so a failure in CI can be told apart without the results file.
+    let mut unclean = Vec::new();
+    runs_with_losses(r, "", &mut unclean);
+    for (run, counts) in unclean {
+        println!("{:<58} {:>14}", format!("lost / duplicated / misrouted in {run}"), counts);
+    }
+    if u(&r["floor"]["posts_failed"]) > 0 {
+        println!("{:<58} {:>14}", "floor client: replies given up after every retry", u(&r["floor"]["posts_failed"]));
+    }
     println!("nothing lost, duplicated or misrouted: {}", r["clean"]);
+}
+
+/// Every load run in the results (by its path, e.g. `floor.latency`) that lost, duplicated or
+/// misrouted anything, with those counts.
+fn runs_with_losses(value: &Value, path: &str, found: &mut Vec<(String, String)>) {
+    let Some(object) = value.as_object() else { return };
+    let count = |key: &str| object.get(key).and_then(Value::as_u64);
+    if let (Some(lost), Some(duplicated), Some(misrouted)) = (count("lost"), count("duplicated"), count("misrouted")) {
+        if lost + duplicated + misrouted > 0 {
+            found.push((path.to_string(), format!("{lost}/{duplicated}/{misrouted}")));
+        }
+        return;
+    }
+    for (key, inner) in object {
+        let inner_path = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+        runs_with_losses(inner, &inner_path, found);
+    }
 }
