@@ -136,7 +136,12 @@ struct Load {
     misrouted: usize,
     seconds: f64,
     latencies_us: Vec<u64>,
+    /// A few of the tokens lost, duplicated or misrouted, to look up in the gateway's log.
+    examples: Vec<String>,
 }
+
+/// Tokens of each kind kept in [`Load::examples`].
+const EXAMPLES_KEPT: usize = 5;
 
 impl Load {
     fn per_second(&self) -> f64 {
@@ -157,6 +162,7 @@ impl Load {
             "duplicated": self.duplicated, "misrouted": self.misrouted,
             "seconds": self.seconds, "per_second": self.per_second(),
             "latency_us": latency_json(&self.latencies_us),
+            "examples": self.examples,
         })
     }
 }
@@ -267,10 +273,16 @@ impl Bench {
                 *seen += 1;
                 if *seen > 1 {
                     load.duplicated += 1;
+                    if load.duplicated <= EXAMPLES_KEPT {
+                        load.examples.push(format!("duplicated {token}"));
+                    }
                     continue;
                 }
                 if *channel != post.channel_id {
                     load.misrouted += 1;
+                    if load.misrouted <= EXAMPLES_KEPT {
+                        load.examples.push(format!("misrouted {token} to {}", post.channel_id));
+                    }
                 }
                 load.latencies_us.push(at.duration_since(*posted_at).as_micros() as u64);
                 last = Some(at);
@@ -280,6 +292,8 @@ impl Bench {
             }
             load.answered = answered.len();
             load.lost = count - load.answered;
+            let unanswered = (0..count).map(|i| format!("{prefix}{i}")).filter(|token| !answered.contains_key(token));
+            load.examples.extend(unanswered.take(EXAMPLES_KEPT).map(|token| format!("lost {token}")));
             if let (Some(first), Some(last)) = (first, last) {
                 load.seconds = last.duration_since(first).as_secs_f64();
             }
@@ -900,7 +914,8 @@ fn runs_with_losses(value: &Value, path: &str, found: &mut Vec<(String, String)>
     let count = |key: &str| object.get(key).and_then(Value::as_u64);
     if let (Some(lost), Some(duplicated), Some(misrouted)) = (count("lost"), count("duplicated"), count("misrouted")) {
         if lost + duplicated + misrouted > 0 {
-            found.push((path.to_string(), format!("{lost}/{duplicated}/{misrouted}")));
+            let examples = object.get("examples").map(Value::to_string).unwrap_or_default();
+            found.push((path.to_string(), format!("{lost}/{duplicated}/{misrouted} e.g. {examples}")));
         }
         return;
     }
