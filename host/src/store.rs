@@ -30,6 +30,14 @@ use crate::{
 /// How often the WAL is copied into the database file.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// Checkpoints in a row, each copying what was appended during the one before, before a
+/// checkpoint that has not caught up with the writer waits for the next round.
+const CHECKPOINT_CATCH_UP_ROUNDS: usize = 4;
+
+/// WAL frames (pages) past which a checkpoint holds the writer back while it copies the last
+/// frames, so that the next commit starts the WAL over (16 MiB of 4 KiB pages).
+const WAL_FRAMES_BOUND: i64 = 4096;
+
 /// The file name of the database inside the state directory.
 pub const DATABASE_FILE: &str = "switchboard.db";
 
@@ -571,10 +579,15 @@ fn classify(path: &Path, error: rusqlite::Error) -> StoreError {
 }
 
 /// Every `CHECKPOINT_EVERY`, until the store is dropped: copy the WAL into the database
-/// without holding up writers, then copy what was appended meanwhile under the writer's lock.
-/// That last step is short, and it lets the next commit start the WAL over: under a steady
-/// write load a checkpoint that never catches up would let the WAL grow without end.
+/// without holding up the writer, again while it appended meanwhile (each round copies less).
+/// A WAL starts over only at a commit that finds it wholly copied, which under a steady write
+/// load (a commit every millisecond) an unlocked checkpoint seldom achieves, so past
+/// `WAL_FRAMES_BOUND` the last frames are copied under the writer's lock. That step syncs the
+/// database file, and the commit that starts the WAL over syncs its header: every commit
+/// queued meanwhile waits (~10 ms on this machine's disk), so it is kept rare, not done on
+/// every round.
 fn checkpoint_while_open(checkpointer: &Connection, writer: &std::sync::Weak<Mutex<Connection>>) {
+    // (frames in the WAL, frames copied into the database); -1, -1 if not in WAL mode.
     let passive = |connection: &Connection| {
         connection
             .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| Ok((row.get::<_, i64>(1)?, row.get::<_, i64>(2)?)))
@@ -582,17 +595,26 @@ fn checkpoint_while_open(checkpointer: &Connection, writer: &std::sync::Weak<Mut
     loop {
         std::thread::sleep(CHECKPOINT_EVERY);
         let Some(writer) = writer.upgrade() else { return };
-        match passive(checkpointer) {
-            Ok((frames, _)) if frames <= 0 => continue,
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!("state database checkpoint failed (retried): {e}");
-                continue;
+        let mut wal_frames = 0;
+        for _ in 0..CHECKPOINT_CATCH_UP_ROUNDS {
+            match passive(checkpointer) {
+                Ok((frames, copied)) => {
+                    wal_frames = frames;
+                    if copied >= frames {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("state database checkpoint failed (retried): {e}");
+                    break;
+                }
             }
         }
-        let locked = writer.lock().unwrap();
-        if let Err(e) = passive(&locked) {
-            tracing::warn!("state database checkpoint failed (retried): {e}");
+        if wal_frames > WAL_FRAMES_BOUND {
+            let locked = writer.lock().unwrap();
+            if let Err(e) = passive(&locked) {
+                tracing::warn!("state database checkpoint failed (retried): {e}");
+            }
         }
     }
 }
