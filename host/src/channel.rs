@@ -168,6 +168,10 @@ struct Instance {
     saved_state: Option<StateBlob>,
     /// `saved_state` is newer than the one in the store.
     state_unstored: bool,
+    /// Replies the chat server confirmed, not yet marked delivered in the store: they go with
+    /// the next batch that is stored, at the latest after [`STATE_STORE_EVERY`], and always
+    /// with the adapter's state (see [`Instance::submit`]).
+    confirmations_unstored: Vec<(u64, String)>,
     /// When the adapter's state was last written to the store.
     state_stored_at: Option<Instant>,
     /// When the running generation last handled a batch (the end of a swap's pause).
@@ -232,6 +236,7 @@ pub async fn spawn(id: String, config: ChannelConfig, prepared: Prepared, shared
         delivery_backlog: VecDeque::new(),
         saved_state,
         state_unstored: false,
+        confirmations_unstored: Vec::new(),
         state_stored_at: None,
         handled_at: None,
         cold: true,
@@ -271,7 +276,7 @@ impl Instance {
                     self.carry_out(committed, outcome);
                     self.release_deliveries().await;
                 }
-                () = tokio::time::sleep(STATE_STORE_EVERY), if self.state_unstored => {
+                () = tokio::time::sleep(STATE_STORE_EVERY), if self.state_unstored || !self.confirmations_unstored.is_empty() => {
                     let generation = self.current.as_ref().map_or(0, |r| r.number);
                     self.submit(generation, Vec::new(), None, true).await;
                 }
@@ -659,6 +664,18 @@ impl Instance {
             record.adapter_state = self.saved_state.as_ref().map(|s| (s.format_version, s.data.to_string()));
         }
         let storing_state = record.adapter_state.is_some();
+        // A confirmation alone is not worth a commit of its own (a third of a reply's writes):
+        // until it is stored, a restart hands the reply back and the adapter looks before it
+        // posts again. The adapter's state, which no longer lists the delivery, is never
+        // stored without it.
+        let only_confirmations = record.inbound.is_empty() && record.failed.is_empty() && !storing_state && !state_now;
+        if only_confirmations {
+            self.confirmations_unstored.append(&mut record.delivered);
+        } else if !self.confirmations_unstored.is_empty() {
+            let mut delivered = std::mem::take(&mut self.confirmations_unstored);
+            delivered.append(&mut record.delivered);
+            record.delivered = delivered;
+        }
         if storing_state {
             // Counted as stored from now on; a failed commit marks it unstored again.
             self.state_unstored = false;
@@ -669,7 +686,10 @@ impl Instance {
             inbound == 0 && record.delivered.is_empty() && record.failed.is_empty() && !storing_state;
         if nothing_to_store && self.committing.is_empty() {
             let ready = PendingBatch::ready(Ok(Vec::new()));
-            return self.carry_out(Committing { generation, commands, storing_state, inbound, outcome: ready }, Ok(Vec::new()));
+            return self.carry_out(
+                Committing { generation, commands, storing_state, inbound, outcome: ready },
+                Ok(Vec::new()),
+            );
         }
         let outcome = if nothing_to_store {
             PendingBatch::ready(Ok(Vec::new()))

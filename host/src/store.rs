@@ -860,7 +860,9 @@ impl std::future::Future for PendingBatch {
     type Output = Result<Vec<Option<i64>>, StoreError>;
 
     fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
-        std::pin::Pin::new(&mut self.outcome).poll(cx).map(|received| received.unwrap_or(Err(StoreError::WriterStopped)))
+        std::pin::Pin::new(&mut self.outcome)
+            .poll(cx)
+            .map(|received| received.unwrap_or(Err(StoreError::WriterStopped)))
     }
 }
 

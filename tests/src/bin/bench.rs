@@ -456,7 +456,8 @@ async fn floor_client(sim: &Simulator, world: &DemoWorld) -> Result<Floor> {
                 "message": format!("echo: {}", post["message"].as_str().unwrap_or("")),
                 "pending_post_id": post["id"],
             });
-            let (http, url, token, failures) = (http.clone(), format!("{base}/api/v4/posts"), token.clone(), failures.clone());
+            let (http, url, token, failures) =
+                (http.clone(), format!("{base}/api/v4/posts"), token.clone(), failures.clone());
             // As many posts in flight as the gateway allows itself (its delivery window): an
             // unbounded client opens a connection per post once events arrive in bursts.
             let Ok(permit) = in_flight.clone().acquire_owned().await else { break };

@@ -34,6 +34,16 @@ async fn a_restart_keeps_sessions_transcripts_and_agent_history() -> Result<()> 
     }
     assert!(model.requests().iter().all(|r| r.authorization.as_deref() == Some("Bearer sk-test-secret-4711")));
     assert_eq!(model.requests()[0].body["stream"], true);
+    // A delivery confirmation waits to go with the next stored batch; with no more traffic it
+    // is stored on its own soon after.
+    assert_eventually!(
+        {
+            let store = &gateway.status().await?["store"];
+            store["outbound_queued"] == 0 && store["outbound_delivered"] == 3
+        },
+        "the three replies are marked delivered in the store: {}",
+        gateway.status().await?
+    );
 
     let status = gateway.stop().await?;
     assert!(status.success(), "SIGTERM stops the gateway with exit 0, got {status}");
