@@ -39,6 +39,8 @@ pub struct GatewayConfig {
     pub admin_listen: Option<SocketAddr>,
     /// How many agent turns run at once across all sessions.
     pub max_concurrent_turns: usize,
+    /// How long an agent works before the typing indicator shows: a fast answer needs none.
+    pub typing_delay: Duration,
     /// How often the typing indicator is renewed while an agent works.
     pub typing_interval: Duration,
     /// How many turns may wait in one session's lane; more are refused (logged, counted).
@@ -297,6 +299,7 @@ impl Reader<'_> {
                 "state_dir",
                 "admin_listen",
                 "max_concurrent_turns",
+                "typing_delay_ms",
                 "typing_interval_ms",
                 "lane_capacity",
                 "stop_deadline_ms",
@@ -326,6 +329,7 @@ impl Reader<'_> {
             }
         };
         let max_concurrent_turns = self.positive_int(table, "gateway", "max_concurrent_turns", 64) as usize;
+        let typing_delay = Duration::from_millis(self.non_negative_int(table, "gateway", "typing_delay_ms", 300));
         let typing_interval = Duration::from_millis(self.positive_int(table, "gateway", "typing_interval_ms", 3000));
         let lane_capacity = self.positive_int(table, "gateway", "lane_capacity", 256) as usize;
         let stop_deadline = Duration::from_millis(self.positive_int(table, "gateway", "stop_deadline_ms", 10_000));
@@ -350,6 +354,7 @@ impl Reader<'_> {
             state_dir,
             admin_listen,
             max_concurrent_turns,
+            typing_delay,
             typing_interval,
             lane_capacity,
             stop_deadline,
@@ -416,14 +421,7 @@ impl Reader<'_> {
                 return None;
             }
         };
-        let history_limit = match table.get("history_limit") {
-            None => 20,
-            Some(Value::Integer(n)) if *n >= 0 => *n as usize,
-            Some(other) => {
-                self.problem(format!("{path}.history_limit"), format!("expected a number ≥ 0, got {other}"));
-                20
-            }
-        };
+        let history_limit = self.non_negative_int(table, path, "history_limit", 20) as usize;
         let on_error = match self.choice(table, path, "on_error", &["reply", "silent"]).as_deref() {
             Some("silent") => OnError::Silent,
             _ => OnError::Reply(
@@ -693,6 +691,17 @@ impl Reader<'_> {
         }
     }
 
+    fn non_negative_int(&mut self, table: &Table, path: &str, key: &str, default: u64) -> u64 {
+        match table.get(key) {
+            None => default,
+            Some(Value::Integer(n)) if *n >= 0 => *n as u64,
+            Some(other) => {
+                self.problem(format!("{path}.{key}"), format!("expected 0 or a positive integer, got {other}"));
+                default
+            }
+        }
+    }
+
     /// Instance and agent ids appear inside session keys, whose parts are `:`-separated.
     fn identifier(&mut self, path: &str, id: &str) {
         let ok = !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
@@ -749,6 +758,7 @@ agent = "main"
 [gateway]
 state_dir = 7
 colour = "blue"
+typing_delay_ms = -1
 [channels."bad:id"]
 plugin = "mattermost"
 [channels.second]
@@ -766,6 +776,7 @@ agent = "ghost"
         for expected in [
             "gateway.state_dir",
             "gateway.colour",
+            "gateway.typing_delay_ms",
             "channels.bad:id",
             "channels.second.plugin",
             "channels.second.thread_sessions",

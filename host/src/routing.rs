@@ -33,7 +33,14 @@ struct Table {
     agents: HashMap<String, Arc<Agent>>,
     bindings: HashMap<String, String>,
     thread_sessions: HashMap<String, bool>,
-    typing_interval: Duration,
+    typing: Typing,
+}
+
+/// When the typing indicator shows while an agent works.
+#[derive(Default, Clone, Copy)]
+struct Typing {
+    delay: Duration,
+    interval: Duration,
 }
 
 pub struct Router {
@@ -82,8 +89,12 @@ impl Router {
             .collect();
         let bindings = config.bindings.iter().map(|b| (b.channel.clone(), b.agent.clone())).collect();
         let thread_sessions = config.channels.iter().map(|(id, c)| (id.clone(), c.thread_sessions)).collect();
-        *self.table.write().unwrap() =
-            Table { agents, bindings, thread_sessions, typing_interval: config.gateway.typing_interval };
+        *self.table.write().unwrap() = Table {
+            agents,
+            bindings,
+            thread_sessions,
+            typing: Typing { delay: config.gateway.typing_delay, interval: config.gateway.typing_interval },
+        };
     }
 
     pub fn sessions(&self) -> Arc<dyn SessionStore> {
@@ -183,7 +194,7 @@ impl Router {
             return;
         };
         let per_thread = table.thread_sessions.get(channel).copied().unwrap_or(false);
-        let typing_interval = table.typing_interval;
+        let typing = table.typing;
         drop(table);
 
         let peer = match inbound.peer_kind {
@@ -210,7 +221,7 @@ impl Router {
         );
         let router = self.clone();
         let message_id = inbound.message_id.clone();
-        let turn = Box::pin(async move { router.turn(session, agent, inbound_id, inbound, typing_interval).await });
+        let turn = Box::pin(async move { router.turn(session, agent, inbound_id, inbound, typing).await });
         if self.lanes.submit(&key, turn).is_err() {
             self.metrics.lane_overflow.get_or_create(&metrics::channel(channel)).inc();
             tracing::error!(
@@ -237,7 +248,7 @@ impl Router {
         agent: Arc<Agent>,
         inbound_id: i64,
         inbound: Inbound,
-        typing_interval: Duration,
+        typing: Typing,
     ) {
         // The reply goes where the registry says the session lives, into the thread the
         // message came from.
@@ -266,15 +277,16 @@ impl Router {
             text: inbound.text.clone(),
             history,
         };
-        let typing = async {
+        let typing_shown = async {
+            tokio::time::sleep(typing.delay).await;
             loop {
                 self.send_to(&session.target.channel_instance, Event::AgentWorking { target: target.clone() });
-                tokio::time::sleep(typing_interval).await;
+                tokio::time::sleep(typing.interval).await;
             }
         };
         let outcome = tokio::select! {
             outcome = agent.respond(&self.http, &request) => outcome,
-            _ = typing => unreachable!("the typing loop never ends"),
+            _ = typing_shown => unreachable!("the typing loop never ends"),
         };
         let user = Turn { role: "user".into(), content: inbound.text.clone() };
         let (transcript, reply) = match outcome {

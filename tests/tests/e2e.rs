@@ -228,6 +228,9 @@ async fn direct_messages_and_threads_are_answered_where_they_were_asked() -> Res
     );
     let reply = scene.bot_reply(&world.office_general, "summarise please").unwrap();
     assert_eq!(reply.root_id, root.id, "the reply is in the thread");
+    // The echo agent answers at once, well within `typing_delay_ms`: no typing indicator.
+    let typing = scene.sim.typing_received();
+    assert!(typing.iter().all(|(user, _, _)| *user != world.bot.id), "the bot showed typing: {typing:?}");
     Ok(())
 }
 
