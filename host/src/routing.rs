@@ -315,12 +315,24 @@ impl Router {
             finished_at_ms: now_ms(),
         };
         match self.writer.finish(finished).await {
-            Ok(Some(reply_id)) => self.deliver(QueuedReply {
-                id: reply_id,
-                session_key: session.key.clone(),
-                target: delivery_target,
-                text: reply.unwrap_or_default(),
-            }),
+            Ok(Some(reply_id)) => {
+                // Queued and committed; it leaves once on the disk (`gateway.durability`). The
+                // lane meanwhile goes on with the session's next turn.
+                let reply = QueuedReply {
+                    id: reply_id,
+                    session_key: session.key,
+                    target: delivery_target,
+                    text: reply.unwrap_or_default(),
+                };
+                let router = self.clone();
+                self.writer.after_sync(Box::new(move |synced| match synced {
+                    Ok(()) => router.deliver(reply),
+                    Err(e) => {
+                        router.metrics.store_errors.inc();
+                        tracing::error!(session = %reply.session_key, reply_id, "reply queued but not yet on the disk; it is sent after the next start: {e}");
+                    }
+                }));
+            }
             Ok(None) => {}
             Err(e) => {
                 // Not sent: a reply that is not queued could be sent twice after a restart.

@@ -619,6 +619,47 @@ fn checkpoint_while_open(checkpointer: &Connection, writer: &std::sync::Weak<Mut
     }
 }
 
+/// The WAL beside the database at `database`.
+fn wal_path(database: &Path) -> PathBuf {
+    let mut name = database.as_os_str().to_owned();
+    name.push("-wal");
+    PathBuf::from(name)
+}
+
+/// Until the writer is dropped: take everything waiting for a sync, sync the WAL once, and
+/// tell each in order. What arrives during a sync waits for the next: only commits made
+/// before a sync started are sure to be in it.
+fn sync_wal_while_open(wal: &Path, waiting: &std::sync::mpsc::Receiver<AfterSync>) {
+    let mut file: Option<std::fs::File> = None;
+    while let Ok(first) = waiting.recv() {
+        let mut round = vec![first];
+        round.extend(waiting.try_iter());
+        let outcome = sync_file(wal, &mut file);
+        if let Err(reason) = &outcome {
+            tracing::error!(replies = round.len(), "cannot sync the state database's WAL: {reason}; the replies waiting for it stay queued and are sent after the next start");
+        }
+        for then in round {
+            then(outcome.clone().map_err(StoreError::CannotSync));
+        }
+    }
+}
+
+/// `fdatasync` the file at `path`, through `file` while it is still that file: SQLite keeps
+/// the WAL for as long as a connection is open, but a reopened handle is cheap insurance
+/// against syncing a file that is no longer the WAL.
+fn sync_file(path: &Path, file: &mut Option<std::fs::File>) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let current = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let still_it = file
+        .as_ref()
+        .and_then(|f| f.metadata().ok())
+        .is_some_and(|m| m.ino() == current.ino() && m.dev() == current.dev());
+    if !still_it {
+        *file = Some(std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?);
+    }
+    file.as_ref().expect("opened above").sync_data().map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// One batch's rows (see [`Store::commit_batch`]) inside `transaction`.
 fn write_batch(
     transaction: &Connection,
@@ -735,12 +776,6 @@ enum WriteRequest {
     },
 }
 
-impl WriteRequest {
-    fn queues_reply(&self) -> bool {
-        matches!(self, WriteRequest::Turn { turn, .. } if turn.reply.is_some())
-    }
-}
-
 /// What one request's rows came to inside a group, before the group's commit.
 enum Written {
     Batch(Result<Vec<Option<i64>>, StoreError>),
@@ -764,20 +799,27 @@ fn write_request(transaction: &Connection, request: &WriteRequest) -> Written {
 }
 
 /// Carries out the state database's hot writes — channel batches and finished turns from all
-/// tasks — on a thread of its own, with group commits: while one commit waits for the disk,
-/// the writes that arrive meanwhile gather for the next, so a burst costs a few transactions
-/// (and under `Durability::Full` a few syncs) instead of one per message, and no async worker
-/// waits for SQLite.
+/// tasks — on a thread of its own, with group commits: while one commit is written, the
+/// writes that arrive meanwhile gather for the next, so a burst costs a few transactions
+/// instead of one per message, and no async worker waits for SQLite.
 ///
 /// Each request keeps its own atomicity (a savepoint in the group): one that fails is rolled
 /// back alone and reported to its caller; the others commit.
 ///
-/// Within a round, requests that queue no reply commit first, without a sync (the WAL is
-/// sequential: the next synced commit carries them to the disk), so an inbound batch never
-/// waits for the disk on behalf of replies.
+/// Commits do not wait for the disk. Under `Durability::Full` a second thread syncs the WAL
+/// and then runs what waited for it ([`StoreWriter::after_sync`]: sending the replies just
+/// queued): a sync carries every commit made before it started, since the WAL is written in
+/// order, and while it runs the writer goes on committing — the next turn of a session, a
+/// channel's inbound batch — instead of holding them up behind the disk.
 pub struct StoreWriter {
     requests: std::sync::mpsc::Sender<WriteRequest>,
+    /// To the WAL sync thread; `None` under `Durability::Normal`, where a commit is as
+    /// durable as it gets (it survives a crash of the process) once it returns.
+    syncs: Option<std::sync::mpsc::Sender<AfterSync>>,
 }
+
+/// What waits for the commits before it to be on the disk; told whether they are.
+pub type AfterSync = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 
 /// The most requests one group commit takes.
 const GROUP_COMMIT_MAX: usize = 1024;
@@ -785,22 +827,30 @@ const GROUP_COMMIT_MAX: usize = 1024;
 impl StoreWriter {
     /// Start the writer thread; it ends when the writer is dropped.
     pub fn start(store: std::sync::Arc<Store>) -> StoreWriter {
+        let syncs = (store.durability == Durability::Full && store.reader.is_some()).then(|| {
+            let (syncs, waiting) = std::sync::mpsc::channel::<AfterSync>();
+            let wal = wal_path(&store.path);
+            let spawned = std::thread::Builder::new()
+                .name("store-sync".into())
+                .spawn(move || sync_wal_while_open(&wal, &waiting));
+            if let Err(e) = spawned {
+                // Every `after_sync` is then told the store stopped: replies stay queued and
+                // are sent after the next start.
+                tracing::error!("cannot start the store sync thread: {e}");
+            }
+            syncs
+        });
         let (requests, incoming) = std::sync::mpsc::channel::<WriteRequest>();
         let spawned = std::thread::Builder::new().name("store-writer".into()).spawn(move || {
             while let Ok(first) = incoming.recv() {
-                let mut round = vec![first];
-                while round.len() < GROUP_COMMIT_MAX {
+                let mut group = vec![first];
+                while group.len() < GROUP_COMMIT_MAX {
                     match incoming.try_recv() {
-                        Ok(request) => round.push(request),
+                        Ok(request) => group.push(request),
                         Err(_) => break,
                     }
                 }
-                let (replies, quiet): (Vec<_>, Vec<_>) = round.into_iter().partition(WriteRequest::queues_reply);
-                for group in [quiet, replies] {
-                    if !group.is_empty() {
-                        store.write_group(group);
-                    }
-                }
+                store.write_group(group);
             }
         });
         if let Err(e) = spawned {
@@ -808,10 +858,25 @@ impl StoreWriter {
             // (the messages are redelivered and the turns answered after the next start).
             tracing::error!("cannot start the store writer thread: {e}");
         }
-        StoreWriter { requests }
+        StoreWriter { requests, syncs }
     }
 
-    /// Store `turn` with the next group commit; its queued reply's id.
+    /// Run `then` once every commit made so far is as durable as `Durability` asks: at once
+    /// under `Normal`, after the next sync of the WAL under `Full`. Calls run in the order
+    /// they were made, so replies of one session leave in the order they were queued.
+    pub fn after_sync(&self, then: AfterSync) {
+        match &self.syncs {
+            None => then(Ok(())),
+            Some(syncs) => {
+                if let Err(std::sync::mpsc::SendError(then)) = syncs.send(then) {
+                    then(Err(StoreError::WriterStopped));
+                }
+            }
+        }
+    }
+
+    /// Store `turn` with the next group commit; its queued reply's id. Committed, not
+    /// necessarily on the disk: send the reply from [`Self::after_sync`].
     pub async fn finish(&self, turn: FinishedTurn) -> Result<Option<i64>, StoreError> {
         let (done, result) = tokio::sync::oneshot::channel();
         self.requests.send(WriteRequest::Turn { turn, done }).map_err(|_| StoreError::WriterStopped)?;
@@ -870,14 +935,8 @@ impl Store {
     /// Write `group` in one transaction, each request inside a savepoint of its own, and
     /// answer every request.
     fn write_group(&self, group: Vec<WriteRequest>) {
-        let must_sync = self.durability == Durability::Full && group.iter().any(WriteRequest::queues_reply);
         let mut connection = self.connection.lock().unwrap();
         let outcome = (|| -> Result<Vec<Written>, StoreError> {
-            if must_sync {
-                connection
-                    .pragma_update(None, "synchronous", "FULL")
-                    .map_err(|e| StoreError::CannotSync(e.to_string()))?;
-            }
             // Every request straight into one transaction: savepoints cost a statement
             // journal copy of each page a request touches, and requests almost never fail.
             let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -912,11 +971,6 @@ impl Store {
             transaction.commit()?;
             Ok(written)
         })();
-        if must_sync {
-            if let Err(e) = connection.pragma_update(None, "synchronous", "NORMAL") {
-                tracing::warn!("cannot set the state database back to synchronous=NORMAL: {e}");
-            }
-        }
         drop(connection);
         match outcome {
             Ok(written) => {
@@ -1158,5 +1212,41 @@ mod tests {
         assert_eq!(queued.iter().map(|r| r.text.as_str()).collect::<Vec<_>>(), ["queued one"]);
         let counts = store.counts().unwrap();
         assert_eq!((counts.inbound_pending, counts.outbound_queued, counts.outbound_delivered), (1, 1, 1));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replies_wait_for_a_wal_sync_and_leave_in_the_order_they_were_queued() {
+        for durability in [Durability::Full, Durability::Normal] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = std::sync::Arc::new(Store::open(dir.path(), durability).unwrap());
+            let writer = StoreWriter::start(store.clone());
+            let batch =
+                BatchRecord { inbound: (0..40).map(|i| inbound(&format!("p{i}"))).collect(), ..Default::default() };
+            let ids = writer.commit_batch("mm", batch, 1).await.unwrap();
+            let (told, mut sent) = tokio::sync::mpsc::unbounded_channel();
+            let mut queued = Vec::new();
+            for (i, id) in ids.into_iter().enumerate() {
+                let reply_id =
+                    writer.finish(turn_answering(id.unwrap(), "s", &format!("t{i}"))).await.unwrap().unwrap();
+                queued.push(reply_id);
+                let told = told.clone();
+                writer.after_sync(Box::new(move |synced| {
+                    let _ = told.send(synced.map(|()| reply_id));
+                }));
+            }
+            let mut left = Vec::new();
+            while left.len() < queued.len() {
+                let outcome = tokio::time::timeout(std::time::Duration::from_secs(10), sent.recv()).await;
+                left.push(outcome.expect("every reply is told").unwrap().expect("the WAL syncs"));
+            }
+            assert_eq!(left, queued, "{durability:?}: replies leave in the order they were queued");
+        }
+    }
+
+    #[test]
+    fn a_wal_that_cannot_be_synced_says_which_file() {
+        let missing = Path::new("/nonexistent-switchboard-state/switchboard.db-wal");
+        let error = sync_file(missing, &mut None).unwrap_err();
+        assert!(error.contains("/nonexistent-switchboard-state/switchboard.db-wal"), "{error}");
     }
 }
