@@ -7,7 +7,9 @@
 //! - floor: the simulator's own round trip with a minimal client that answers each `posted`
 //!   event directly (WebSocket in, REST post out), no gateway;
 //! - throughput (1, 10, 100 channels, a burst of unique tokens) and its ratio to the floor;
-//! - latency at a moderate fixed rate, and what the gateway adds to the floor's;
+//! - latency at a moderate fixed rate, and what the gateway adds to the floor's; under
+//!   durability=full once more with a gateway at durability=normal, to tell the disk's sync
+//!   before each reply from the rest;
 //! - reload: swap pause, file dropped → new build answering, lost/duplicated/misrouted during
 //!   swaps under load;
 //! - memory: RSS idle, under load, after many reloads; generations still mapped;
@@ -174,6 +176,19 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// A latency run beside the floor's at the same rate: both, and what the gateway added.
+fn added_latency(latency: &Load, floor: &Load, rate: u64) -> Value {
+    let added = |p: f64| percentile(&latency.latencies_us, p) as i64 - percentile(&floor.latencies_us, p) as i64;
+    let max = |load: &Load| load.latencies_us.last().copied().unwrap_or(0) as i64;
+    json!({
+        "rate_per_second": rate,
+        "gateway_us": latency_json(&latency.latencies_us),
+        "floor_us": latency_json(&floor.latencies_us),
+        "added_us": {"p50": added(0.5), "p99": added(0.99), "max": max(latency) - max(floor)},
+        "load": latency.json(),
+    })
+}
+
 fn latency_json(sorted: &[u64]) -> Value {
     json!({"p50": percentile(sorted, 0.5), "p99": percentile(sorted, 0.99), "max": sorted.last().copied().unwrap_or(0)})
 }
@@ -309,13 +324,17 @@ impl Bench {
     }
 
     fn write_config(&self, name: &str, state_dir: &Path) -> Result<PathBuf> {
+        self.write_config_with(name, state_dir, &self.durability)
+    }
+
+    fn write_config_with(&self, name: &str, state_dir: &Path, durability: &str) -> Result<PathBuf> {
         let config = seed_config(&self.sim.base_url(), &self.plugin_dir(), "onmessage", "kind = \"echo\"")
             .replacen(
                 "state_dir = \"state\"\n",
                 &format!(
                     "state_dir = \"{}\"\nmax_concurrent_turns = 256\nlane_capacity = 1000000\ndurability = \"{}\"\n",
                     state_dir.display(),
-                    self.durability
+                    durability
                 ),
                 1,
             )
@@ -607,17 +626,7 @@ async fn main() -> Result<()> {
         eprintln!("bench: latency");
         let latency = bench.load(10, sizes.latency_count, Some(sizes.latency_rate)).await;
         clean &= latency.clean();
-        let added =
-            |p: f64| percentile(&latency.latencies_us, p) as i64 - percentile(&floor_latency.latencies_us, p) as i64;
-        results["latency"] = json!({
-            "rate_per_second": sizes.latency_rate,
-            "gateway_us": latency_json(&latency.latencies_us),
-            "floor_us": latency_json(&floor_latency.latencies_us),
-            "added_us": {"p50": added(0.5), "p99": added(0.99),
-                         "max": latency.latencies_us.last().copied().unwrap_or(0) as i64
-                                - floor_latency.latencies_us.last().copied().unwrap_or(0) as i64},
-            "load": latency.json(),
-        });
+        results["latency"] = added_latency(&latency, &floor_latency, sizes.latency_rate);
     }
     // RSS once the load has passed: the base the reloads' growth is measured from.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -673,6 +682,22 @@ async fn main() -> Result<()> {
         std::fs::write(path, gateway.log_text())?;
     }
     gateway.stop().await?;
+
+    // 5b. The same latency once more where commits do not wait for the disk: what the gateway
+    // adds apart from the sync each reply waits for under durability=full.
+    if bench.args.wants("latency") && bench.durability == "full" {
+        eprintln!("bench: latency, durability=normal");
+        let config =
+            bench.write_config_with("bench-normal.toml", &bench.scratch.path().join("state-normal"), "normal")?;
+        let opened_before = bench.sim.ws_connections_opened();
+        let gateway = bench.start_gateway(&config).await?;
+        bench.wait_for_connection(opened_before).await?;
+        bench.ask("first").await?;
+        let latency = bench.load(10, sizes.latency_count, Some(sizes.latency_rate)).await;
+        clean &= latency.clean();
+        results["latency_durability_normal"] = added_latency(&latency, &floor_latency, sizes.latency_rate);
+        gateway.stop().await?;
+    }
 
     // 6. Scale.
     if bench.args.wants("scale") {
@@ -834,6 +859,14 @@ fn print_table(r: &Value) {
         "added latency p50 / p99 / max (µs)",
         format!("{}/{}/{}", l["added_us"]["p50"], l["added_us"]["p99"], l["added_us"]["max"])
     );
+    let n = &r["latency_durability_normal"];
+    if !n.is_null() {
+        println!(
+            "{:<58} {:>14}",
+            "… with durability=normal (no sync before a reply)",
+            format!("{}/{}/{}", n["added_us"]["p50"], n["added_us"]["p99"], n["added_us"]["max"])
+        );
+    }
     let re = &r["reload"];
     println!(
         "{:<58} {:>14}",
