@@ -9,7 +9,8 @@
 //! - throughput (1, 10, 100 channels, a burst of unique tokens) and its ratio to the floor;
 //! - latency at a moderate fixed rate, and what the gateway adds to the floor's; under
 //!   durability=full once more with a gateway at durability=normal, to tell the disk's sync
-//!   before each reply from the rest;
+//!   before each reply from the rest. The latency runs come before the bursts;
+//! - the share of CPU time the hypervisor took (steal) during the latency runs and bursts;
 //! - reload: swap pause, file dropped → new build answering, lost/duplicated/misrouted during
 //!   swaps under load;
 //! - memory: RSS idle, under load, after many reloads; generations still mapped;
@@ -174,6 +175,14 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
         return 0;
     }
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Write back everything written so far and give a gateway a moment to finish its
+/// checkpoint, so a measurement that follows meets an idle disk.
+async fn settle_disk() {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    let _ = tokio::task::spawn_blocking(|| unsafe { libc::sync() }).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
 /// A latency run beside the floor's at the same rate: both, and what the gateway added.
@@ -503,6 +512,33 @@ async fn floor_client(sim: &Simulator, world: &DemoWorld) -> Result<Floor> {
 }
 
 /// CPU time this process has used (user + system), in clock ticks.
+/// Run `load`, and tell what share of the machine's CPU time the hypervisor took meanwhile
+/// (`steal` in /proc/stat): on a shared VM it explains runs that are slower for no reason
+/// of their own.
+async fn stolen_during(load: impl std::future::Future<Output = Load>) -> (Load, f64) {
+    let before = cpu_times();
+    let load = load.await;
+    let after = cpu_times();
+    let total = after.1.saturating_sub(before.1);
+    let stolen = if total == 0 { 0.0 } else { after.0.saturating_sub(before.0) as f64 * 100.0 / total as f64 };
+    (load, (stolen * 10.0).round() / 10.0)
+}
+
+/// (steal, all) jiffies of the whole machine since boot.
+fn cpu_times() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    (fields.get(7).copied().unwrap_or(0), fields.iter().sum())
+}
+
 fn cpu_ticks_of_self() -> u64 {
     // SAFETY: `tms` is plain data that times(2) fills in.
     let mut tms: libc::tms = unsafe { std::mem::zeroed() };
@@ -548,8 +584,7 @@ async fn main() -> Result<()> {
     let args = parse_args()?;
     // The release build just wrote hundreds of megabytes: let the kernel write them back now,
     // not during the measurements (it made the gateway's fdatasync calls take 100+ ms).
-    // SAFETY: sync(2) takes no arguments and cannot fail.
-    unsafe { libc::sync() };
+    settle_disk().await;
     let bench = Bench::new(args).await?;
     let mut results = json!({
         "mode": if bench.args.quick { "quick" } else { "full" },
@@ -563,23 +598,48 @@ async fn main() -> Result<()> {
     // The floor is the baseline, not the system under test: what it loses (its client gave
     // up after every retry) is reported, and leaves `clean`, which is the gateway's, alone.
     let floor = floor_client(&bench.sim, &bench.world).await?;
+    let (floor_latency, floor_stolen) =
+        stolen_during(bench.load(10, sizes.latency_count, Some(sizes.latency_rate))).await;
     let mut floor_throughput = serde_json::Map::new();
     for channels in [1, 10, 100].into_iter().filter(|_| bench.args.wants("throughput")) {
-        let load = bench.load(channels, sizes.burst, None).await;
-        floor_throughput.insert(channels.to_string(), load.json());
+        let (load, stolen) = stolen_during(bench.load(channels, sizes.burst, None)).await;
+        let mut entry = load.json();
+        entry["cpu_stolen_percent"] = json!(stolen);
+        floor_throughput.insert(channels.to_string(), entry);
     }
-    let floor_latency = bench.load(10, sizes.latency_count, Some(sizes.latency_rate)).await;
     floor.task.abort();
     results["floor"] = json!({
         "throughput": floor_throughput,
         "latency": floor_latency.json(),
+        "latency_cpu_stolen_percent": floor_stolen,
         "posts_failed": floor.posts_failed.load(std::sync::atomic::Ordering::Relaxed),
     });
 
-    // 2. Start-up and idle memory.
-    eprintln!("bench: start-up");
     std::fs::create_dir_all(bench.plugin_dir())?;
     bench.reset_plugin_dir()?;
+
+    // 1b. Latency through a gateway whose commits do not wait for the disk: what the gateway
+    // adds apart from the sync each reply waits for under durability=full. Both latency runs
+    // come before the gateway's bursts, close to the floor's: after minutes of full load this
+    // machine's hypervisor takes a share of the CPU (steal), which lengthens every hop.
+    if bench.args.wants("latency") && bench.durability == "full" {
+        eprintln!("bench: latency, durability=normal");
+        let config =
+            bench.write_config_with("bench-normal.toml", &bench.scratch.path().join("state-normal"), "normal")?;
+        let opened_before = bench.sim.ws_connections_opened();
+        let gateway = bench.start_gateway(&config).await?;
+        bench.wait_for_connection(opened_before).await?;
+        bench.ask("first").await?;
+        settle_disk().await;
+        let (latency, stolen) = stolen_during(bench.load(10, sizes.latency_count, Some(sizes.latency_rate))).await;
+        clean &= latency.clean();
+        results["latency_durability_normal"] = added_latency(&latency, &floor_latency, sizes.latency_rate);
+        results["latency_durability_normal"]["cpu_stolen_percent"] = json!(stolen);
+        gateway.stop().await?;
+    }
+
+    // 2. Start-up and idle memory.
+    eprintln!("bench: start-up");
     let config = bench.write_config("bench.toml", &bench.scratch.path().join("state"))?;
     let opened_before = bench.sim.ws_connections_opened();
     let spawned = Instant::now();
@@ -591,7 +651,16 @@ async fn main() -> Result<()> {
     let rss_idle = gateway.rss_kib().unwrap_or(0);
     results["start_up_ms"] = json!(start_up_ms);
 
-    // 3. Throughput and latency through the gateway.
+    // 3. Latency and throughput through the gateway.
+    if bench.args.wants("latency") {
+        eprintln!("bench: latency");
+        settle_disk().await;
+        let (latency, stolen) = stolen_during(bench.load(10, sizes.latency_count, Some(sizes.latency_rate))).await;
+        clean &= latency.clean();
+        results["latency"] = added_latency(&latency, &floor_latency, sizes.latency_rate);
+        results["latency"]["cpu_stolen_percent"] = json!(stolen);
+    }
+
     eprintln!("bench: throughput");
     let mut throughput = serde_json::Map::new();
     let mut rss_under_load = 0;
@@ -604,8 +673,8 @@ async fn main() -> Result<()> {
             }
         };
         let cpu_before = (gateway.cpu_ticks().unwrap_or(0), cpu_ticks_of_self());
-        let load = tokio::select! {
-            load = bench.load(channels, sizes.burst, None) => load,
+        let (load, stolen) = tokio::select! {
+            measured = stolen_during(bench.load(channels, sizes.burst, None)) => measured,
             () = sampling => unreachable!("sampling never ends"),
         };
         let cpu_after = (gateway.cpu_ticks().unwrap_or(0), cpu_ticks_of_self());
@@ -614,6 +683,7 @@ async fn main() -> Result<()> {
         let floor_rate = results["floor"]["throughput"][channels.to_string()]["per_second"].as_f64().unwrap_or(0.0);
         let mut entry = load.json();
         entry["ratio_to_floor"] = json!(if floor_rate > 0.0 { load.per_second() / floor_rate } else { 0.0 });
+        entry["cpu_stolen_percent"] = json!(stolen);
         // CPU per reply is steadier than replies per second on a shared, noisy machine; the
         // bench process (simulator and collector) shares the two cores with the gateway.
         let per_reply = |ticks: u64| ticks as f64 * 1e6 / clock_ticks_per_second() / load.answered.max(1) as f64;
@@ -622,12 +692,6 @@ async fn main() -> Result<()> {
         throughput.insert(channels.to_string(), entry);
     }
     results["throughput"] = Value::Object(throughput);
-    if bench.args.wants("latency") {
-        eprintln!("bench: latency");
-        let latency = bench.load(10, sizes.latency_count, Some(sizes.latency_rate)).await;
-        clean &= latency.clean();
-        results["latency"] = added_latency(&latency, &floor_latency, sizes.latency_rate);
-    }
     // RSS once the load has passed: the base the reloads' growth is measured from.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_before_reloads = gateway.rss_kib().unwrap_or(0);
@@ -682,22 +746,6 @@ async fn main() -> Result<()> {
         std::fs::write(path, gateway.log_text())?;
     }
     gateway.stop().await?;
-
-    // 5b. The same latency once more where commits do not wait for the disk: what the gateway
-    // adds apart from the sync each reply waits for under durability=full.
-    if bench.args.wants("latency") && bench.durability == "full" {
-        eprintln!("bench: latency, durability=normal");
-        let config =
-            bench.write_config_with("bench-normal.toml", &bench.scratch.path().join("state-normal"), "normal")?;
-        let opened_before = bench.sim.ws_connections_opened();
-        let gateway = bench.start_gateway(&config).await?;
-        bench.wait_for_connection(opened_before).await?;
-        bench.ask("first").await?;
-        let latency = bench.load(10, sizes.latency_count, Some(sizes.latency_rate)).await;
-        clean &= latency.clean();
-        results["latency_durability_normal"] = added_latency(&latency, &floor_latency, sizes.latency_rate);
-        gateway.stop().await?;
-    }
 
     // 6. Scale.
     if bench.args.wants("scale") {
@@ -867,6 +915,17 @@ fn print_table(r: &Value) {
             format!("{}/{}/{}", n["added_us"]["p50"], n["added_us"]["p99"], n["added_us"]["max"])
         );
     }
+    println!(
+        "{:<58} {:>14}",
+        "CPU stolen by the hypervisor: latency full/normal/floor, 100 ch (%)",
+        format!(
+            "{}/{}/{}, {}",
+            l["cpu_stolen_percent"],
+            n["cpu_stolen_percent"],
+            r["floor"]["latency_cpu_stolen_percent"],
+            r["throughput"]["100"]["cpu_stolen_percent"]
+        )
+    );
     let re = &r["reload"];
     println!(
         "{:<58} {:>14}",
