@@ -33,6 +33,9 @@ pub struct Metrics {
     pub generations_loaded: Gauge,
     /// Time events were held back while a generation was swapped.
     pub swap_pause_seconds: Histogram,
+    /// Time each sync of the state database's WAL took: under durability=full every reply
+    /// waits for one, so this is the disk's share of the reply latency.
+    pub store_wal_sync_seconds: Histogram,
 }
 
 impl Metrics {
@@ -57,6 +60,7 @@ impl Metrics {
             generations_still_mapped: Gauge::default(),
             generations_loaded: Gauge::default(),
             swap_pause_seconds: Histogram::new([0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0]),
+            store_wal_sync_seconds: Histogram::new([0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5]),
             registry: Registry::default(),
         };
         registry.register("inbound_messages", "Inbound messages routed to a session", metrics.inbound_messages.clone());
@@ -112,6 +116,11 @@ impl Metrics {
             "swap_pause_seconds",
             "Time events were buffered during a generation swap",
             metrics.swap_pause_seconds.clone(),
+        );
+        registry.register(
+            "store_wal_sync_seconds",
+            "Time each sync of the state database's WAL took (under durability=full every reply waits for one)",
+            metrics.store_wal_sync_seconds.clone(),
         );
         Metrics { registry, ..metrics }
     }

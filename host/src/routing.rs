@@ -68,7 +68,7 @@ impl Router {
         let router = Arc::new(Router {
             table: RwLock::new(Table::default()),
             sessions,
-            writer: StoreWriter::start(store.clone()),
+            writer: StoreWriter::start(store.clone(), metrics.store_wal_sync_seconds.clone()),
             store,
             lanes: Lanes::new(config.gateway.max_concurrent_turns, config.gateway.lane_capacity),
             instances: RwLock::new(HashMap::new()),

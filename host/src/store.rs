@@ -19,6 +19,7 @@ use std::{
     sync::Mutex,
 };
 
+use prometheus_client::metrics::histogram::Histogram;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use switchboard_plugin_api::PeerKind;
 
@@ -640,6 +641,7 @@ fn sync_wal_while_open(
     wal: &Path,
     waiting: &std::sync::mpsc::Receiver<AfterSync>,
     commits: &std::sync::atomic::AtomicU64,
+    sync_seconds: &Histogram,
 ) {
     use std::sync::{atomic::Ordering, mpsc::RecvTimeoutError};
     let mut file: Option<std::fs::File> = None;
@@ -653,7 +655,9 @@ fn sync_wal_while_open(
             Err(RecvTimeoutError::Disconnected) => return,
         };
         let committed = commits.load(Ordering::Acquire);
+        let started = std::time::Instant::now();
         let outcome = sync_file(wal, &mut file);
+        sync_seconds.observe(started.elapsed().as_secs_f64());
         match &outcome {
             Ok(()) => {
                 synced = committed;
@@ -857,8 +861,9 @@ pub type AfterSync = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 const GROUP_COMMIT_MAX: usize = 1024;
 
 impl StoreWriter {
-    /// Start the writer thread; it ends when the writer is dropped.
-    pub fn start(store: std::sync::Arc<Store>) -> StoreWriter {
+    /// Start the writer thread (and the WAL sync thread for a store on disk, which observes
+    /// each sync's duration into `sync_seconds`); they end when the writer is dropped.
+    pub fn start(store: std::sync::Arc<Store>, sync_seconds: Histogram) -> StoreWriter {
         let commits = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let syncs = store.reader.is_some().then(|| {
             let (syncs, waiting) = std::sync::mpsc::channel::<AfterSync>();
@@ -866,7 +871,7 @@ impl StoreWriter {
             let commits = commits.clone();
             let spawned = std::thread::Builder::new()
                 .name("store-sync".into())
-                .spawn(move || sync_wal_while_open(&wal, &waiting, &commits));
+                .spawn(move || sync_wal_while_open(&wal, &waiting, &commits, &sync_seconds));
             if let Err(e) = spawned {
                 // Every `after_sync` is then told the store stopped: replies stay queued and
                 // are sent after the next start.
@@ -1137,7 +1142,7 @@ mod tests {
                  BEGIN SELECT RAISE(ABORT, 'poisoned'); END;",
             )
             .unwrap();
-        let writer = std::sync::Arc::new(StoreWriter::start(store.clone()));
+        let writer = std::sync::Arc::new(StoreWriter::start(store.clone(), Histogram::new([0.001])));
         let batch =
             BatchRecord { inbound: (0..200).map(|i| inbound(&format!("p{i}"))).collect(), ..Default::default() };
         let ids: Vec<i64> =
@@ -1255,7 +1260,7 @@ mod tests {
         for durability in [Durability::Full, Durability::Normal] {
             let dir = tempfile::tempdir().unwrap();
             let store = std::sync::Arc::new(Store::open(dir.path(), durability).unwrap());
-            let writer = StoreWriter::start(store.clone());
+            let writer = StoreWriter::start(store.clone(), Histogram::new([0.001]));
             let batch =
                 BatchRecord { inbound: (0..40).map(|i| inbound(&format!("p{i}"))).collect(), ..Default::default() };
             let ids = writer.commit_batch("mm", batch, 1).await.unwrap();

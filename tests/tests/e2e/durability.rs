@@ -44,6 +44,15 @@ async fn a_restart_keeps_sessions_transcripts_and_agent_history() -> Result<()> 
         "the three replies are marked delivered in the store: {}",
         gateway.status().await?
     );
+    // Under durability=full (the default) each reply waited for a sync of the WAL, timed.
+    let (code, metrics) = gateway.admin_get("/metrics").await?;
+    assert_eq!(code, 200);
+    let syncs: u64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("switchboard_store_wal_sync_seconds_count "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(syncs >= 1, "WAL syncs are timed in /metrics:\n{metrics}");
 
     let status = gateway.stop().await?;
     assert!(status.success(), "SIGTERM stops the gateway with exit 0, got {status}");
