@@ -391,10 +391,17 @@ impl Controller {
         if let Some(catalog) = other_catalog {
             self.catalog = catalog;
         }
-        if new.gateway.state_dir != self.config.gateway.state_dir
-            || new.gateway.admin_listen != self.config.gateway.admin_listen
-        {
-            tracing::warn!("gateway.state_dir and gateway.admin_listen take effect at the next start");
+        let at_next_start: Vec<&str> = [
+            ("gateway.state_dir", new.gateway.state_dir != self.config.gateway.state_dir),
+            ("gateway.admin_listen", new.gateway.admin_listen != self.config.gateway.admin_listen),
+            ("gateway.durability", new.gateway.durability != self.config.gateway.durability),
+            ("gateway.io_threads", new.gateway.io_threads != self.config.gateway.io_threads),
+        ]
+        .into_iter()
+        .filter_map(|(key, changed)| changed.then_some(key))
+        .collect();
+        if !at_next_start.is_empty() {
+            tracing::warn!(keys = ?at_next_start, "these changed keys take effect at the next start");
         }
         self.shared.router.apply(&new);
 

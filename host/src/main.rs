@@ -72,7 +72,7 @@ fn main() -> ExitCode {
         }
         Command::CheckConfig { config } => {
             init_logging();
-            match runtime().and_then(|rt| rt.block_on(check_config(config))) {
+            match runtime(1).and_then(|rt| rt.block_on(check_config(config))) {
                 Ok(code) => code,
                 Err(e) => {
                     eprintln!("error: {e:#}");
@@ -82,7 +82,11 @@ fn main() -> ExitCode {
         }
         Command::Run { config } => {
             init_logging();
-            match runtime().and_then(|rt| rt.block_on(run(config))) {
+            // The config is read before the runtime starts: it says how many threads to give it.
+            let started = Config::load(&config).map_err(anyhow::Error::from).and_then(|loaded| {
+                runtime(loaded.gateway.io_threads()).and_then(|rt| rt.block_on(run(config, loaded)))
+            });
+            match started {
                 Ok(gateway::Exit::Stopped) => ExitCode::SUCCESS,
                 Ok(gateway::Exit::Restart) => {
                     let error = re_exec();
@@ -105,8 +109,12 @@ fn init_logging() {
     tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_writer(std::io::stderr).init();
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")
+fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
 }
 
 /// Replace this process with a fresh start of the same binary and arguments (the runtime,
@@ -121,8 +129,8 @@ fn re_exec() -> std::io::Error {
     std::process::Command::new(exe).args(std::env::args_os().skip(1)).exec()
 }
 
-async fn run(config_path: PathBuf) -> anyhow::Result<gateway::Exit> {
-    let config = Config::load(&config_path)?;
+async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<gateway::Exit> {
+    tracing::info!(io_threads = tokio::runtime::Handle::current().metrics().num_workers(), "async runtime started");
     let admin = match config.gateway.admin_listen {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)

@@ -141,11 +141,23 @@ async fn chatmode_reload_keeps_sessions_routing_and_the_connection() -> Result<(
     let connections_before = scene.sim.ws_connections_opened();
     assert_eq!(connections_before, 1);
 
-    // Reload to onmessage with SIGUSR1.
-    scene.gateway.reload_with(&scene.config(&Settings::chatmode("onmessage")))?;
+    // Reload to onmessage with SIGUSR1; keys that only a start can apply change too.
+    let onmessage = scene.config(&Settings::chatmode("onmessage"));
+    assert!(onmessage.contains("[gateway]"));
+    scene.gateway.reload_with(&onmessage.replace("[gateway]", "[gateway]\nio_threads = 3\ndurability = \"normal\""))?;
     assert_eventually!(
         scene.gateway.count(&["generation started", "generation=2"]) == 1,
         "generation 2 starts after SIGUSR1:\n{}",
+        scene.gateway.log_text()
+    );
+    assert_eq!(
+        scene.gateway.count(&[
+            "these changed keys take effect at the next start",
+            "gateway.durability",
+            "gateway.io_threads"
+        ]),
+        1,
+        "the reload says which changed keys wait for the next start:\n{}",
         scene.gateway.log_text()
     );
 

@@ -524,6 +524,47 @@ async fn stolen_during(load: impl std::future::Future<Output = Load>) -> (Load, 
     (load, (stolen * 10.0).round() / 10.0)
 }
 
+/// What the gateway process has spent so far.
+#[derive(Clone, Copy)]
+struct Usage {
+    cpu_ticks: u64,
+    context_switches: u64,
+}
+
+impl Usage {
+    fn of(gateway: &Gateway) -> Self {
+        Self { cpu_ticks: gateway.cpu_ticks().unwrap_or(0), context_switches: gateway.context_switches().unwrap_or(0) }
+    }
+
+    /// Gateway CPU and context switches per reply since `before`. At a moderate rate few
+    /// events share a batch, so every hand-off between threads wakes one: this is what a
+    /// reply costs when the gateway is not busy.
+    fn per_reply_since(self, before: Usage, replies: usize) -> Value {
+        let replies = replies.max(1) as f64;
+        let cpu_us = self.cpu_ticks.saturating_sub(before.cpu_ticks) as f64 * 1e6 / clock_ticks_per_second();
+        json!({
+            "gateway_cpu_us_per_reply": cpu_us / replies,
+            "gateway_context_switches_per_reply": self.context_switches.saturating_sub(before.context_switches) as f64 / replies,
+        })
+    }
+}
+
+/// Run `load` against `gateway`: what it saw, the hypervisor's steal (%) and what the
+/// gateway spent per reply.
+async fn measured_on(gateway: &Gateway, load: impl std::future::Future<Output = Load>) -> (Load, f64, Value) {
+    let before = Usage::of(gateway);
+    let (load, stolen) = stolen_during(load).await;
+    let spent = Usage::of(gateway).per_reply_since(before, load.answered);
+    (load, stolen, spent)
+}
+
+/// Copy the fields of `from` (an object) into `into`.
+fn merge(into: &mut Value, from: Value) {
+    if let (Some(into), Value::Object(from)) = (into.as_object_mut(), from) {
+        into.extend(from);
+    }
+}
+
 /// (steal, all) jiffies of the whole machine since boot.
 fn cpu_times() -> (u64, u64) {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
@@ -631,10 +672,12 @@ async fn main() -> Result<()> {
         bench.wait_for_connection(opened_before).await?;
         bench.ask("first").await?;
         settle_disk().await;
-        let (latency, stolen) = stolen_during(bench.load(10, sizes.latency_count, Some(sizes.latency_rate))).await;
+        let (latency, stolen, spent) =
+            measured_on(&gateway, bench.load(10, sizes.latency_count, Some(sizes.latency_rate))).await;
         clean &= latency.clean();
         results["latency_durability_normal"] = added_latency(&latency, &floor_latency, sizes.latency_rate);
         results["latency_durability_normal"]["cpu_stolen_percent"] = json!(stolen);
+        merge(&mut results["latency_durability_normal"], spent);
         gateway.stop().await?;
     }
 
@@ -655,10 +698,12 @@ async fn main() -> Result<()> {
     if bench.args.wants("latency") {
         eprintln!("bench: latency");
         settle_disk().await;
-        let (latency, stolen) = stolen_during(bench.load(10, sizes.latency_count, Some(sizes.latency_rate))).await;
+        let (latency, stolen, spent) =
+            measured_on(&gateway, bench.load(10, sizes.latency_count, Some(sizes.latency_rate))).await;
         clean &= latency.clean();
         results["latency"] = added_latency(&latency, &floor_latency, sizes.latency_rate);
         results["latency"]["cpu_stolen_percent"] = json!(stolen);
+        merge(&mut results["latency"], spent);
     }
 
     eprintln!("bench: throughput");
@@ -672,12 +717,12 @@ async fn main() -> Result<()> {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         };
-        let cpu_before = (gateway.cpu_ticks().unwrap_or(0), cpu_ticks_of_self());
-        let (load, stolen) = tokio::select! {
-            measured = stolen_during(bench.load(channels, sizes.burst, None)) => measured,
+        let bench_before = cpu_ticks_of_self();
+        let (load, stolen, spent) = tokio::select! {
+            measured = measured_on(&gateway, bench.load(channels, sizes.burst, None)) => measured,
             () = sampling => unreachable!("sampling never ends"),
         };
-        let cpu_after = (gateway.cpu_ticks().unwrap_or(0), cpu_ticks_of_self());
+        let bench_ticks = cpu_ticks_of_self().saturating_sub(bench_before);
         rss_under_load = rss_under_load.max(peak.load(std::sync::atomic::Ordering::Relaxed));
         clean &= load.clean();
         let floor_rate = results["floor"]["throughput"][channels.to_string()]["per_second"].as_f64().unwrap_or(0.0);
@@ -686,9 +731,9 @@ async fn main() -> Result<()> {
         entry["cpu_stolen_percent"] = json!(stolen);
         // CPU per reply is steadier than replies per second on a shared, noisy machine; the
         // bench process (simulator and collector) shares the two cores with the gateway.
-        let per_reply = |ticks: u64| ticks as f64 * 1e6 / clock_ticks_per_second() / load.answered.max(1) as f64;
-        entry["gateway_cpu_us_per_reply"] = json!(per_reply(cpu_after.0.saturating_sub(cpu_before.0)));
-        entry["bench_process_cpu_us_per_reply"] = json!(per_reply(cpu_after.1.saturating_sub(cpu_before.1)));
+        merge(&mut entry, spent);
+        entry["bench_process_cpu_us_per_reply"] =
+            json!(bench_ticks as f64 * 1e6 / clock_ticks_per_second() / load.answered.max(1) as f64);
         throughput.insert(channels.to_string(), entry);
     }
     results["throughput"] = Value::Object(throughput);
@@ -886,12 +931,15 @@ fn print_table(r: &Value) {
             u(&g["misrouted"]),
         );
     }
+    let spent = |run: &Value| {
+        format!("{:.0} ({:.1})", f(&run["gateway_cpu_us_per_reply"]), f(&run["gateway_context_switches_per_reply"]))
+    };
     for channels in ["1", "10", "100"] {
         let g = &r["throughput"][channels];
         println!(
-            "{:<58} {:>14.0} {:>14.0}",
-            format!("CPU per reply, {channels} channel(s): gateway / bench process (µs)"),
-            f(&g["gateway_cpu_us_per_reply"]),
+            "{:<58} {:>14} {:>14.0}",
+            format!("CPU per reply, {channels} ch: gateway µs (context switches) / bench µs"),
+            spent(g),
             f(&g["bench_process_cpu_us_per_reply"]),
         );
     }
@@ -915,6 +963,11 @@ fn print_table(r: &Value) {
             format!("{}/{}/{}", n["added_us"]["p50"], n["added_us"]["p99"], n["added_us"]["max"])
         );
     }
+    println!(
+        "{:<58} {:>14}",
+        format!("CPU per reply at {}/s: µs (context switches), full/normal", u(&l["rate_per_second"])),
+        format!("{} / {}", spent(l), spent(n))
+    );
     println!(
         "{:<58} {:>14}",
         "CPU stolen by the hypervisor: latency full/normal/floor, 100 ch (%)",

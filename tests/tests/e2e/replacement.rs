@@ -75,9 +75,12 @@ fn swap_pauses(gateway: &Gateway, skip: usize) -> Vec<u64> {
 
 #[tokio::test]
 async fn fifty_builds_dropped_in_under_load_lose_duplicate_and_misroute_nothing() -> Result<()> {
-    let rig =
-        Rig::with_gateway_keys("onmessage", "kind = \"echo\"", "durability = \"normal\"\nmax_concurrent_turns = 256")
-            .await?;
+    let rig = Rig::with_gateway_keys(
+        "onmessage",
+        "kind = \"echo\"",
+        "durability = \"normal\"\nmax_concurrent_turns = 256\nio_threads = 3",
+    )
+    .await?;
     std::fs::write(
         &rig.config_path,
         std::fs::read_to_string(&rig.config_path)?.replace("[plugins]\n", "[plugins]\nsettle_ms = 50\n"),
@@ -85,6 +88,12 @@ async fn fifty_builds_dropped_in_under_load_lose_duplicate_and_misroute_nothing(
     let channels = rig.open_channels(21);
     let (probe_channel, channels) = channels.split_first().unwrap();
     let gateway = rig.start(&[]).await?;
+    assert_eq!(
+        gateway.count(&["async runtime started", "io_threads=3"]),
+        1,
+        "gateway.io_threads sets the runtime's threads:\n{}",
+        gateway.log_text()
+    );
     let connections_before = rig.sim.ws_connections_opened();
     let rss_before = gateway.rss_kib();
     let stop = AtomicBool::new(false);
