@@ -633,48 +633,85 @@ fn wal_path(database: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// Threads that sync the WAL; while one syncs, the next waiting reply starts another sync
+/// instead of waiting for that one to end first.
+const SYNC_THREADS: usize = 2;
+
+/// What the WAL sync threads share.
+struct WalSyncs {
+    wal: PathBuf,
+    waiting: Mutex<std::sync::mpsc::Receiver<AfterSync>>,
+    /// Group commits made so far (counted by the writer).
+    commits: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Group commits known to be on the disk.
+    synced: std::sync::atomic::AtomicU64,
+    /// Rounds of waiters, each with the ticket of the sync it waits for.
+    rounds: Mutex<Rounds>,
+    failing: std::sync::atomic::AtomicBool,
+    sync_seconds: Histogram,
+}
+
+#[derive(Default)]
+struct Rounds {
+    next_ticket: u64,
+    waiting: std::collections::BTreeMap<u64, Vec<AfterSync>>,
+}
+
 /// Until the writer is dropped: take everything waiting for a sync, sync the WAL once, and
-/// tell each in order. What arrives during a sync waits for the next: only commits made
-/// before a sync started are sure to be in it. Commits nothing waits for (all of them under
-/// `Durability::Normal`) are synced too, within [`WAL_FLUSH_EVERY`].
-fn sync_wal_while_open(
-    wal: &Path,
-    waiting: &std::sync::mpsc::Receiver<AfterSync>,
-    commits: &std::sync::atomic::AtomicU64,
-    sync_seconds: &Histogram,
-) {
+/// tell each in order. What arrives during a sync waits for the next one, which another
+/// thread starts at once: only commits made before a sync started are sure to be in it.
+/// A sync that ends also answers every earlier round still waiting (its sync started
+/// before, so this one covers it), which keeps the answers in order whichever sync ends
+/// first. Commits nothing waits for (all of them under `Durability::Normal`) are synced
+/// too, within [`WAL_FLUSH_EVERY`].
+fn sync_wal_while_open(syncs: &WalSyncs) {
     use std::sync::{atomic::Ordering, mpsc::RecvTimeoutError};
     let mut file: Option<std::fs::File> = None;
-    let mut synced = 0;
-    let mut failing = false;
     loop {
-        let round = match waiting.recv_timeout(WAL_FLUSH_EVERY) {
-            Ok(first) => std::iter::once(first).chain(waiting.try_iter()).collect(),
-            Err(RecvTimeoutError::Timeout) if commits.load(Ordering::Acquire) != synced => Vec::new(),
-            Err(RecvTimeoutError::Timeout) => continue,
-            Err(RecvTimeoutError::Disconnected) => return,
+        let (ticket, committed) = {
+            let waiting = syncs.waiting.lock().unwrap();
+            let round: Vec<AfterSync> = match waiting.recv_timeout(WAL_FLUSH_EVERY) {
+                Ok(first) => std::iter::once(first).chain(waiting.try_iter()).collect(),
+                Err(RecvTimeoutError::Timeout)
+                    if syncs.commits.load(Ordering::Acquire) != syncs.synced.load(Ordering::Acquire) =>
+                {
+                    Vec::new()
+                }
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
+            let mut rounds = syncs.rounds.lock().unwrap();
+            let ticket = rounds.next_ticket;
+            rounds.next_ticket += 1;
+            rounds.waiting.insert(ticket, round);
+            (ticket, syncs.commits.load(Ordering::Acquire))
         };
-        let committed = commits.load(Ordering::Acquire);
         let started = std::time::Instant::now();
-        let outcome = sync_file(wal, &mut file);
-        sync_seconds.observe(started.elapsed().as_secs_f64());
+        let outcome = sync_file(&syncs.wal, &mut file);
+        syncs.sync_seconds.observe(started.elapsed().as_secs_f64());
+        // Answered under the lock, so that rounds another thread releases cannot overtake.
+        let mut rounds = syncs.rounds.lock().unwrap();
+        let later = rounds.waiting.split_off(&(ticket + 1));
+        let released = std::mem::replace(&mut rounds.waiting, later);
+        let replies: usize = released.values().map(Vec::len).sum();
         match &outcome {
             Ok(()) => {
-                synced = committed;
-                failing = false;
+                syncs.synced.fetch_max(committed, Ordering::AcqRel);
+                syncs.failing.store(false, Ordering::Relaxed);
             }
-            Err(reason) if !round.is_empty() => tracing::error!(
-                replies = round.len(),
+            // Earlier rounds whose own sync may still succeed fail with this one: after a
+            // failed sync, what the page cache holds is not worth trusting.
+            Err(reason) if replies > 0 => tracing::error!(
+                replies,
                 "cannot sync the state database's WAL: {reason}; the replies waiting for it stay queued and are sent after the next start"
             ),
             // Told once, not every round, while it lasts.
-            Err(reason) if !failing => {
-                failing = true;
+            Err(reason) if !syncs.failing.swap(true, Ordering::Relaxed) => {
                 tracing::warn!("cannot sync the state database's WAL: {reason}");
             }
             Err(_) => {}
         }
-        for then in round {
+        for then in released.into_values().flatten() {
             then(outcome.clone().map_err(StoreError::CannotSync));
         }
     }
@@ -867,15 +904,24 @@ impl StoreWriter {
         let commits = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let syncs = store.reader.is_some().then(|| {
             let (syncs, waiting) = std::sync::mpsc::channel::<AfterSync>();
-            let wal = wal_path(&store.path);
-            let commits = commits.clone();
-            let spawned = std::thread::Builder::new()
-                .name("store-sync".into())
-                .spawn(move || sync_wal_while_open(&wal, &waiting, &commits, &sync_seconds));
-            if let Err(e) = spawned {
-                // Every `after_sync` is then told the store stopped: replies stay queued and
-                // are sent after the next start.
-                tracing::error!("cannot start the store sync thread: {e}");
+            let shared = std::sync::Arc::new(WalSyncs {
+                wal: wal_path(&store.path),
+                waiting: Mutex::new(waiting),
+                commits: commits.clone(),
+                synced: std::sync::atomic::AtomicU64::new(0),
+                rounds: Mutex::new(Rounds::default()),
+                failing: std::sync::atomic::AtomicBool::new(false),
+                sync_seconds,
+            });
+            for _ in 0..SYNC_THREADS {
+                let shared = shared.clone();
+                let spawned =
+                    std::thread::Builder::new().name("store-sync".into()).spawn(move || sync_wal_while_open(&shared));
+                if let Err(e) = spawned {
+                    // With no thread at all every `after_sync` is told the store stopped:
+                    // replies stay queued and are sent after the next start.
+                    tracing::error!("cannot start a store sync thread: {e}");
+                }
             }
             syncs
         });
@@ -1281,6 +1327,34 @@ mod tests {
                 left.push(outcome.expect("every reply is told").unwrap().expect("the WAL syncs"));
             }
             assert_eq!(left, queued, "{durability:?}: replies leave in the order they were queued");
+
+            // Many waiters while commits keep coming: the syncs overlap and end in any order,
+            // the answers still come in the order asked.
+            let writer = std::sync::Arc::new(writer);
+            let committing = {
+                let writer = writer.clone();
+                tokio::spawn(async move {
+                    for round in 0..50 {
+                        let inbound = (0..5).map(|i| inbound(&format!("q{round}-{i}"))).collect();
+                        writer.commit_batch("mm", BatchRecord { inbound, ..Default::default() }, 1).await.unwrap();
+                    }
+                })
+            };
+            let (told, mut answered) = tokio::sync::mpsc::unbounded_channel();
+            for asked in 0..1000 {
+                let told = told.clone();
+                writer.after_sync(Box::new(move |synced| {
+                    let _ = told.send(synced.map(|()| asked));
+                }));
+                if asked % 20 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            committing.await.unwrap();
+            for expected in 0..1000 {
+                let outcome = tokio::time::timeout(std::time::Duration::from_secs(10), answered.recv()).await;
+                assert_eq!(outcome.expect("every waiter is told").unwrap().expect("the WAL syncs"), expected);
+            }
         }
     }
 
