@@ -1036,6 +1036,7 @@ fn event_kind(event: &Event) -> &'static str {
         Event::AgentWorking { .. } => "agent_working",
         Event::Shutdown { .. } => "shutdown",
         Event::WsFrameSkipped { .. } => "ws_frame_skipped",
+        Event::ReplyMayHaveGoneOut { .. } => "reply_may_have_gone_out",
         _ => "unknown",
     }
 }

@@ -151,6 +151,10 @@ impl Router {
                     tracing::info!(channel, replies = queued.len(), "sending replies queued before the restart");
                 }
                 for reply in queued {
+                    // It may have been handed out before the restart, after the adapter's
+                    // state was last stored: the adapter looks for it before posting.
+                    let hint = Event::ReplyMayHaveGoneOut { reply_id: reply.id as u64 };
+                    self.send_to(&reply.target.channel_instance, hint);
                     self.deliver(reply);
                 }
             }

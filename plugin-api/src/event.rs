@@ -79,6 +79,13 @@ pub enum Event {
         conn: u64,
         text: RString,
     },
+    /// The next [`Event::DeliverReply`] with this id was queued before the gateway restarted
+    /// and may have been handed out then: it may already be on the platform (the adapter's
+    /// saved state can be older than the post). Look for it before posting it again; the
+    /// platform's own de-duplication (Mattermost's lasts 30 s) is not to be relied on.
+    ReplyMayHaveGoneOut {
+        reply_id: u64,
+    },
 }
 
 impl Event {

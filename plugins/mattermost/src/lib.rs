@@ -6,9 +6,12 @@
 //!
 //! Modules:
 //! - [`settings`]: the channel config keys and their validation (every problem, key paths).
-//! - [`adapter`]: the state machine — connection (hello, seq, keepalive, resume, backoff),
-//!   `posted` filtering (chatmode, DM/group policies, channel allowlist), reply delivery
-//!   (splitting, retries, `pending_post_id`), typing; state handed to the next generation.
+//! - [`adapter`]: the state machine, a module per concern — connection (hello, seq,
+//!   keepalive, resume, backoff proven per connection), requests (one queue honouring
+//!   `Retry-After`, bounded background concurrency), catch-up after a gap (UpdateAt
+//!   semantics, paging, conversations never seen), policy (what is answered), delivery
+//!   (in order per conversation, looked for before it is sent again); state handed to the
+//!   next generation.
 //! - [`text`]: mentions, prefixes, splitting long replies.
 //!
 //! Cargo features `fixture-*` build variants for the host's tests: deliberately broken ones

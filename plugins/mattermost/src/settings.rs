@@ -21,6 +21,8 @@ const KEYS: &[&str] = &[
     "reconnect_max_ms",
     "request_timeout_ms",
     "ping_interval_ms",
+    "allow_bots",
+    "mention_words",
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,6 +58,10 @@ pub struct Settings {
     pub reconnect_max_ms: u64,
     pub request_timeout_ms: u64,
     pub ping_interval_ms: u64,
+    /// Answer posts by bot accounts and webhooks too (off: two bots would answer each other).
+    pub allow_bots: bool,
+    /// Words besides `@<bot>` that count as calling the bot in `oncall` (whole words, any case).
+    pub mention_words: Vec<String>,
 }
 
 impl Settings {
@@ -174,14 +180,17 @@ pub fn parse(json: &str) -> Result<Settings, Vec<ConfigProblem>> {
     let allow_from: Vec<String> =
         strings("allow_from", &[]).into_iter().map(|a| a.trim_start_matches('@').to_lowercase()).collect();
     let channels = strings("channels", &[]);
-    let typing = match table.get("typing") {
-        None => true,
+    let mention_words = strings("mention_words", &[]);
+    let mut flag = |key: &str, default: bool| match table.get(key) {
+        None => default,
         Some(Value::Bool(b)) => *b,
         Some(other) => {
-            problem("typing", format!("expected true or false, got {other}"));
-            true
+            problem(key, format!("expected true or false, got {other}"));
+            default
         }
     };
+    let typing = flag("typing", true);
+    let allow_bots = flag("allow_bots", false);
     let mut number = |key: &str, default: u64, min: u64, max: u64| match table.get(key) {
         None => default,
         Some(value) => match value.as_u64() {
@@ -221,5 +230,7 @@ pub fn parse(json: &str) -> Result<Settings, Vec<ConfigProblem>> {
         reconnect_max_ms,
         request_timeout_ms,
         ping_interval_ms,
+        allow_bots,
+        mention_words,
     })
 }

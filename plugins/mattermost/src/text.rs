@@ -16,14 +16,35 @@ fn mention_spans<'a>(message: &'a str, username: &str) -> impl Iterator<Item = (
             .match_indices(&needle)
             .filter(|(at, _)| {
                 let before = lower[..*at].chars().next_back();
-                let after = lower[at + needle.len()..].chars().next();
-                before.is_none_or(|c| !(c.is_alphanumeric() || c == '@'))
-                    && after.is_none_or(|c| !(c.is_alphanumeric() || c == '_' || c == '-' || c == '.'))
+                before.is_none_or(|c| !(c.is_alphanumeric() || c == '@')) && ends_word(&lower[at + needle.len()..])
             })
             .map(|(at, _)| (at, at + needle.len()))
             .collect()
     };
     spans.into_iter()
+}
+
+/// Whether a name ends where `rest` begins: usernames may hold `.`, `_` and `-`, so a mention
+/// ends at anything else, or at a `.` that ends a sentence (`ask @bot.`), as the server reads it.
+fn ends_word(rest: &str) -> bool {
+    let mut chars = rest.chars();
+    match chars.next() {
+        None => true,
+        Some('.') => chars.next().is_none_or(|c| !(c.is_alphanumeric() || c == '_' || c == '-')),
+        Some(c) => !(c.is_alphanumeric() || c == '_' || c == '-'),
+    }
+}
+
+/// Whether `message` contains `word` as a whole word, in any case.
+pub fn contains_word(message: &str, word: &str) -> bool {
+    let (lower, word) = (message.to_lowercase(), word.to_lowercase());
+    if word.is_empty() || lower.len() != message.len() {
+        return false;
+    }
+    lower.match_indices(&word).any(|(at, _)| {
+        let before = lower[..at].chars().next_back();
+        before.is_none_or(|c| !c.is_alphanumeric()) && ends_word(&lower[at + word.len()..])
+    })
 }
 
 /// `message` without its mentions of `@<username>`, whitespace tidied.
@@ -75,6 +96,12 @@ mod tests {
         assert!(mentions("hi @Bot", "bot"));
         assert!(!mentions("hi @bots", "bot"));
         assert!(!mentions("a@bot", "bot"));
+        assert!(mentions("could you look, @bot.", "bot"), "a sentence's full stop ends the name");
+        assert!(mentions("@bot. Then more", "bot"));
+        assert!(!mentions("@bot.two hi", "bot"), "bot.two is another user");
+        assert!(!mentions("@bot-two hi", "bot"));
+        assert!(contains_word("Hey Jarvis, status?", "jarvis"));
+        assert!(!contains_word("jarvisbot status", "jarvis"));
         assert_eq!(strip_mentions("@bot what is up?", "bot"), "what is up?");
         assert_eq!(strip_mentions("hey @bot, look", "bot"), "hey , look");
         assert_eq!(strip_mentions("@bot: status", "bot"), "status");

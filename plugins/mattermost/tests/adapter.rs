@@ -203,7 +203,8 @@ fn long_replies_go_out_in_order_in_the_thread_and_429_is_retried() {
     else {
         panic!("no retry timer: {actions:?}")
     };
-    assert_eq!(*after_ms, 2000);
+    assert!((2000..2250).contains(after_ms), "Retry-After 2 s, plus a little jitter: {after_ms}");
+    harness.host.advance(*after_ms as i64);
     let retried = posts(&harness.feed(Event::TimerFired { timer: *timer }).unwrap());
     assert_eq!(
         retried[0].1["pending_post_id"], sent[0].1["pending_post_id"],
@@ -321,10 +322,27 @@ fn after_a_crash_a_reply_that_may_have_gone_out_is_looked_for_before_it_is_sent_
     assert!(posts(&second.feed(reply(&text, "")).unwrap()).len() == 1, "an unknown id is a new delivery");
 }
 
+fn answer(harness: &mut Harness, request: u64, status: u16, body: Value) -> Vec<Action> {
+    harness
+        .feed(Event::HttpResponse { request, status, headers: Default::default(), body: body.to_string().into() })
+        .unwrap()
+}
+
+fn post_json(id: &str, user: &str, channel: &str, message: &str, create_at: i64) -> Value {
+    json!({"id": id, "user_id": user, "channel_id": channel, "root_id": "", "message": message, "type": "",
+           "create_at": create_at, "update_at": create_at, "delete_at": 0, "props": {}})
+}
+
+fn live_post(post: &Value, kind: &str, seq: i64) -> Event {
+    let frame = json!({"event": "posted", "data": {"post": post.to_string(), "channel_type": kind,
+        "sender_name": "@alice"}, "broadcast": {}, "seq": seq});
+    Event::WsFrame { conn: 1, text: frame.to_string().into() }
+}
+
 #[test]
-fn a_new_connection_id_after_a_gap_fetches_the_missed_posts_in_order() {
+fn a_new_connection_id_after_a_gap_finds_unseen_conversations_and_only_new_posts() {
     let mut first = signed_in("onmessage");
-    let seen = first.feed(posted("p1", "alice", "c1", "O", "before the gap", "", false)).unwrap();
+    let seen = first.feed(live_post(&post_json("p1", "alice", "c1", "before the gap", 1_000_000), "O", 1)).unwrap();
     assert_eq!(inbound(&seen).len(), 1);
     let host = first.host.clone();
     let (state, _) = first.hand_over().unwrap();
@@ -334,27 +352,105 @@ fn a_new_connection_id_after_a_gap_fetches_the_missed_posts_in_order() {
     // The server could not resume: a new connection id, seq 0.
     let hello = json!({"event": "hello", "data": {"connection_id": "conn2"}, "broadcast": {"user_id": BOT}, "seq": 0});
     let actions = second.feed(Event::WsFrame { conn, text: hello.to_string().into() }).unwrap();
-    let (fetch, url) = gets(&actions, "/channels/c1/posts?since=").pop().expect("a catch-up of c1");
-    assert!(url.ends_with("since=0"), "since the last post seen (create_at 1, minus one): {url}");
-    // A live post arrives before the catch-up answer: it waits, so c1 stays in order.
-    let live = json!({"event": "posted", "data": {"post": json!({"id": "p4", "user_id": "alice", "channel_id": "c1",
-        "root_id": "", "message": "live", "type": "", "create_at": 40}).to_string(), "channel_type": "O",
+    let (teams, _) = gets(&actions, "/users/me/teams").pop().expect("the bot's teams are listed");
+    // A live post arrives while the gap's conversations are being found: it waits.
+    let live = post_json("p4", "alice", "c1", "live", 1_040_000);
+    let frame = json!({"event": "posted", "data": {"post": live.to_string(), "channel_type": "O",
         "sender_name": "@alice"}, "broadcast": {}, "seq": 1});
-    assert!(inbound(&second.feed(Event::WsFrame { conn, text: live.to_string().into() }).unwrap()).is_empty());
-    let missed = json!({"order": ["p3", "p2", "p1"], "posts": {
-        "p1": {"id": "p1", "user_id": "alice", "channel_id": "c1", "root_id": "", "message": "before the gap", "type": "", "create_at": 1},
-        "p3": {"id": "p3", "user_id": "alice", "channel_id": "c1", "root_id": "", "message": "second", "type": "", "create_at": 30},
-        "p2": {"id": "p2", "user_id": "alice", "channel_id": "c1", "root_id": "", "message": "first", "type": "", "create_at": 20}}});
-    let actions = second
-        .feed(Event::HttpResponse {
-            request: fetch,
-            status: 200,
-            headers: Default::default(),
-            body: missed.to_string().into(),
+    assert!(inbound(&second.feed(Event::WsFrame { conn, text: frame.to_string().into() }).unwrap()).is_empty());
+    let actions = answer(&mut second, teams, 200, json!([{"id": "t1", "name": "office"}]));
+    let (listing, _) = gets(&actions, "/users/me/teams/t1/channels").pop().expect("the team's channels");
+    let actions = answer(
+        &mut second,
+        listing,
+        200,
+        json!([
+            {"id": "c1", "type": "O", "name": "town-square", "last_post_at": 1_040_000},
+            {"id": "quiet", "type": "O", "name": "quiet", "last_post_at": 900_000},
+            {"id": "d9", "type": "D", "name": "bot__carol", "last_post_at": 1_050_000},
+        ]),
+    );
+    let fetches = gets(&actions, "/posts?since=");
+    assert_eq!(fetches.len(), 2, "c1 and the DM never seen, not the quiet channel: {fetches:?}");
+    let (c1, c1_url) = fetches.iter().find(|(_, url)| url.contains("/channels/c1/")).cloned().unwrap();
+    assert!(c1_url.ends_with("since=995000"), "since the last post seen, less a margin: {c1_url}");
+    let (d9, d9_url) = fetches.iter().find(|(_, url)| url.contains("/channels/d9/")).cloned().unwrap();
+    assert!(d9_url.ends_with("since=995000"), "since the gap began, less a margin: {d9_url}");
+
+    // UpdateAt semantics: an old post edited in the gap, a deleted one, the root of a reply
+    // (in `posts`, not in `order`), and the post already answered all come back.
+    let mut edited = post_json("old", "alice", "c1", "edited long ago", 500_000);
+    edited["update_at"] = json!(1_020_000);
+    let mut deleted = post_json("gone", "alice", "c1", "deleted", 1_010_000);
+    deleted["delete_at"] = json!(1_015_000);
+    let root = post_json("root", "alice", "c1", "a root from before", 400_000);
+    let mut reply_in_thread = post_json("p3", "alice", "c1", "second", 1_030_000);
+    reply_in_thread["root_id"] = json!("root");
+    let missed = json!({"order": ["p3", "gone", "p2", "p1", "old"], "posts": {
+        "p1": post_json("p1", "alice", "c1", "before the gap", 1_000_000), "p2": post_json("p2", "alice", "c1", "first", 1_020_000),
+        "p3": reply_in_thread, "gone": deleted, "old": edited, "root": root}});
+    let texts: Vec<String> = inbound(&answer(&mut second, c1, 200, missed)).into_iter().map(|(t, ..)| t).collect();
+    assert_eq!(texts, ["first", "second", "live"], "new posts in order, then the held live one");
+
+    // The first DM's sender is unknown: looked up before the post is handled.
+    let dm = json!({"order": ["dm1"], "posts": {"dm1": post_json("dm1", "carol", "d9", "hello bot", 1_050_000)}});
+    let actions = answer(&mut second, d9, 200, dm);
+    assert!(inbound(&actions).is_empty(), "waits for the sender's name");
+    let (lookup, _) = gets(&actions, "/users/carol").pop().expect("the sender is looked up");
+    let actions = answer(&mut second, lookup, 200, json!({"id": "carol", "username": "carol"}));
+    let dm: Vec<_> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Inbound(m) => Some((m.peer_kind, m.sender_name.to_string(), m.text.to_string())),
+            _ => None,
         })
-        .unwrap();
-    let texts: Vec<String> = inbound(&actions).into_iter().map(|(text, ..)| text).collect();
-    assert_eq!(texts, ["first", "second", "live"], "missed posts in order, then the held live one; p1 not again");
+        .collect();
+    assert_eq!(dm, vec![(PeerKind::Dm, "carol".to_string(), "hello bot".to_string())]);
+}
+
+#[test]
+fn a_catch_up_cut_at_its_limit_walks_the_channel_page_by_page() {
+    let mut first = signed_in("onmessage");
+    first.feed(live_post(&post_json("p0", "alice", "c1", "seen", 1_000_000), "O", 1)).unwrap();
+    let host = first.host.clone();
+    let (state, _) = first.hand_over().unwrap();
+    let (mut second, started) = restart_cold(state, host);
+    let conn = opened_connections(&started)[0].conn;
+    let hello = json!({"event": "hello", "data": {"connection_id": "conn2"}, "broadcast": {"user_id": BOT}, "seq": 0});
+    let actions = second.feed(Event::WsFrame { conn, text: hello.to_string().into() }).unwrap();
+    let (teams, _) = gets(&actions, "/users/me/teams").pop().unwrap();
+    let actions = answer(&mut second, teams, 200, json!([]));
+    let (mine, _) = gets(&actions, "/users/me/channels").pop().expect("no team: all the bot's channels");
+    let actions =
+        answer(&mut second, mine, 200, json!([{"id": "c1", "type": "O", "name": "c", "last_post_at": 2_000_000}]));
+    let (since, _) = gets(&actions, "/channels/c1/posts?since=").pop().unwrap();
+    // 1000 rows: the server's limit, an arbitrary subset.
+    let mut posts = serde_json::Map::new();
+    let mut order = Vec::new();
+    for i in 0..1000 {
+        let id = format!("s{i:04}");
+        posts.insert(id.clone(), post_json(&id, "alice", "c1", &format!("m{i}"), 1_001_000 + i * 2));
+        order.push(id);
+    }
+    let actions = answer(&mut second, since, 200, json!({"order": order, "posts": posts}));
+    assert!(inbound(&actions).is_empty(), "not all in yet");
+    let (page0, url) = gets(&actions, "/channels/c1/posts?page=0").pop().expect("walks pages");
+    assert!(url.contains("per_page=200"), "{url}");
+    // Newest first; the second page reaches back past the gap's start.
+    let page = |from: i64, count: i64| {
+        let ids: Vec<String> = (0..count).map(|i| format!("w{}", from - i)).collect();
+        let posts: serde_json::Map<String, Value> = (0..count)
+            .map(|i| (format!("w{}", from - i), post_json(&format!("w{}", from - i), "alice", "c1", "x", from - i)))
+            .collect();
+        json!({"order": ids, "posts": posts})
+    };
+    let actions = answer(&mut second, page0, 200, page(1_001_500, 200));
+    let (page1, _) = gets(&actions, "/channels/c1/posts?page=1").pop().expect("a second page");
+    let actions = answer(&mut second, page1, 200, page(995_100, 200));
+    assert!(gets(&actions, "page=2").is_empty(), "the page reached the gap's start");
+    let answered = inbound(&actions).len();
+    // Posts created after the floor (1_000_000 less the margin), each once: 1000 + 200 + 100.
+    assert_eq!(answered, 1300, "every new post once");
 }
 
 #[test]
@@ -371,4 +467,214 @@ fn a_frame_the_host_gave_up_on_moves_the_sequence_and_is_never_answered() {
     let actions = harness.feed(Event::WsFrame { conn, text: again.into() }).unwrap();
     assert!(!actions.iter().any(|a| matches!(a, Action::WsClose { .. })), "{actions:?}");
     assert!(inbound(&actions).is_empty(), "the skipped post stays unanswered: {actions:?}");
+}
+
+fn timers(actions: &[Action]) -> Vec<(u64, u64)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::SetTimer { timer, after_ms } => Some((*timer, *after_ms)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn sent_frames(actions: &[Action]) -> Vec<Value> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::WsSend { text, .. } => serde_json::from_str(text.as_str()).ok(),
+            _ => None,
+        })
+        .collect()
+}
+
+fn logs(actions: &[Action]) -> Vec<String> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Log { message, .. } => Some(message.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A resume sends no `hello`: the answer to the ping sent on open proves the connection, so
+/// drop after resumed drop reconnects at the initial delay instead of backing off to a minute.
+#[test]
+fn resumed_drops_reconnect_without_growing_backoff() {
+    let mut harness = signed_in("onmessage");
+    let mut conn = 1;
+    let mut longest = 0;
+    for _ in 0..8 {
+        let actions = harness.feed(Event::WsClosed { conn, code: 1006, reason: "dropped".into() }).unwrap();
+        let (timer, delay) = timers(&actions)[0];
+        longest = longest.max(delay);
+        let actions = harness.feed(Event::TimerFired { timer }).unwrap();
+        conn = opened_connections(&actions)[0].conn;
+        let actions = harness.feed(Event::WsOpened { conn }).unwrap();
+        let ping = sent_frames(&actions).into_iter().find(|f| f["action"] == "ping").expect("a ping on open");
+        let pong = json!({"status": "OK", "seq_reply": ping["seq"], "data": {"text": "pong", "server_time": 5}});
+        harness.feed(Event::WsFrame { conn, text: pong.to_string().into() }).unwrap();
+    }
+    assert!(longest <= 1200, "initial delay plus jitter at most, got {longest} ms");
+    // Without a proof (the server closes at once, again and again), it backs off.
+    let mut delays = Vec::new();
+    for _ in 0..4 {
+        let actions = harness.feed(Event::WsClosed { conn, code: 1006, reason: "refused".into() }).unwrap();
+        let (timer, delay) = timers(&actions)[0];
+        delays.push(delay);
+        conn = opened_connections(&harness.feed(Event::TimerFired { timer }).unwrap())[0].conn;
+    }
+    assert!(delays[3] >= 8000, "unproven connections back off: {delays:?}");
+}
+
+#[test]
+fn a_refused_token_on_the_socket_is_one_clear_error_and_never_the_token() {
+    let mut harness = signed_in("onmessage");
+    let mut all = Vec::new();
+    let mut conn = 1;
+    for _ in 0..3 {
+        let actions = harness.feed(Event::WsClosed { conn, code: 1006, reason: "gone".into() }).unwrap();
+        all.extend(actions.clone());
+        conn = opened_connections(&harness.feed(Event::TimerFired { timer: timers(&actions)[0].0 }).unwrap())[0].conn;
+        let opened = harness.feed(Event::WsOpened { conn }).unwrap();
+        let ping = sent_frames(&opened).into_iter().find(|f| f["action"] == "ping").unwrap();
+        let refused = json!({"status": "FAIL", "seq_reply": ping["seq"], "error": {"id": "api.web_socket_router.not_authenticated.app_error", "message": "You are not authenticated.", "status_code": 401}});
+        let actions = harness.feed(Event::WsFrame { conn, text: refused.to_string().into() }).unwrap();
+        assert!(actions.iter().any(|a| matches!(a, Action::WsClose { .. })), "an unauthenticated socket is closed");
+        all.extend(actions);
+    }
+    let errors: Vec<String> = logs(&all).into_iter().filter(|l| l.contains("refused the bot token")).collect();
+    assert_eq!(errors.len(), 1, "one error per streak: {errors:?}");
+    assert!(errors[0].contains("MM_BOT_TOKEN") && !errors[0].contains(TOKEN), "{errors:?}");
+}
+
+fn posted_with(post: Value, kind: &str, sender: &str, mentions_bot: bool, seq: i64) -> Event {
+    let mut data =
+        json!({"post": post.to_string(), "channel_type": kind, "sender_name": sender, "channel_name": "town-square"});
+    if mentions_bot {
+        data["mentions"] = json!(json!([BOT]).to_string());
+    }
+    Event::WsFrame {
+        conn: 1,
+        text: json!({"event": "posted", "data": data, "broadcast": {}, "seq": seq}).to_string().into(),
+    }
+}
+
+#[test]
+fn bots_webhooks_system_posts_and_announcements_are_not_answered() {
+    let mut harness = signed_in("oncall");
+    let mut bot_post = post_json("b1", "otherbot", "c1", "@switchboard-bot ping", 10);
+    bot_post["props"] = json!({"from_bot": "true"});
+    let mut hook = post_json("h1", "hookowner", "c1", "@switchboard-bot deploy done", 11);
+    hook["props"] = json!({"from_webhook": "true", "override_username": "ci"});
+    let mut system = post_json("s1", "alice", "c1", "alice joined the channel", 12);
+    system["type"] = json!("system_join_channel");
+    let announcement = post_json("a1", "alice", "c1", "@channel lunch is here", 13);
+    let mut me = post_json("m1", "alice", "c1", "*waves at @switchboard-bot*", 14);
+    me["type"] = json!("me");
+    let full_stop = post_json("f1", "alice", "c1", "could you check this, @switchboard-bot.", 15);
+    let mut answered = Vec::new();
+    for (seq, (post, mentions)) in
+        [(bot_post, true), (hook, true), (system, false), (announcement, true), (me, true), (full_stop, true)]
+            .into_iter()
+            .enumerate()
+    {
+        let actions = harness.feed(posted_with(post, "O", "@alice", mentions, seq as i64 + 1)).unwrap();
+        answered.extend(inbound(&actions).into_iter().map(|(text, ..)| text));
+    }
+    assert_eq!(answered, ["*waves at *", "could you check this, ."], "only the /me post and the full-stop mention");
+
+    // The operator may let bots in, and add mention words.
+    let config = json!({"base_url": "http://127.0.0.1:8065", "bot_token_env": "MM_BOT_TOKEN", "chatmode": "oncall",
+                        "allow_bots": true, "mention_words": ["jarvis"]})
+    .to_string();
+    let (mut harness, actions) = Harness::start::<MattermostAdapter>(host(), &config).unwrap();
+    let (me_request, _) = gets(&actions, "/users/me").pop().unwrap();
+    answer(&mut harness, me_request, 200, json!({"id": BOT, "username": "switchboard-bot"}));
+    let hello = json!({"event": "hello", "data": {"connection_id": "conn1"}, "broadcast": {"user_id": BOT}, "seq": 0});
+    harness.feed(Event::WsFrame { conn: 1, text: hello.to_string().into() }).unwrap();
+    let mut bot_post = post_json("b2", "otherbot", "c1", "@switchboard-bot ping", 10);
+    bot_post["props"] = json!({"from_bot": "true"});
+    assert_eq!(inbound(&harness.feed(posted_with(bot_post, "O", "@otherbot", true, 1)).unwrap()).len(), 1);
+    let word = post_json("j1", "alice", "c1", "Jarvis, what is the status?", 11);
+    assert_eq!(inbound(&harness.feed(posted_with(word, "O", "@alice", false, 2)).unwrap()).len(), 1);
+}
+
+fn reply_to(reply_id: u64, channel: &str, root: &str, text: &str) -> Event {
+    Event::DeliverReply(OutboundReply {
+        reply_id,
+        session_key: format!("agent:main:mattermost:channel:{channel}").into(),
+        target: ReplyTarget::new(channel, root),
+        text: text.into(),
+    })
+}
+
+#[test]
+fn replies_to_one_conversation_leave_in_order_across_rate_limits_and_others_go_alongside() {
+    let mut harness = signed_in("onmessage");
+    let first = posts(&harness.feed(reply_to(1, "c1", "", "one")).unwrap());
+    assert_eq!(first.len(), 1);
+    assert!(posts(&harness.feed(reply_to(2, "c1", "", "two")).unwrap()).is_empty(), "waits for reply 1");
+    assert!(posts(&harness.feed(reply_to(3, "c1", "", "three")).unwrap()).is_empty(), "waits too");
+    assert_eq!(posts(&harness.feed(reply_to(4, "c2", "", "elsewhere")).unwrap()).len(), 1, "c2 goes alongside");
+    assert_eq!(posts(&harness.feed(reply_to(5, "c1", "t1", "in a thread")).unwrap()).len(), 1, "a thread is its own");
+    let limited = Event::HttpResponse {
+        request: first[0].0,
+        status: 429,
+        headers: vec![Header { name: "Retry-After".into(), value: "1".into() }].into(),
+        body: "limit exceeded\n".into(),
+    };
+    let actions = harness.feed(limited).unwrap();
+    assert!(posts(&actions).is_empty());
+    let (timer, after) = timers(&actions)[0];
+    harness.host.advance(after as i64);
+    let again = posts(&harness.feed(Event::TimerFired { timer }).unwrap());
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].1["message"], "one", "the limited reply goes first");
+    let mut order = vec![again[0].1["message"].as_str().unwrap().to_string()];
+    let mut next = posts(&harness.feed(created(again[0].0, "x1")).unwrap());
+    while let Some((request, body)) = next.pop() {
+        order.push(body["message"].as_str().unwrap().to_string());
+        next = posts(&harness.feed(created(request, &format!("x{}", order.len()))).unwrap());
+    }
+    assert_eq!(order, ["one", "two", "three"]);
+}
+
+#[test]
+fn a_reply_to_a_deleted_thread_goes_to_the_channel_saying_so() {
+    let mut harness = signed_in("onmessage");
+    let sent = posts(&harness.feed(reply_to(1, "c1", "gone-root", "the answer")).unwrap());
+    let refused = Event::HttpResponse {
+        request: sent[0].0,
+        status: 400,
+        headers: Default::default(),
+        body: json!({"id": "api.post.create_post.root_id.app_error", "message": "Invalid RootId parameter.", "status_code": 400}).to_string().into(),
+    };
+    let again = posts(&harness.feed(refused).unwrap());
+    assert_eq!(again.len(), 1, "posted again at once");
+    assert!(again[0].1.get("root_id").is_none(), "top level: {}", again[0].1);
+    let message = again[0].1["message"].as_str().unwrap();
+    assert!(message.starts_with("(In reply to a thread") && message.ends_with("the answer"), "{message}");
+    let done = harness.feed(created(again[0].0, "x1")).unwrap();
+    assert!(done.iter().any(|a| matches!(a, Action::ReplyDelivered { reply_id: 1, .. })));
+}
+
+/// A reply handed out after the state was last saved is unknown to the restarted adapter; the
+/// host says it may have gone out, and the adapter looks before posting it.
+#[test]
+fn a_reply_the_host_says_may_have_gone_out_is_looked_for_first() {
+    let first = signed_in("onmessage");
+    let host = first.host.clone();
+    let (state, _) = first.hand_over().unwrap();
+    let (mut second, _) = restart_cold(state, host);
+    second.feed(Event::ReplyMayHaveGoneOut { reply_id: 9 }).unwrap();
+    let actions = second.feed(reply_to(9, "c1", "", "maybe posted")).unwrap();
+    assert!(posts(&actions).is_empty(), "nothing posted before looking: {actions:?}");
+    let (look, _) = gets(&actions, "/channels/c1/posts?since=").pop().expect("a look");
+    // Not found: posted now. A reply without the hint goes at once.
+    let actions = answer(&mut second, look, 200, json!({"order": [], "posts": {}}));
+    assert_eq!(posts(&actions).len(), 1);
+    assert_eq!(posts(&second.feed(reply_to(10, "c2", "", "new")).unwrap()).len(), 1);
 }
