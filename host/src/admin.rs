@@ -43,17 +43,24 @@ pub async fn serve(listener: tokio::net::TcpListener, state: AdminState) {
     }
 }
 
-/// Ready when every configured channel instance has a running adapter generation.
+/// Ready when every configured channel instance has a running adapter generation whose adapter
+/// reports no problem (a refused token, a connection that never works).
 async fn readyz(State(state): State<AdminState>) -> Response {
     let running: BTreeSet<String> = state.shared.ledger.running().into_iter().map(|r| r.channel).collect();
     let missing: Vec<String> =
         state.expected_channels.read().unwrap().iter().filter(|c| !running.contains(*c)).cloned().collect();
-    if missing.is_empty() {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: no running adapter for {}\n", missing.join(", ")))
-            .into_response()
+    let expected = state.expected_channels.read().unwrap().clone();
+    let mut problems = state.shared.ledger.problems();
+    problems.retain(|channel, _| expected.contains(channel));
+    if missing.is_empty() && problems.is_empty() {
+        return (StatusCode::OK, "ready\n").into_response();
     }
+    let mut reasons: Vec<String> = Vec::new();
+    if !missing.is_empty() {
+        reasons.push(format!("no running adapter for {}", missing.join(", ")));
+    }
+    reasons.extend(problems.iter().map(|(channel, problem)| format!("{channel}: {problem}")));
+    (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", reasons.join("; "))).into_response()
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
@@ -74,6 +81,8 @@ async fn status(State(state): State<AdminState>) -> Json<serde_json::Value> {
     };
     Json(json!({
         "generations": state.shared.ledger.snapshot(),
+        // Channel instances whose adapter says it cannot work (`/readyz` fails meanwhile).
+        "problems": state.shared.ledger.problems(),
         // Each costs a TLS key until the process exits (gateway.generation_budget).
         "libraries_opened": crate::loader::libraries_opened(),
         "sessions": state.shared.router.sessions().len(),

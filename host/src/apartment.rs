@@ -102,6 +102,10 @@ pub enum Command {
         level: LogLevel,
         message: String,
     },
+    Health {
+        healthy: bool,
+        detail: String,
+    },
     /// A variant from a newer plugin than this host knows.
     Unknown,
 }
@@ -358,6 +362,9 @@ impl Command {
                 Command::SaveState { format_version: state.format_version, data: state.data.as_str().to_owned() }
             }
             Action::Log { level, message } => Command::Log { level: *level, message: message.as_str().to_owned() },
+            Action::Health { healthy, detail } => {
+                Command::Health { healthy: *healthy, detail: detail.as_str().to_owned() }
+            }
             _ => Command::Unknown,
         }
     }

@@ -760,6 +760,17 @@ impl Instance {
             }
             Command::SaveState { .. } => {}
             Command::Log { level, message } => emit_adapter_log(&self.id, generation, level, &message),
+            Command::Health { healthy, detail } => {
+                let problem = (!healthy).then_some(detail);
+                if self.shared.ledger.set_problem(&self.id, problem.clone()) {
+                    match problem {
+                        Some(detail) => {
+                            tracing::warn!(channel = %self.id, generation, "channel instance not ready: {detail}")
+                        }
+                        None => tracing::info!(channel = %self.id, generation, "channel instance ready again"),
+                    }
+                }
+            }
             Command::Unknown => {
                 tracing::debug!(channel = %self.id, generation, "adapter asked for an action this host does not know; ignored")
             }

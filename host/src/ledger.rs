@@ -1,6 +1,7 @@
 //! The ledger: every adapter generation this process started, for `/status` and the logs.
 
 use std::{
+    collections::BTreeMap,
     path::PathBuf,
     sync::{Arc, Mutex},
 };
@@ -48,6 +49,8 @@ pub struct GenerationRecord {
 #[derive(Clone, Default)]
 pub struct Ledger {
     records: Arc<Mutex<Vec<GenerationRecord>>>,
+    /// Channel instances whose adapter says it cannot work, with why (`Action::Health`).
+    problems: Arc<Mutex<BTreeMap<String, String>>>,
 }
 
 impl Ledger {
@@ -64,6 +67,20 @@ impl Ledger {
 
     pub fn snapshot(&self) -> Vec<GenerationRecord> {
         self.records.lock().unwrap().clone()
+    }
+
+    /// Record what the adapter of `channel` says of its health; whether that changed it.
+    pub fn set_problem(&self, channel: &str, problem: Option<String>) -> bool {
+        let mut problems = self.problems.lock().unwrap();
+        match problem {
+            Some(problem) => problems.insert(channel.to_string(), problem.clone()).as_ref() != Some(&problem),
+            None => problems.remove(channel).is_some(),
+        }
+    }
+
+    /// Channel instances whose adapter reported a problem, with it.
+    pub fn problems(&self) -> BTreeMap<String, String> {
+        self.problems.lock().unwrap().clone()
     }
 
     /// The running generation of each channel.

@@ -113,6 +113,13 @@ pub enum Action {
         level: LogLevel,
         message: RString,
     },
+    /// Whether the adapter can do its work (its platform accepts it and its connection holds).
+    /// Unhealthy instances make the host's readiness check fail with `detail` (no secrets in
+    /// it); the next `healthy: true` clears that. Adapters that never send it count as healthy.
+    Health {
+        healthy: bool,
+        detail: RString,
+    },
 }
 
 impl Action {

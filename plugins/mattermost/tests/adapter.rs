@@ -548,6 +548,9 @@ fn a_refused_token_on_the_socket_is_one_clear_error_and_never_the_token() {
     let errors: Vec<String> = logs(&all).into_iter().filter(|l| l.contains("refused the bot token")).collect();
     assert_eq!(errors.len(), 1, "one error per streak: {errors:?}");
     assert!(errors[0].contains("MM_BOT_TOKEN") && !errors[0].contains(TOKEN), "{errors:?}");
+    let health: Vec<bool> =
+        all.iter().filter_map(|a| if let Action::Health { healthy, .. } = a { Some(*healthy) } else { None }).collect();
+    assert_eq!(health, [false], "reported unhealthy once, for the host's readiness check");
 }
 
 fn posted_with(post: Value, kind: &str, sender: &str, mentions_bot: bool, seq: i64) -> Event {

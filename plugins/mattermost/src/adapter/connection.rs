@@ -15,6 +15,9 @@ use switchboard_plugin_api::{Action, LogLevel};
 
 use super::{number, post_channel, Adapter, TimerPurpose, BUFFERED_POSTS};
 
+/// Connections in a row that never proved good before the instance reports itself unhealthy.
+const UNPROVEN_BEFORE_UNHEALTHY: u32 = 3;
+
 impl Adapter {
     pub(super) fn connect(&mut self) {
         let conn = self.next_id();
@@ -68,6 +71,12 @@ impl Adapter {
     pub(super) fn closed(&mut self, code: u16, reason: &str) {
         if self.state.conn_proven {
             self.state.reconnect_attempts = 0;
+        } else if self.state.reconnect_attempts + 1 == UNPROVEN_BEFORE_UNHEALTHY && !self.state.auth_refused {
+            let detail = format!(
+                "no working WebSocket after {UNPROVEN_BEFORE_UNHEALTHY} attempts (last closed: {code} {reason})"
+            );
+            self.log(LogLevel::Error, format!("{detail}; still retrying"));
+            self.report_health(false, detail);
         }
         self.state.conn = None;
         self.state.ws_open = false;
@@ -88,11 +97,19 @@ impl Adapter {
             return;
         }
         self.state.conn_proven = true;
+        let was_unhealthy = self.state.auth_refused || self.state.reconnect_attempts >= UNPROVEN_BEFORE_UNHEALTHY;
         self.state.reconnect_attempts = 0;
         if self.state.auth_refused {
             self.state.auth_refused = false;
             self.log(LogLevel::Info, "the server accepts the bot token again".into());
         }
+        if was_unhealthy {
+            self.report_health(true, String::new());
+        }
+    }
+
+    fn report_health(&mut self, healthy: bool, detail: String) {
+        self.out.push(Action::Health { healthy, detail: detail.into() });
     }
 
     /// The server refused the token: one clear error per streak (the token itself never).
@@ -104,6 +121,7 @@ impl Adapter {
                 LogLevel::Error,
                 format!("the Mattermost server refused the bot token from {env} ({what}); check that the token is valid and not revoked; retrying with backoff"),
             );
+            self.report_health(false, format!("the Mattermost server refused the bot token from {env}"));
         }
     }
 
