@@ -5,6 +5,8 @@
 
 #[path = "e2e/durability.rs"]
 mod durability;
+#[path = "e2e/real_server.rs"]
+mod real_server;
 #[path = "e2e/replacement.rs"]
 mod replacement;
 #[path = "e2e/rig.rs"]

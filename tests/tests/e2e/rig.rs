@@ -7,11 +7,29 @@ use anyhow::Result;
 use switchboard_tests::{
     assert_eventually,
     harness::{install_plugin, mattermost_file_name, seed_config, Artifacts, Gateway},
-    sim::{demo_world, ChannelType, DemoWorld, Simulator},
+    sim::{demo_world, ChannelType, DemoWorld, SimOptions, Simulator},
 };
 
 /// What the `build-b` fixture appends to every reply.
 pub const BUILD_B_TAG: &str = " [build b]";
+
+/// How a [`Rig`] is set up beyond the defaults.
+pub struct RigOptions<'a> {
+    pub chatmode: &'a str,
+    pub agent: &'a str,
+    /// Extra `[gateway]` keys, one `key = value` per line.
+    pub gateway_keys: &'a str,
+    /// Extra `[channels.mattermost]` keys (the adapter's), one per line; later keys of the
+    /// seed config can be replaced by the same key here only if they are not in the seed.
+    pub channel_keys: &'a str,
+    pub sim: SimOptions,
+}
+
+impl Default for RigOptions<'_> {
+    fn default() -> Self {
+        Self { chatmode: "onmessage", agent: "kind = \"echo\"", gateway_keys: "", channel_keys: "", sim: SimOptions::default() }
+    }
+}
 
 pub struct Rig {
     pub sim: Simulator,
@@ -28,18 +46,20 @@ impl Rig {
 
     /// Like [`Rig::new`], with extra `[gateway]` keys (one `key = value` per line).
     pub async fn with_gateway_keys(chatmode: &str, agent: &str, gateway_keys: &str) -> Result<Self> {
+        Self::with(RigOptions { chatmode, agent, gateway_keys, ..RigOptions::default() }).await
+    }
+
+    pub async fn with(options: RigOptions<'_>) -> Result<Self> {
         let artifacts = Artifacts::discover()?;
-        let sim = Simulator::start().await?;
+        let sim = Simulator::start_with(options.sim).await?;
         let world = demo_world(&sim);
         let scratch = tempfile::tempdir()?;
         let plugin_dir = scratch.path().join("plugins");
         install_plugin(&artifacts.mattermost_plugin(), &plugin_dir, &mattermost_file_name())?;
         let config_path = scratch.path().join("switchboard.toml");
-        let config = seed_config(&sim.base_url(), &plugin_dir, chatmode, agent).replacen(
-            "[gateway]\n",
-            &format!("[gateway]\n{gateway_keys}\n"),
-            1,
-        );
+        let config = seed_config(&sim.base_url(), &plugin_dir, options.chatmode, options.agent)
+            .replacen("[gateway]\n", &format!("[gateway]\n{}\n", options.gateway_keys), 1)
+            .replacen("allow_from = []\n", &format!("allow_from = []\n{}\n", options.channel_keys), 1);
         std::fs::write(&config_path, config)?;
         Ok(Self { sim, world, artifacts, config_path, scratch })
     }
