@@ -495,13 +495,13 @@ async fn create_post(
 }
 
 /// The post `post_id` if it exists, is not deleted and the caller is a member of its channel.
-fn visible_post<'w>(world: &'w World, me: &str, post_id: &str) -> Result<&'w SimPost, Response> {
-    let Some(post) = world.post(post_id) else { return Err(post_not_found()) };
+fn visible_post<'w>(world: &'w World, me: &str, post_id: &str) -> Result<&'w SimPost, fn() -> Response> {
+    let Some(post) = world.post(post_id) else { return Err(post_not_found) };
     if !world.channels.get(&post.channel_id).is_some_and(|c| c.members.iter().any(|m| m == me)) {
-        return Err(forbidden());
+        return Err(forbidden);
     }
     if post.is_deleted() {
-        return Err(post_not_found());
+        return Err(post_not_found);
     }
     Ok(post)
 }
@@ -516,7 +516,7 @@ async fn get_post(
     let world = s.world.lock().unwrap();
     match visible_post(&world, &me, &post_id) {
         Ok(post) => Json(stored(post)).into_response(),
-        Err(response) => response,
+        Err(response) => response(),
     }
 }
 
@@ -538,7 +538,7 @@ async fn patch_post(
     match visible_post(&world, &me, &post_id) {
         Ok(post) if post.user_id != me => return forbidden(),
         Ok(_) => {}
-        Err(response) => return response,
+        Err(response) => return response(),
     }
     if let Some(message) = &request.message {
         if message.chars().count() > MAX_POST_RUNES {
@@ -573,7 +573,7 @@ async fn delete_post(
     match visible_post(&world, &me, &post_id) {
         Ok(post) if post.user_id != me => return forbidden(),
         Ok(_) => {}
-        Err(response) => return response,
+        Err(response) => return response(),
     }
     match world.delete_post(&post_id) {
         Ok(_) => Json(json!({"status": "OK"})).into_response(),
@@ -590,7 +590,7 @@ async fn pin_post(
     let me = authenticated!(s, headers, q);
     let mut world = s.world.lock().unwrap();
     if let Err(response) = visible_post(&world, &me, &post_id) {
-        return response;
+        return response();
     }
     let _ = world.pin_post(&post_id, true);
     Json(json!({"status": "OK"})).into_response()
@@ -622,7 +622,7 @@ async fn save_reaction(
     }
     let mut world = s.world.lock().unwrap();
     if let Err(response) = visible_post(&world, &me, &request.post_id) {
-        return response;
+        return response();
     }
     match world.react(&me, &request.post_id, &request.emoji_name) {
         Ok(reaction) => (StatusCode::CREATED, Json(reaction)).into_response(),
