@@ -226,8 +226,11 @@ impl Simulator {
         )
     }
 
+    /// Every post of the channel (deleted ones too), oldest first.
     pub fn posts_in(&self, channel_id: &str) -> Vec<SimPost> {
-        self.world.lock().unwrap().posts.iter().filter(|p| p.channel_id == channel_id).cloned().collect()
+        let world = self.world.lock().unwrap();
+        let indexes = world.channel_posts.get(channel_id).map_or(&[][..], |v| &v[..]);
+        indexes.iter().map(|&i| world.posts[i].clone()).collect()
     }
 
     /// Every post created from now on, with the instant it was created.
@@ -291,9 +294,9 @@ impl Simulator {
     }
 
     /// Invalidate every token of `user_id`: REST answers 401, a header-authenticated upgrade
-    /// stays unauthenticated.
+    /// stays unauthenticated, and the user's open sockets are closed (not resumable).
     pub fn revoke_token(&self, user_id: &str) {
-        self.world.lock().unwrap().tokens.retain(|_, user| user != user_id);
+        self.world.lock().unwrap().revoke_user(user_id);
     }
 
     /// A new token for `user_id` (older ones stay valid until revoked).

@@ -729,6 +729,22 @@ impl World {
         }
     }
 
+    /// Invalidate every token of `user_id`. Its connections lose their session: the server
+    /// stops sending to them and its auth check closes them (`web_conn.go` `IsAuthenticated`,
+    /// the write pump's auth ticker); they cannot be resumed.
+    pub fn revoke_user(&mut self, user_id: &str) {
+        self.tokens.retain(|_, user| user != user_id);
+        self.connections.retain(|_, connection| {
+            if connection.user_id != user_id {
+                return true;
+            }
+            if let Link::Live(socket) = &connection.link {
+                let _ = socket.control.send(Control::Close(None));
+            }
+            false
+        });
+    }
+
     /// A WebSocket pong arrived on `connection_id`.
     pub fn pong(&mut self, connection_id: &str) {
         if let Some(connection) = self.connections.get_mut(connection_id) {

@@ -681,7 +681,10 @@ async fn a_revoked_token_upgrades_unauthenticated_and_a_new_token_works() {
     let options = SimOptions { auth_timeout: Duration::from_millis(400), ..SimOptions::default() };
     let sim = Simulator::start_with(options).await.unwrap();
     let world = demo_world(&sim);
+    let (mut open, _) = connect_hello(&sim, &world.bot.token, "").await;
     sim.revoke_token(&world.bot.id);
+    assert_eq!(next_json(&mut open).await, None, "open sockets of a revoked user are closed");
+    assert_eq!(sim.ws_connections_active(), 0);
     let (status, body) = get(&sim, &world.bot.token, "/users/me").await;
     assert_eq!((status, body["id"].as_str()), (401, Some("api.context.session_expired.app_error")));
 
@@ -694,13 +697,13 @@ async fn a_revoked_token_upgrades_unauthenticated_and_a_new_token_works() {
     let started = std::time::Instant::now();
     assert_eq!(next_json(&mut socket).await, None, "closed after auth_timeout");
     assert!(started.elapsed() < Duration::from_millis(1500));
-    assert_eq!(sim.hellos_sent(), 0);
+    assert_eq!(sim.hellos_sent(), 1);
 
     let token = sim.issue_token(&world.bot.id);
     let (status, me) = get(&sim, &token, "/users/me").await;
     assert_eq!((status, me["id"].as_str()), (200, Some(world.bot.id.as_str())));
     connect_hello(&sim, &token, "").await;
-    assert_eq!(sim.hellos_sent(), 1);
+    assert_eq!(sim.hellos_sent(), 2);
 }
 
 #[tokio::test]
