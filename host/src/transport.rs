@@ -4,17 +4,22 @@
 //! It belongs to the channel instance, not to an adapter generation: a reload hands the new
 //! generation the same open sockets, so the chat server never sees a reconnect.
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use futures_util::{SinkExt, StreamExt};
 use switchboard_plugin_api::{Event, Header, OpenConnection};
 use tokio::{sync::mpsc, task::JoinHandle};
-use tokio_tungstenite::tungstenite::{
-    client::IntoClientRequest,
-    http::{HeaderName, HeaderValue},
-    protocol::{frame::coding::CloseCode, CloseFrame},
-    Message,
+use tokio_tungstenite::{
+    tungstenite::{
+        client::IntoClientRequest,
+        http::{HeaderName, HeaderValue},
+        protocol::{frame::coding::CloseCode, CloseFrame},
+        Message,
+    },
+    Connector,
 };
+
+use crate::tls::{self, ChannelTls};
 
 /// The largest HTTP response body handed to an adapter.
 const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
@@ -34,15 +39,23 @@ struct Socket {
 }
 
 pub struct Transport {
+    /// The channel instance, for log lines.
+    channel: Arc<str>,
     events: mpsc::UnboundedSender<Event>,
-    http: reqwest::Client,
+    tls: ChannelTls,
     sockets: HashMap<u64, Socket>,
     timers: HashMap<u64, JoinHandle<()>>,
 }
 
 impl Transport {
-    pub fn new(events: mpsc::UnboundedSender<Event>, http: reqwest::Client) -> Self {
-        Self { events, http, sockets: HashMap::new(), timers: HashMap::new() }
+    pub fn new(channel: &str, events: mpsc::UnboundedSender<Event>, tls: ChannelTls) -> Self {
+        Self { channel: channel.into(), events, tls, sockets: HashMap::new(), timers: HashMap::new() }
+    }
+
+    /// Trust other roots from now on (the instance's `ca_file` changed). Open sockets stay as
+    /// they are; new connections and requests use the new roots.
+    pub fn set_tls(&mut self, tls: ChannelTls) {
+        self.tls = tls;
     }
 
     /// The sockets a new generation inherits.
@@ -62,7 +75,8 @@ impl Transport {
             old.task.abort();
         }
         let (outgoing, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(run_socket(conn, url.clone(), headers, rx, self.events.clone()));
+        let connect = Connect { channel: self.channel.clone(), tls: self.tls.ws.clone() };
+        let task = tokio::spawn(run_socket(conn, url.clone(), headers, connect, rx, self.events.clone()));
         self.sockets.insert(conn, Socket { url, outgoing, task });
     }
 
@@ -101,7 +115,7 @@ impl Transport {
     ) {
         let events = self.events.clone();
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap_or(reqwest::Method::GET);
-        let mut builder = self.http.request(method, &url);
+        let mut builder = self.tls.http.request(method, &url);
         if timeout_ms > 0 {
             builder = builder.timeout(Duration::from_millis(timeout_ms));
         }
@@ -111,11 +125,19 @@ impl Transport {
         if !body.is_empty() {
             builder = builder.body(body);
         }
+        let channel = self.channel.clone();
         tokio::spawn(async move {
             let event = match builder.send().await {
                 Ok(response) => read_response(request, response).await,
                 // Never include the URL: it may carry credentials in a query string.
-                Err(e) => Event::HttpFailed { request, error: e.without_url().to_string().into() },
+                Err(e) => {
+                    let host = e.url().and_then(|u| u.host_str()).unwrap_or("?").to_string();
+                    let e = e.without_url();
+                    if let Some(cause) = tls::tls_cause(&e) {
+                        tls_failed(&channel, "HTTPS", &host, cause);
+                    }
+                    Event::HttpFailed { request, error: tls::describe(&e).into() }
+                }
             };
             let _ = events.send(event);
         });
@@ -179,16 +201,34 @@ async fn read_response(request: u64, response: reqwest::Response) -> Event {
                     error: format!("response body larger than {MAX_BODY_BYTES} bytes").into(),
                 }
             }
-            Err(e) => return Event::HttpFailed { request, error: e.without_url().to_string().into() },
+            Err(e) => return Event::HttpFailed { request, error: tls::describe(&e.without_url()).into() },
         }
     }
     Event::HttpResponse { request, status, headers, body: String::from_utf8_lossy(&body).into_owned().into() }
+}
+
+/// A TLS handshake failed: say so once in the host's log, with the hint that fixes an
+/// internal CA. Only the host name is named (a URL may carry credentials).
+fn tls_failed(channel: &str, what: &str, host: &str, cause: &rustls::Error) {
+    tracing::warn!(
+        channel,
+        host,
+        "{what} TLS handshake failed: {cause} (for a server whose certificate comes from an internal CA, \
+         set channels.{channel}.ca_file to that CA's PEM file)"
+    );
+}
+
+/// How a socket connects.
+struct Connect {
+    channel: Arc<str>,
+    tls: Arc<rustls::ClientConfig>,
 }
 
 async fn run_socket(
     conn: u64,
     url: String,
     headers: Vec<(String, String)>,
+    connect: Connect,
     mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
     events: mpsc::UnboundedSender<Event>,
 ) {
@@ -215,13 +255,19 @@ async fn run_socket(
     // default 128 KiB that was a 128 KiB memset per ~1 KiB event. Larger frames still arrive
     // whole (the buffer grows for them).
     let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(16 * 1024);
-    let mut socket = match tokio_tungstenite::connect_async_with_config(request, Some(config), true).await {
-        Ok((socket, _response)) => socket,
-        Err(e) => {
-            let _ = events.send(closed(1006, format!("connect failed: {e}")));
-            return;
-        }
-    };
+    let host = request.uri().host().unwrap_or("?").to_string();
+    let connector = Some(Connector::Rustls(connect.tls));
+    let mut socket =
+        match tokio_tungstenite::connect_async_tls_with_config(request, Some(config), true, connector).await {
+            Ok((socket, _response)) => socket,
+            Err(e) => {
+                if let Some(cause) = tls::tls_cause(&e) {
+                    tls_failed(&connect.channel, "WebSocket", &host, cause);
+                }
+                let _ = events.send(closed(1006, format!("connect failed: {}", tls::describe(&e))));
+                return;
+            }
+        };
     if events.send(Event::WsOpened { conn }).is_err() {
         return;
     }
