@@ -4,7 +4,14 @@
 //! It belongs to the channel instance, not to an adapter generation: a reload hands the new
 //! generation the same open sockets, so the chat server never sees a reconnect.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use futures_util::{SinkExt, StreamExt};
 use switchboard_plugin_api::{Event, Header, OpenConnection};
@@ -39,23 +46,24 @@ struct Socket {
 }
 
 pub struct Transport {
-    /// The channel instance, for log lines.
-    channel: Arc<str>,
     events: mpsc::UnboundedSender<Event>,
     tls: ChannelTls,
+    tls_log: TlsLog,
     sockets: HashMap<u64, Socket>,
     timers: HashMap<u64, JoinHandle<()>>,
 }
 
 impl Transport {
     pub fn new(channel: &str, events: mpsc::UnboundedSender<Event>, tls: ChannelTls) -> Self {
-        Self { channel: channel.into(), events, tls, sockets: HashMap::new(), timers: HashMap::new() }
+        let tls_log = TlsLog::new(channel.into());
+        Self { events, tls, tls_log, sockets: HashMap::new(), timers: HashMap::new() }
     }
 
     /// Trust other roots from now on (the instance's `ca_file` changed). Open sockets stay as
     /// they are; new connections and requests use the new roots.
     pub fn set_tls(&mut self, tls: ChannelTls) {
         self.tls = tls;
+        self.tls_log = TlsLog::new(self.tls_log.channel.clone());
     }
 
     /// The sockets a new generation inherits.
@@ -75,7 +83,7 @@ impl Transport {
             old.task.abort();
         }
         let (outgoing, rx) = mpsc::unbounded_channel();
-        let connect = Connect { channel: self.channel.clone(), tls: self.tls.ws.clone() };
+        let connect = Connect { log: self.tls_log.clone(), tls: self.tls.ws.clone() };
         let task = tokio::spawn(run_socket(conn, url.clone(), headers, connect, rx, self.events.clone()));
         self.sockets.insert(conn, Socket { url, outgoing, task });
     }
@@ -125,7 +133,7 @@ impl Transport {
         if !body.is_empty() {
             builder = builder.body(body);
         }
-        let channel = self.channel.clone();
+        let tls_log = self.tls_log.clone();
         tokio::spawn(async move {
             let event = match builder.send().await {
                 Ok(response) => read_response(request, response).await,
@@ -134,7 +142,7 @@ impl Transport {
                     let host = e.url().and_then(|u| u.host_str()).unwrap_or("?").to_string();
                     let e = e.without_url();
                     if let Some(cause) = tls::tls_cause(&e) {
-                        tls_failed(&channel, "HTTPS", &host, cause);
+                        tls_log.failed(Over::Https, &host, cause);
                     }
                     Event::HttpFailed { request, error: tls::describe(&e).into() }
                 }
@@ -207,20 +215,51 @@ async fn read_response(request: u64, response: reqwest::Response) -> Event {
     Event::HttpResponse { request, status, headers, body: String::from_utf8_lossy(&body).into_owned().into() }
 }
 
-/// A TLS handshake failed: say so once in the host's log, with the hint that fixes an
-/// internal CA. Only the host name is named (a URL may carry credentials).
-fn tls_failed(channel: &str, what: &str, host: &str, cause: &rustls::Error) {
-    tracing::warn!(
-        channel,
-        host,
-        "{what} TLS handshake failed: {cause} (for a server whose certificate comes from an internal CA, \
-         set channels.{channel}.ca_file to that CA's PEM file)"
-    );
+/// Where the host says that a TLS handshake failed: the first failure of each kind with
+/// these roots is a warning with the hint that fixes an internal CA, the retries are debug
+/// lines (the adapter logs each failure it is told of anyway). Only the host name is said: a
+/// URL may carry credentials.
+#[derive(Clone)]
+struct TlsLog {
+    channel: Arc<str>,
+    /// Warned for HTTPS, for WebSockets.
+    warned: Arc<[AtomicBool; 2]>,
+}
+
+impl TlsLog {
+    fn new(channel: Arc<str>) -> Self {
+        Self { channel, warned: Arc::new([AtomicBool::new(false), AtomicBool::new(false)]) }
+    }
+
+    fn failed(&self, over: Over, host: &str, cause: &rustls::Error) {
+        let channel = &*self.channel;
+        let (what, slot) = match over {
+            Over::Https => ("HTTPS", 0),
+            Over::WebSocket => ("WebSocket", 1),
+        };
+        let first = !self.warned[slot].swap(true, Ordering::Relaxed);
+        if first {
+            tracing::warn!(
+                channel,
+                host,
+                "{what} TLS handshake failed: {cause} (for a server whose certificate comes from an internal CA, \
+                 set channels.{channel}.ca_file to that CA's PEM file)"
+            );
+        } else {
+            tracing::debug!(channel, host, "{what} TLS handshake failed again: {cause}");
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Over {
+    Https,
+    WebSocket,
 }
 
 /// How a socket connects.
 struct Connect {
-    channel: Arc<str>,
+    log: TlsLog,
     tls: Arc<rustls::ClientConfig>,
 }
 
@@ -262,7 +301,7 @@ async fn run_socket(
             Ok((socket, _response)) => socket,
             Err(e) => {
                 if let Some(cause) = tls::tls_cause(&e) {
-                    tls_failed(&connect.channel, "WebSocket", &host, cause);
+                    connect.log.failed(Over::WebSocket, &host, cause);
                 }
                 let _ = events.send(closed(1006, format!("connect failed: {}", tls::describe(&e))));
                 return;

@@ -9,6 +9,8 @@ mod durability;
 mod replacement;
 #[path = "e2e/rig.rs"]
 mod rig;
+#[path = "e2e/tls.rs"]
+mod tls;
 
 use std::path::{Path, PathBuf};
 
