@@ -18,10 +18,16 @@ use rustls::{
 };
 
 /// The CA certificates of a `ca_file`, as read when the config was loaded.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct CaFile {
     pub path: std::path::PathBuf,
     pub certs: Vec<CertificateDer<'static>>,
+}
+
+impl std::fmt::Debug for CaFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaFile").field("path", &self.path).field("certificates", &self.certs.len()).finish()
+    }
 }
 
 /// Read a PEM file of one or more CA certificates, each checked the way rustls will use it.
