@@ -143,6 +143,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub ledger: Ledger,
     pub http: reqwest::Client,
+    /// What channel instances without `ca_file` connect with (`http` is its HTTP client).
+    pub tls: crate::tls::ChannelTls,
     /// Restarts allowed per instance within the window (`gateway.adapter_restart_*`).
     pub adapter_restarts: (u32, Duration),
 }
@@ -213,7 +215,8 @@ pub async fn spawn(id: String, config: ChannelConfig, prepared: Prepared, shared
     let (events_tx, events) = mpsc::unbounded_channel();
     let (control_tx, control) = mpsc::channel(8);
     shared.router.register_instance(&id, events_tx.clone());
-    let transport = Transport::new(events_tx.clone(), shared.http.clone());
+    let tls = crate::tls::ChannelTls::for_channel(&id, config.ca_file.as_ref(), &shared.tls);
+    let transport = Transport::new(&id, events_tx.clone(), tls);
     let saved_state = match shared.router.store().adapter_state(&id) {
         Ok(saved) => saved.map(|(format_version, data)| StateBlob { format_version, data: data.into() }),
         Err(e) => {
@@ -866,6 +869,14 @@ impl Instance {
         //    keeps its goodbye out of the pause.
         let previous = self.current.replace(Running { number, apartment, events_handled: 0, cold_start: self.cold });
         self.cold = false;
+        if config.ca_file != self.config.ca_file {
+            self.transport.set_tls(crate::tls::ChannelTls::for_channel(
+                &self.id,
+                config.ca_file.as_ref(),
+                &self.shared.tls,
+            ));
+            tracing::info!(channel = %self.id, "ca_file changed: new connections trust the new roots");
+        }
         self.config = config;
         self.shared.ledger.update(&self.id, number, |r| r.state = GenerationState::Running);
         self.shared.metrics.generations_started.inc();

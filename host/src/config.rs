@@ -14,11 +14,13 @@ use std::{
 
 use toml::{Table, Value};
 
+use crate::tls::CaFile;
+
 /// The agent a channel instance without a binding uses.
 pub const DEFAULT_AGENT: &str = "main";
 
 /// Keys of a `[channels.<id>]` table that the host reads; the rest belong to the adapter.
-const HOST_CHANNEL_KEYS: &[&str] = &["plugin", "thread_sessions"];
+const HOST_CHANNEL_KEYS: &[&str] = &["plugin", "thread_sessions", "ca_file"];
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -93,6 +95,10 @@ pub struct ChannelConfig {
     pub plugin: String,
     /// Give each thread its own session (`...:thread:<root id>`).
     pub thread_sessions: bool,
+    /// Extra CA certificates this instance's HTTPS and WSS connections trust, besides the
+    /// system's and the built-in public roots (read with the config: a changed file is a
+    /// changed instance).
+    pub ca_file: Option<CaFile>,
     /// The adapter's own keys, as JSON, for its `validate_config` and constructor.
     pub adapter_config: serde_json::Value,
 }
@@ -417,6 +423,7 @@ impl Reader<'_> {
                 false
             }
         };
+        let ca_file = self.ca_file(path, table);
         let adapter_table: Table = table
             .iter()
             .filter(|(key, _)| !HOST_CHANNEL_KEYS.contains(&key.as_str()))
@@ -429,7 +436,28 @@ impl Reader<'_> {
                 serde_json::Value::Null
             }
         };
-        Some(ChannelConfig { plugin: plugin?, thread_sessions, adapter_config })
+        Some(ChannelConfig { plugin: plugin?, thread_sessions, ca_file, adapter_config })
+    }
+
+    /// `ca_file`: a PEM file of CA certificates, relative to the config file's directory.
+    fn ca_file(&mut self, path: &str, table: &Table) -> Option<CaFile> {
+        let key_path = format!("{path}.ca_file");
+        let raw = match table.get("ca_file") {
+            None => return None,
+            Some(Value::String(s)) if !s.trim().is_empty() => PathBuf::from(s),
+            Some(other) => {
+                self.problem(key_path, format!("expected a path to a PEM file of CA certificates, got {other}"));
+                return None;
+            }
+        };
+        let file = if raw.is_absolute() { raw } else { self.base_dir.join(raw) };
+        match crate::tls::read_ca_file(&file) {
+            Ok(certs) => Some(CaFile { path: file, certs }),
+            Err(message) => {
+                self.problem(key_path, message);
+                None
+            }
+        }
     }
 
     fn agent(&mut self, path: &str, table: &Table) -> Option<AgentConfig> {
@@ -825,6 +853,57 @@ agent = "ghost"
             "bindings[0].agent",
         ] {
             assert!(paths.contains(&expected), "missing {expected} in {paths:?}");
+        }
+    }
+
+    fn self_signed_ca_pem(name: &str) -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params.self_signed(&key).unwrap().pem()
+    }
+
+    #[test]
+    fn ca_file_is_a_host_key_read_with_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let two = format!("{}{}", self_signed_ca_pem("one"), self_signed_ca_pem("two"));
+        std::fs::write(dir.path().join("ca.pem"), &two).unwrap();
+        let text = SEED.replace("plugin = \"mattermost\"\n", "plugin = \"mattermost\"\nca_file = \"ca.pem\"\n");
+        let config = Config::parse(&text, dir.path()).unwrap();
+        let channel = &config.channels["mattermost"];
+        let ca_file = channel.ca_file.as_ref().unwrap();
+        assert_eq!(ca_file.path, dir.path().join("ca.pem"));
+        assert_eq!(ca_file.certs.len(), 2);
+        assert!(channel.adapter_config.get("ca_file").is_none(), "ca_file is not handed to the adapter");
+        assert_eq!(Config::parse(SEED, dir.path()).unwrap().channels["mattermost"].ca_file, None);
+
+        // Same path, new content: the instance's config differs, so a reload rebuilds it.
+        std::fs::write(dir.path().join("ca.pem"), self_signed_ca_pem("three")).unwrap();
+        let reread = Config::parse(&text, dir.path()).unwrap();
+        assert_ne!(reread.channels["mattermost"], config.channels["mattermost"]);
+    }
+
+    #[test]
+    fn a_bad_ca_file_is_reported_at_its_key_path_with_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("empty.pem"), "not a certificate\n").unwrap();
+        let with = |value: &str| {
+            SEED.replace(
+                "plugin = \"mattermost\"\n",
+                &format!("plugin = \"mattermost\"\nca_file = {value}\nthread_sessions = 1\n"),
+            )
+        };
+        for (value, wanted) in [
+            ("\"missing.pem\"", "cannot read"),
+            ("\"empty.pem\"", "holds no certificate"),
+            ("3", "expected a path"),
+            ("\"\"", "expected a path"),
+        ] {
+            let errors = Config::parse(&with(value), dir.path()).unwrap_err();
+            let error = errors.iter().find(|e| e.key_path == "channels.mattermost.ca_file");
+            assert!(error.is_some_and(|e| e.message.contains(wanted)), "ca_file = {value}: {errors:?}");
+            assert!(errors.iter().any(|e| e.key_path == "channels.mattermost.thread_sessions"), "{errors:?}");
         }
     }
 

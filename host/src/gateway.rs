@@ -216,19 +216,19 @@ impl Controller {
             }
         }
         let metrics = Arc::new(Metrics::new());
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("switchboard/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| GatewayError::StateDir {
-                dir: config.gateway.state_dir.clone(),
-                reason: format!("HTTP client: {e}"),
-            })?;
+        let tls = crate::tls::client_config(&[]);
+        let http = crate::tls::http_client(&tls).map_err(|e| GatewayError::StateDir {
+            dir: config.gateway.state_dir.clone(),
+            reason: format!("HTTP client: {e}"),
+        })?;
+        let tls = crate::tls::ChannelTls { http: http.clone(), ws: tls };
         let router = Router::new(&config, Arc::new(sessions), store, metrics.clone(), http.clone());
         let shared = Arc::new(Shared {
             router,
             metrics,
             ledger: Ledger::default(),
             http,
+            tls,
             adapter_restarts: (config.gateway.adapter_restart_budget, config.gateway.adapter_restart_window),
         });
         let mut controller = Controller {

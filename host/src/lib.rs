@@ -19,6 +19,7 @@
 //!   the generation swap; panic containment (restart from the last good state, retry once,
 //!   dead letter, restart budget).
 //! - [`transport`]: WebSocket, HTTP and timers carried out for adapters.
+//! - [`tls`]: the roots HTTPS and WSS trust (built-in public, system, a channel's `ca_file`).
 //! - [`bridge`]: the host handle adapters hold (sessions, secrets, clock, log bridge).
 //! - [`routing`]: inbound → binding → session key → lane → agent → reply delivery.
 //! - [`session`]: the session registry (a cache over the store) and the session key grammar.
@@ -43,5 +44,6 @@ pub mod metrics;
 pub mod routing;
 pub mod session;
 pub mod store;
+pub mod tls;
 pub mod transport;
 pub mod watch;

@@ -4,17 +4,29 @@
 //! It belongs to the channel instance, not to an adapter generation: a reload hands the new
 //! generation the same open sockets, so the chat server never sees a reconnect.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use futures_util::{SinkExt, StreamExt};
 use switchboard_plugin_api::{Event, Header, OpenConnection};
 use tokio::{sync::mpsc, task::JoinHandle};
-use tokio_tungstenite::tungstenite::{
-    client::IntoClientRequest,
-    http::{HeaderName, HeaderValue},
-    protocol::{frame::coding::CloseCode, CloseFrame},
-    Message,
+use tokio_tungstenite::{
+    tungstenite::{
+        client::IntoClientRequest,
+        http::{HeaderName, HeaderValue},
+        protocol::{frame::coding::CloseCode, CloseFrame},
+        Message,
+    },
+    Connector,
 };
+
+use crate::tls::{self, ChannelTls};
 
 /// The largest HTTP response body handed to an adapter.
 const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
@@ -35,14 +47,23 @@ struct Socket {
 
 pub struct Transport {
     events: mpsc::UnboundedSender<Event>,
-    http: reqwest::Client,
+    tls: ChannelTls,
+    tls_log: TlsLog,
     sockets: HashMap<u64, Socket>,
     timers: HashMap<u64, JoinHandle<()>>,
 }
 
 impl Transport {
-    pub fn new(events: mpsc::UnboundedSender<Event>, http: reqwest::Client) -> Self {
-        Self { events, http, sockets: HashMap::new(), timers: HashMap::new() }
+    pub fn new(channel: &str, events: mpsc::UnboundedSender<Event>, tls: ChannelTls) -> Self {
+        let tls_log = TlsLog::new(channel.into());
+        Self { events, tls, tls_log, sockets: HashMap::new(), timers: HashMap::new() }
+    }
+
+    /// Trust other roots from now on (the instance's `ca_file` changed). Open sockets stay as
+    /// they are; new connections and requests use the new roots.
+    pub fn set_tls(&mut self, tls: ChannelTls) {
+        self.tls = tls;
+        self.tls_log = TlsLog::new(self.tls_log.channel.clone());
     }
 
     /// The sockets a new generation inherits.
@@ -62,7 +83,8 @@ impl Transport {
             old.task.abort();
         }
         let (outgoing, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(run_socket(conn, url.clone(), headers, rx, self.events.clone()));
+        let connect = Connect { log: self.tls_log.clone(), tls: self.tls.ws.clone() };
+        let task = tokio::spawn(run_socket(conn, url.clone(), headers, connect, rx, self.events.clone()));
         self.sockets.insert(conn, Socket { url, outgoing, task });
     }
 
@@ -101,7 +123,7 @@ impl Transport {
     ) {
         let events = self.events.clone();
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap_or(reqwest::Method::GET);
-        let mut builder = self.http.request(method, &url);
+        let mut builder = self.tls.http.request(method, &url);
         if timeout_ms > 0 {
             builder = builder.timeout(Duration::from_millis(timeout_ms));
         }
@@ -111,11 +133,19 @@ impl Transport {
         if !body.is_empty() {
             builder = builder.body(body);
         }
+        let tls_log = self.tls_log.clone();
         tokio::spawn(async move {
             let event = match builder.send().await {
                 Ok(response) => read_response(request, response).await,
                 // Never include the URL: it may carry credentials in a query string.
-                Err(e) => Event::HttpFailed { request, error: e.without_url().to_string().into() },
+                Err(e) => {
+                    let host = e.url().and_then(|u| u.host_str()).unwrap_or("?").to_string();
+                    let e = e.without_url();
+                    if let Some(cause) = tls::tls_cause(&e) {
+                        tls_log.failed(Over::Https, &host, cause);
+                    }
+                    Event::HttpFailed { request, error: tls::describe(&e).into() }
+                }
             };
             let _ = events.send(event);
         });
@@ -179,16 +209,65 @@ async fn read_response(request: u64, response: reqwest::Response) -> Event {
                     error: format!("response body larger than {MAX_BODY_BYTES} bytes").into(),
                 }
             }
-            Err(e) => return Event::HttpFailed { request, error: e.without_url().to_string().into() },
+            Err(e) => return Event::HttpFailed { request, error: tls::describe(&e.without_url()).into() },
         }
     }
     Event::HttpResponse { request, status, headers, body: String::from_utf8_lossy(&body).into_owned().into() }
+}
+
+/// Where the host says that a TLS handshake failed: the first failure of each kind with
+/// these roots is a warning with the hint that fixes an internal CA, the retries are debug
+/// lines (the adapter logs each failure it is told of anyway). Only the host name is said: a
+/// URL may carry credentials.
+#[derive(Clone)]
+struct TlsLog {
+    channel: Arc<str>,
+    /// Warned for HTTPS, for WebSockets.
+    warned: Arc<[AtomicBool; 2]>,
+}
+
+impl TlsLog {
+    fn new(channel: Arc<str>) -> Self {
+        Self { channel, warned: Arc::new([AtomicBool::new(false), AtomicBool::new(false)]) }
+    }
+
+    fn failed(&self, over: Over, host: &str, cause: &rustls::Error) {
+        let channel = &*self.channel;
+        let (what, slot) = match over {
+            Over::Https => ("HTTPS", 0),
+            Over::WebSocket => ("WebSocket", 1),
+        };
+        let first = !self.warned[slot].swap(true, Ordering::Relaxed);
+        if first {
+            tracing::warn!(
+                channel,
+                host,
+                "{what} TLS handshake failed: {cause} (for a server whose certificate comes from an internal CA, \
+                 set channels.{channel}.ca_file to that CA's PEM file)"
+            );
+        } else {
+            tracing::debug!(channel, host, "{what} TLS handshake failed again: {cause}");
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Over {
+    Https,
+    WebSocket,
+}
+
+/// How a socket connects.
+struct Connect {
+    log: TlsLog,
+    tls: Arc<rustls::ClientConfig>,
 }
 
 async fn run_socket(
     conn: u64,
     url: String,
     headers: Vec<(String, String)>,
+    connect: Connect,
     mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
     events: mpsc::UnboundedSender<Event>,
 ) {
@@ -215,13 +294,19 @@ async fn run_socket(
     // default 128 KiB that was a 128 KiB memset per ~1 KiB event. Larger frames still arrive
     // whole (the buffer grows for them).
     let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(16 * 1024);
-    let mut socket = match tokio_tungstenite::connect_async_with_config(request, Some(config), true).await {
-        Ok((socket, _response)) => socket,
-        Err(e) => {
-            let _ = events.send(closed(1006, format!("connect failed: {e}")));
-            return;
-        }
-    };
+    let host = request.uri().host().unwrap_or("?").to_string();
+    let connector = Some(Connector::Rustls(connect.tls));
+    let mut socket =
+        match tokio_tungstenite::connect_async_tls_with_config(request, Some(config), true, connector).await {
+            Ok((socket, _response)) => socket,
+            Err(e) => {
+                if let Some(cause) = tls::tls_cause(&e) {
+                    connect.log.failed(Over::WebSocket, &host, cause);
+                }
+                let _ = events.send(closed(1006, format!("connect failed: {}", tls::describe(&e))));
+                return;
+            }
+        };
     if events.send(Event::WsOpened { conn }).is_err() {
         return;
     }

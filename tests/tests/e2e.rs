@@ -11,6 +11,8 @@ mod real_server;
 mod replacement;
 #[path = "e2e/rig.rs"]
 mod rig;
+#[path = "e2e/tls.rs"]
+mod tls;
 
 use std::path::{Path, PathBuf};
 
