@@ -83,7 +83,12 @@ async fn a_gap_without_resume_answers_each_new_post_once_including_conversations
     expected.extend(gap.iter().cloned());
     rig.assert_answered_once(&expected, &gateway).await;
     let replies = rig.sim.posts_by(&world.bot.id);
-    assert_eq!(replies.len(), expected.len(), "nothing else answered: {:?}", replies.iter().map(|p| &p.message).collect::<Vec<_>>());
+    assert_eq!(
+        replies.len(),
+        expected.len(),
+        "nothing else answered: {:?}",
+        replies.iter().map(|p| &p.message).collect::<Vec<_>>()
+    );
     let thread_reply = replies.iter().find(|p| p.message == format!("echo: {in_thread}")).unwrap();
     assert_eq!(thread_reply.root_id, root.id, "the thread reply stays in its thread");
     assert!(gateway.count(&["fetching what was posted meanwhile"]) >= 1, "{}", tail(&gateway, 40));
@@ -148,7 +153,12 @@ async fn bots_webhooks_and_announcements_are_not_answered_but_me_posts_and_full_
         tail(&gateway, 30)
     );
     // Everything was posted before these two: had any other been answered, it would be here.
-    rig.ask(&channel, "@switchboard-bot last one", &gateway).await;
+    rig.sim.post_as(&world.alice.id, &channel, "@switchboard-bot last one", None);
+    assert_eventually!(
+        rig.sim.posts_by(&world.bot.id).iter().any(|p| p.message == "echo: last one"),
+        "the last mention is answered\n{}",
+        tail(&gateway, 30)
+    );
     let answers: Vec<String> = rig.sim.posts_by(&world.bot.id).into_iter().map(|p| p.message).collect();
     assert_eq!(answers.len(), 3, "nothing else answered: {answers:?}");
     Ok(())
@@ -214,7 +224,8 @@ async fn a_reply_to_a_deleted_thread_goes_to_its_channel() -> Result<()> {
     rig.sim.post_as(&rig.world.alice.id, &channel, "a question in the thread", Some(&root.id));
     assert_eventually!(gateway.count(&["inbound", "session="]) == 2, "the reply's turn starts");
     rig.sim.delete_post(&root.id);
-    let late = || rig.sim.posts_by(&rig.world.bot.id).into_iter().filter(|p| p.message.ends_with("late answer")).count();
+    let late =
+        || rig.sim.posts_by(&rig.world.bot.id).into_iter().filter(|p| p.message.ends_with("late answer")).count();
     assert_eventually!(
         @within Duration::from_secs(30),
         late() == 2,
@@ -292,5 +303,57 @@ async fn kill_9_three_times_without_server_deduplication_loses_and_duplicates_no
     let total = rig.bot_posts().values().map(Vec::len).sum::<usize>();
     println!("kill -9 ×3 without de-duplication: replies posted when killed {kills:?}; {total} replies to 500 messages, 0 duplicates, 0 lost");
     assert_eq!(total, 500, "500 messages, 500 replies");
+    Ok(())
+}
+
+/// More posts in a gap than the server returns for one `since` query (1000 rows, not the
+/// newest): the adapter walks the channel page by page and answers every one once.
+#[tokio::test]
+async fn a_catch_up_past_the_servers_row_limit_answers_every_post_once() -> Result<()> {
+    // One session takes all 1,100 posts: its lane must hold them (issue 17 is about lanes).
+    let rig = Rig::with(RigOptions { gateway_keys: "lane_capacity = 2048", ..RigOptions::default() }).await?;
+    let channel = rig.open_channels(1).remove(0);
+    let gateway = rig.start(&[]).await?;
+    let mut expected = vec![(channel.clone(), "seen".to_string())];
+    rig.sim.post_as(&rig.world.alice.id, &channel, "seen", None);
+    rig.assert_answered_once(&expected, &gateway).await;
+    rig.sim.refuse_websockets_for(Duration::from_secs(1));
+    rig.sim.drop_and_forget_connections();
+    for i in 0..1100 {
+        let token = format!("many-{i:04}");
+        rig.sim.post_as(&rig.world.alice.id, &channel, &token, None);
+        expected.push((channel.clone(), token));
+    }
+    rig.assert_answered_once(&expected, &gateway).await;
+    assert!(rig.sim.posts_queries(&channel) >= 2, "paged: {} queries", rig.sim.posts_queries(&channel));
+    Ok(())
+}
+
+/// A half-open drop: the server still holds the old connection as active, so the reconnect
+/// gets a new connection id (no resume). The adapter's ping notices the dead socket; what was
+/// posted meanwhile, a first DM included, is caught up.
+#[tokio::test]
+async fn a_half_open_drop_is_noticed_and_what_was_posted_meanwhile_is_answered() -> Result<()> {
+    let rig = Rig::with(RigOptions { channel_keys: "ping_interval_ms = 500", ..RigOptions::default() }).await?;
+    let carol = rig.sim.add_user("carol", false);
+    rig.sim.add_team_member(&rig.world.team_id, &carol.id);
+    let carol_dm = rig.sim.direct_channel(&carol.id, &rig.world.bot.id);
+    let channel = rig.open_channels(1).remove(0);
+    let gateway = rig.start(&[]).await?;
+    let mut expected = vec![(channel.clone(), "before".to_string())];
+    rig.sim.post_as(&rig.world.alice.id, &channel, "before", None);
+    rig.assert_answered_once(&expected, &gateway).await;
+    let hellos = rig.sim.hellos_sent();
+    rig.sim.half_open_drop();
+    for (who, conversation, token) in [
+        (&rig.world.alice.id, &channel, "during-1"),
+        (&carol.id, &carol_dm, "during-dm"),
+        (&rig.world.alice.id, &channel, "during-2"),
+    ] {
+        rig.sim.post_as(who, conversation, token, None);
+        expected.push((conversation.clone(), token.to_string()));
+    }
+    rig.assert_answered_once(&expected, &gateway).await;
+    assert!(rig.sim.hellos_sent() > hellos, "a new connection id, not a resume");
     Ok(())
 }

@@ -27,7 +27,15 @@ pub struct RigOptions<'a> {
 
 impl Default for RigOptions<'_> {
     fn default() -> Self {
-        Self { chatmode: "onmessage", agent: "kind = \"echo\"", gateway_keys: "", channel_keys: "", sim: SimOptions::default() }
+        // The server's `pending_post_id` de-duplication is best effort (30 s): every scenario
+        // proves its guarantees without it.
+        Self {
+            chatmode: "onmessage",
+            agent: "kind = \"echo\"",
+            gateway_keys: "",
+            channel_keys: "",
+            sim: SimOptions { dedup_pending_post_ids: false, ..SimOptions::default() },
+        }
     }
 }
 
