@@ -117,6 +117,7 @@ async fn resumed_drops_keep_reconnecting_at_the_initial_delay() -> Result<()> {
             "drop {drop} resumed\n{}",
             tail(&gateway, 20)
         );
+        rig.ask(&channel, &format!("after drop {drop}"), &gateway).await;
     }
     rig.ask(&channel, "after eight drops", &gateway).await;
     let longest = longest_reconnect_delay(&gateway);
@@ -355,5 +356,29 @@ async fn a_half_open_drop_is_noticed_and_what_was_posted_meanwhile_is_answered()
     }
     rig.assert_answered_once(&expected, &gateway).await;
     assert!(rig.sim.hellos_sent() > hellos, "a new connection id, not a resume");
+    Ok(())
+}
+
+/// The server is slow to create a post: the gateway's request times out, and its repeat finds
+/// the first still being handled (500 `deduplicate_create_post.pending`). The reply is looked
+/// for until the first attempt's post shows up, and is posted once.
+#[tokio::test]
+async fn a_post_still_being_created_by_the_server_is_not_posted_twice() -> Result<()> {
+    let rig = Rig::with(RigOptions { channel_keys: "request_timeout_ms = 500", ..RigOptions::default() }).await?;
+    let channel = rig.open_channels(1).remove(0);
+    let gateway = rig.start(&[]).await?;
+    rig.ask(&channel, "warm up", &gateway).await;
+    rig.sim.delay_next_posts(1, Duration::from_secs(3));
+    rig.sim.post_as(&rig.world.alice.id, &channel, "slow server", None);
+    let replies =
+        || rig.sim.posts_by(&rig.world.bot.id).into_iter().filter(|p| p.message == "echo: slow server").count();
+    assert_eventually!(replies() == 1, "the reply arrives\n{}", tail(&gateway, 30));
+    assert_eventually!(
+        gateway.count(&["delivered reply", "session="]) == 2,
+        "and is confirmed\n{}",
+        tail(&gateway, 30)
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(replies(), 1, "posted once\n{}", tail(&gateway, 30));
     Ok(())
 }
