@@ -484,13 +484,29 @@ async fn create_post(
         });
         (request, delay)
     };
-    if let Some(delay) = delay {
-        tokio::time::sleep(delay).await;
-    }
-    let mut world = s.world.lock().unwrap();
-    let spec =
-        PostSpec { message: request.message, root_id: request.root_id, kind: request.kind, props: request.props };
-    let post = world.create_post_with(&me, &request.channel_id, spec, &request.pending_post_id);
+    let create = move || {
+        let mut world = s.world.lock().unwrap();
+        let spec =
+            PostSpec { message: request.message, root_id: request.root_id, kind: request.kind, props: request.props };
+        world.create_post_with(&me, &request.channel_id, spec, &request.pending_post_id)
+    };
+    let post = match delay {
+        None => create(),
+        // Go does not stop a handler when its client goes away: a slow request whose client
+        // timed out still creates its post. Detached, so dropping this future does not stop it.
+        Some(delay) => {
+            let slow = tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                create()
+            });
+            match slow.await {
+                Ok(post) => post,
+                Err(_) => {
+                    return app_error(StatusCode::INTERNAL_SERVER_ERROR, "app.simulated.failure.app_error", "lost")
+                }
+            }
+        }
+    };
     (StatusCode::CREATED, Json(post.to_json())).into_response()
 }
 
