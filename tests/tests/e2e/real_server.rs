@@ -170,7 +170,7 @@ async fn bots_webhooks_and_announcements_are_not_answered_but_me_posts_and_full_
 #[tokio::test]
 async fn a_rate_limited_catch_up_waits_as_told_and_gives_nothing_up() -> Result<()> {
     let rig = Rig::with(RigOptions::default()).await?;
-    let channels = rig.open_channels(24);
+    let channels = rig.open_channels(30);
     let gateway = rig.start(&[]).await?;
     let mut expected = Vec::new();
     for (i, channel) in channels.iter().enumerate() {
@@ -178,7 +178,7 @@ async fn a_rate_limited_catch_up_waits_as_told_and_gives_nothing_up() -> Result<
         rig.sim.post_as(&rig.world.alice.id, channel, &format!("seen-{i}"), None);
     }
     rig.assert_answered_once(&expected, &gateway).await;
-    rig.sim.set_rate_limit(Some(RateLimit { per_sec: 5, burst: 5 }));
+    rig.sim.set_rate_limit(Some(RateLimit { per_sec: 6, burst: 3 }));
     rig.sim.refuse_websockets_for(Duration::from_secs(1));
     rig.sim.drop_and_forget_connections();
     for (i, channel) in channels.iter().enumerate() {
