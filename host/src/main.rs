@@ -104,9 +104,26 @@ fn main() -> ExitCode {
     }
 }
 
+/// Libraries whose trace output shows what goes over the wire, headers included
+/// (tungstenite traces the whole upgrade request, `Authorization: Bearer …` too): their
+/// trace events are never written, whatever `SWITCHBOARD_LOG` asks for.
+const WIRE_TRACING_TARGETS: &[&str] =
+    &["tungstenite", "tokio_tungstenite", "hyper", "hyper_util", "reqwest", "h2", "rustls"];
+
 fn init_logging() {
-    let filter = EnvFilter::try_from_env("SWITCHBOARD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_writer(std::io::stderr).init();
+    use tracing_subscriber::{
+        filter::{filter_fn, FilterExt},
+        fmt,
+        layer::SubscriberExt,
+        util::SubscriberInitExt,
+        Layer,
+    };
+    let wanted = EnvFilter::try_from_env("SWITCHBOARD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let no_wire_traces = filter_fn(|meta| {
+        *meta.level() != tracing::Level::TRACE || !WIRE_TRACING_TARGETS.iter().any(|t| meta.target().starts_with(t))
+    });
+    let layer = fmt::layer().with_ansi(false).with_writer(std::io::stderr).with_filter(wanted.and(no_wire_traces));
+    tracing_subscriber::registry().with(layer).init();
 }
 
 fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {

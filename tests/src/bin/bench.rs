@@ -40,7 +40,7 @@ use switchboard::{
 };
 use switchboard_tests::{
     harness::{install_plugin, mattermost_file_name, seed_config, Gateway},
-    sim::{demo_world, ChannelType, DemoWorld, Simulator},
+    sim::{demo_world, ChannelType, DemoWorld, SimOptions, Simulator},
 };
 use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
 
@@ -217,7 +217,11 @@ struct Bench {
 
 impl Bench {
     async fn new(args: Args) -> Result<Self> {
-        let sim = Simulator::start().await?;
+        // The bursts post in-process, thousands within a millisecond, far faster than a real
+        // server can create posts (a database write each): its 256-event send queue per
+        // connection would measure the injection, not the gateway, and close the socket.
+        let options = SimOptions { send_queue: 1 << 20, ..SimOptions::default() };
+        let sim = Simulator::start_with(options).await?;
         let world = demo_world(&sim);
         let open = |name: String| {
             let id = sim.add_channel(&world.team_id, &name, &name, ChannelType::Open);

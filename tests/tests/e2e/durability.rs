@@ -275,3 +275,30 @@ async fn a_wiped_state_dir_restarted_within_the_pending_post_id_window_still_ans
     assert_eq!(rig.ask(&channel, "second life", &gateway).await, "echo: second life");
     Ok(())
 }
+
+/// At the most verbose log level, through a connect, a reconnect and an agent call, neither
+/// the bot token nor the model's API key reaches the log (tungstenite traces whole requests).
+#[tokio::test]
+async fn a_trace_level_log_holds_no_token_and_no_api_key() -> Result<()> {
+    let model = FakeModel::start().await?;
+    let agent = format!(
+        "kind = \"openai\"\nbase_url = \"{}\"\nmodel = \"fake-1\"\napi_key_env = \"MODEL_KEY\"\nstream = true",
+        model.base_url()
+    );
+    let rig = Rig::new("onmessage", &agent).await?;
+    let key = "sk-trace-level-secret-0815";
+    let gateway = rig.start(&[("MODEL_KEY", key), ("SWITCHBOARD_LOG", "trace")]).await?;
+    let channel = rig.world.office_general.clone();
+    rig.sim.post_as(&rig.world.alice.id, &channel, "first", None);
+    assert_eventually!(rig.sim.posts_by(&rig.world.bot.id).len() == 1, "answered\n{}", crate::rig::tail(&gateway, 20));
+    let opened = rig.sim.ws_connections_opened();
+    rig.sim.drop_connections();
+    assert_eventually!(rig.sim.ws_connections_opened() > opened, "reconnected");
+    rig.sim.post_as(&rig.world.alice.id, &channel, "second", None);
+    assert_eventually!(rig.sim.posts_by(&rig.world.bot.id).len() == 2, "answered after the reconnect");
+    let log = gateway.log_text();
+    assert!(log.contains(" TRACE "), "trace level is on");
+    assert!(!log.contains(&rig.world.bot.token), "the bot token is in the trace log");
+    assert!(!log.contains(key), "the API key is in the trace log");
+    Ok(())
+}
