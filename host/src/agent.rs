@@ -77,7 +77,7 @@ impl Agent {
     pub async fn respond(&self, http: &reqwest::Client, request: &AgentRequest) -> Result<Option<String>, AgentError> {
         match &self.config.kind {
             AgentKind::Echo => Ok(Some(format!("echo: {}", request.text))),
-            AgentKind::Command { argv, timeout } => run_command(argv, *timeout, request).await,
+            AgentKind::Command { argv, timeout, env } => run_command(argv, *timeout, env, request).await,
             AgentKind::OpenAi(model) => chat_completion(http, model, request).await,
             AgentKind::Http { url, timeout, token_env } => {
                 webhook(http, url, *timeout, token_env.as_deref(), request).await
@@ -86,10 +86,19 @@ impl Agent {
     }
 }
 
-async fn run_command(argv: &[String], timeout: Duration, request: &AgentRequest) -> Result<Option<String>, AgentError> {
+async fn run_command(
+    argv: &[String],
+    timeout: Duration,
+    env: &[String],
+    request: &AgentRequest,
+) -> Result<Option<String>, AgentError> {
     let program = argv[0].clone();
+    // A cleared environment: the gateway's holds the bot token and the model keys.
+    let allowed = env.iter().filter_map(|name| std::env::var_os(name).map(|value| (name, value)));
     let mut child = Command::new(&argv[0])
         .args(&argv[1..])
+        .env_clear()
+        .envs(allowed)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

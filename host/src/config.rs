@@ -20,6 +20,9 @@ use crate::tls::CaFile;
 pub const DEFAULT_AGENT: &str = "main";
 
 /// Keys of a `[channels.<id>]` table that the host reads; the rest belong to the adapter.
+/// What a `command` agent's environment holds unless its `env` says otherwise.
+pub const COMMAND_AGENT_ENV: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR"];
+
 const HOST_CHANNEL_KEYS: &[&str] = &["plugin", "thread_sessions", "ca_file"];
 
 #[derive(Debug, Clone, PartialEq)]
@@ -125,8 +128,9 @@ pub const DEFAULT_ERROR_REPLY: &str = "Sorry, I could not answer that just now. 
 pub enum AgentKind {
     /// Replies `echo: <text>`.
     Echo,
-    /// Runs a program with a JSON request on stdin; its stdout is the reply.
-    Command { argv: Vec<String>, timeout: Duration },
+    /// Runs a program with a JSON request on stdin; its stdout is the reply. Its environment
+    /// holds only the `env` variables (the gateway's own holds the bot token and model keys).
+    Command { argv: Vec<String>, timeout: Duration, env: Vec<String> },
     /// An OpenAI-compatible chat completions API.
     OpenAi(OpenAiAgent),
     /// POSTs the JSON request to a webhook; the reply is the response's `text` field.
@@ -488,13 +492,14 @@ impl Reader<'_> {
                 AgentKind::Echo
             }
             "command" => {
-                self.known_keys(path, table, &keys(&["command", "timeout_ms"]));
+                self.known_keys(path, table, &keys(&["command", "timeout_ms", "env"]));
                 let argv = self.argv(table, path);
                 let timeout = Duration::from_millis(self.positive_int(table, path, "timeout_ms", 30_000));
+                let env = self.env_names(table, path);
                 if argv.is_empty() {
                     return None;
                 }
-                AgentKind::Command { argv, timeout }
+                AgentKind::Command { argv, timeout, env }
             }
             "openai" => {
                 self.known_keys(
@@ -554,6 +559,28 @@ impl Reader<'_> {
             }
         };
         Some(AgentConfig { kind, history_limit, on_error })
+    }
+
+    /// The environment variables a `command` agent may see (`env`), by name.
+    fn env_names(&mut self, table: &Table, path: &str) -> Vec<String> {
+        let Some(value) = table.get("env") else {
+            return COMMAND_AGENT_ENV.iter().map(|name| name.to_string()).collect();
+        };
+        let Value::Array(items) = value else {
+            self.problem(format!("{path}.env"), "expected an array of environment variable names, e.g. [\"PATH\"]");
+            return Vec::new();
+        };
+        let mut names = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            match item.as_str() {
+                Some(name) if !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') => {
+                    names.push(name.to_string())
+                }
+                _ => self
+                    .problem(format!("{path}.env[{i}]"), format!("expected an environment variable name, got {item}")),
+            }
+        }
+        names
     }
 
     fn argv(&mut self, table: &Table, path: &str) -> Vec<String> {

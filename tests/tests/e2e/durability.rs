@@ -302,3 +302,20 @@ async fn a_trace_level_log_holds_no_token_and_no_api_key() -> Result<()> {
     assert!(!log.contains(key), "the API key is in the trace log");
     Ok(())
 }
+
+/// The `command` agent's child sees only the allowed variables: not the bot token, not a key.
+#[tokio::test]
+async fn the_command_agent_runs_with_a_cleared_environment() -> Result<()> {
+    let agent = "kind = \"command\"\ncommand = [\"sh\", \"-c\", \"echo token=${MM_BOT_TOKEN:-unset} key=${MODEL_KEY:-unset} path=${PATH:+set} extra=${EXTRA_VAR:-unset}\"]\nenv = [\"PATH\", \"EXTRA_VAR\"]";
+    let rig = Rig::new("onmessage", agent).await?;
+    let gateway = rig.start(&[("MODEL_KEY", "sk-not-for-children"), ("EXTRA_VAR", "allowed")]).await?;
+    rig.sim.post_as(&rig.world.alice.id, &rig.world.office_general, "what do you see?", None);
+    let wanted = "token=unset key=unset path=set extra=allowed";
+    assert_eventually!(
+        rig.sim.posts_by(&rig.world.bot.id).iter().any(|p| p.message == wanted),
+        "the child saw only PATH and EXTRA_VAR: {:?}\n{}",
+        rig.sim.posts_by(&rig.world.bot.id).iter().map(|p| &p.message).collect::<Vec<_>>(),
+        crate::rig::tail(&gateway, 20)
+    );
+    Ok(())
+}
