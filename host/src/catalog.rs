@@ -8,7 +8,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use serde::{Deserialize, Serialize};
@@ -91,12 +91,37 @@ pub fn check_plugin(file: &Path, configs: &[String]) -> PluginReport {
     report
 }
 
+/// What tells a file's content may have changed without reading it: a new inode (a build
+/// renamed into place), a size, an mtime, or a ctime (which no copy tool can set back:
+/// `cp -p`, `rsync -a` and `install -p` keep the mtime, and Nix store files all have mtime 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileStamp {
+    pub fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
+
 /// A file in the plugin directory.
 #[derive(Debug, Clone)]
 pub struct Entry {
     pub path: PathBuf,
     pub digest: FileDigest,
-    pub modified: Option<SystemTime>,
+    pub stamp: FileStamp,
     /// The manifest, or why the file was refused.
     pub probe: Result<ManifestInfo, String>,
 }
@@ -118,7 +143,8 @@ fn refused_note(refused: &[String]) -> String {
     }
 }
 
-/// The plugin directory as last scanned. Probes are cached by path, size, mtime and hash.
+/// The plugin directory as last scanned. A file is hashed again when its [`FileStamp`] changed;
+/// probes are cached by hash.
 #[derive(Debug)]
 pub struct Catalog {
     dir: PathBuf,
@@ -167,11 +193,8 @@ impl Catalog {
                 refused.push((path.clone(), refusal.to_string()));
                 continue;
             }
-            let modified = meta.modified().ok();
-            let cached = self
-                .entries
-                .get(&path)
-                .filter(|e| e.digest.len == meta.len() && e.modified == modified && modified.is_some());
+            let stamp = FileStamp::of(&meta);
+            let cached = self.entries.get(&path).filter(|e| e.stamp == stamp);
             let entry = match cached {
                 Some(entry) => entry.clone(),
                 None => {
@@ -202,7 +225,7 @@ impl Catalog {
                     if let Err(reason) = &probe {
                         refused.push((path.clone(), reason.clone()));
                     }
-                    Entry { path: path.clone(), digest, modified, probe }
+                    Entry { path: path.clone(), digest, stamp, probe }
                 }
             };
             seen.insert(path, entry);

@@ -9,7 +9,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use notify_debouncer_full::{
@@ -88,10 +88,9 @@ impl Drop for PluginWatch {
     }
 }
 
-/// Wait until `path`'s size and mtime stay the same for `settle` (or it is gone).
+/// Wait until `path`'s size, times and inode stay the same for `settle` (or it is gone).
 async fn settle_file(path: &Path, settle: Duration) {
-    let look =
-        |path: &Path| std::fs::metadata(path).ok().map(|m| (m.len(), m.modified().unwrap_or(SystemTime::UNIX_EPOCH)));
+    let look = |path: &Path| std::fs::metadata(path).ok().map(|m| crate::catalog::FileStamp::of(&m));
     let started = tokio::time::Instant::now();
     let mut last = look(path);
     loop {

@@ -367,3 +367,45 @@ async fn a_spent_restart_budget_halts_the_instance_and_a_new_build_resumes_it_lo
     assert_eq!(rig.sim.ws_connections_opened(), 1, "the WebSocket stayed up throughout");
     Ok(())
 }
+
+/// A new build with the same size and mtime as the running file (`cp -p`, `rsync -a`,
+/// `install -p`, Nix) is still told apart: a new inode or ctime means the file is hashed again.
+#[tokio::test]
+async fn a_new_build_with_the_same_size_and_mtime_is_still_loaded() -> Result<()> {
+    let rig = Rig::new("onmessage", "kind = \"echo\"").await?;
+    let channel = rig.open_channels(1).remove(0);
+    // Two builds padded to one size (bytes after the ELF sections are never mapped) and
+    // stamped with one mtime.
+    let mut a = std::fs::read(rig.artifacts.mattermost_plugin())?;
+    let mut b = std::fs::read(rig.artifacts.fixture("build-b")?)?;
+    let size = a.len().max(b.len());
+    a.resize(size, 0);
+    b.resize(size, 0);
+    let stamp = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1);
+    let stage = |name: &str, bytes: &[u8]| -> Result<std::path::PathBuf> {
+        let path = rig.scratch.path().join(name);
+        std::fs::write(&path, bytes)?;
+        std::fs::File::options().write(true).open(&path)?.set_modified(stamp)?;
+        Ok(path)
+    };
+    let (a, b) = (stage("a.so", &a)?, stage("b.so", &b)?);
+    let plugin = rig.plugin_dir().join(switchboard_tests::harness::mattermost_file_name());
+    std::fs::copy(&a, &plugin)?;
+    std::fs::File::options().write(true).open(&plugin)?.set_modified(stamp)?;
+    let gateway = rig.start(&[]).await?;
+    assert!(!rig.ask(&channel, "first build", &gateway).await.ends_with(BUILD_B_TAG));
+    // Same size, same mtime, renamed into place.
+    let staged = rig.plugin_dir().join(".staged");
+    std::fs::copy(&b, &staged)?;
+    std::fs::File::options().write(true).open(&staged)?.set_modified(stamp)?;
+    assert_eq!(std::fs::metadata(&staged)?.len(), std::fs::metadata(&plugin)?.len());
+    std::fs::rename(&staged, &plugin)?;
+    gateway.signal(libc::SIGUSR1);
+    assert_eventually!(
+        gateway.count(&["generation started", "generation=2"]) == 1,
+        "the new build is loaded\n{}",
+        tail(&gateway, 30)
+    );
+    assert!(rig.ask(&channel, "second build", &gateway).await.ends_with(BUILD_B_TAG));
+    Ok(())
+}
