@@ -260,15 +260,21 @@ impl Controller {
     }
 
     async fn serve(&mut self, control: &mut mpsc::Receiver<ControlMessage>) -> Exit {
+        let mut budget_restart_refused = false;
         loop {
-            if self.generation_budget_spent() {
-                return Exit::Restart;
+            if !budget_restart_refused && self.generation_budget_spent() {
+                if self.may_restart("generation_budget").await {
+                    return Exit::Restart;
+                }
+                budget_restart_refused = true;
             }
             let Some(message) = control.recv().await else { break };
             match message {
                 ControlMessage::Restart { trigger } => {
                     tracing::info!(trigger, "restart requested");
-                    return Exit::Restart;
+                    if self.may_restart(trigger).await {
+                        return Exit::Restart;
+                    }
                 }
                 ControlMessage::PluginsChanged { files } => {
                     let outcome = self.reload("plugin_dir", ConfigSource::Running).await;
@@ -465,8 +471,22 @@ impl Controller {
         ReloadOutcome::Rejected { errors: errors.iter().map(ToString::to_string).collect() }
     }
 
+    /// Whether the binary at the start-up path can take over (else the gateway keeps running).
+    async fn may_restart(&self, trigger: &str) -> bool {
+        match crate::upgrade::check_successor(&self.config_path).await {
+            Ok(path) => {
+                tracing::info!(trigger, exe = %path.display(), "the binary at the start-up path accepts the config; stopping to start it");
+                true
+            }
+            Err(why) => {
+                tracing::error!(trigger, "restart refused, the gateway keeps running: {why}");
+                false
+            }
+        }
+    }
+
     fn catalog_exe(&self) -> PathBuf {
-        std::env::current_exe().unwrap_or_else(|_| PathBuf::from("switchboard"))
+        crate::upgrade::running_binary()
     }
 
     fn generation_number(&mut self, id: &str) -> u64 {

@@ -27,6 +27,8 @@
 //!   delivery queue and adapter state; the transactions that keep the ordering rules.
 //! - [`lane`]: per-session ordered turns under a global concurrency cap.
 //! - [`agent`]: the agents (`echo`, `command`, `openai`, `http`).
+//! - [`upgrade`]: re-executing the binary at the start-up path (SIGUSR2, the generation
+//!   budget) once it has accepted the config; probes run the running binary.
 //! - [`admin`], [`metrics`], [`ledger`]: `/livez`, `/readyz`, `/metrics`, `/status`.
 
 pub mod admin;
@@ -46,4 +48,5 @@ pub mod session;
 pub mod store;
 pub mod tls;
 pub mod transport;
+pub mod upgrade;
 pub mod watch;

@@ -59,6 +59,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    switchboard::upgrade::remember_start_path();
     let cli = Cli::parse();
     match cli.command {
         Command::CheckPlugin { file, validate } => {
@@ -89,7 +90,7 @@ fn main() -> ExitCode {
             match started {
                 Ok(gateway::Exit::Stopped) => ExitCode::SUCCESS,
                 Ok(gateway::Exit::Restart) => {
-                    let error = re_exec();
+                    let error = switchboard::upgrade::exec();
                     tracing::error!("cannot start the gateway again: {error}");
                     eprintln!("error: cannot start the gateway again: {error}");
                     ExitCode::FAILURE
@@ -134,18 +135,6 @@ fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-/// Replace this process with a fresh start of the same binary and arguments (the runtime,
-/// adapters and sockets are gone by now; everything else is in the store). Returns only on error.
-fn re_exec() -> std::io::Error {
-    use std::os::unix::process::CommandExt;
-    let exe = match std::env::current_exe() {
-        Ok(exe) => exe,
-        Err(e) => return e,
-    };
-    tracing::info!(exe = %exe.display(), "starting the gateway again");
-    std::process::Command::new(exe).args(std::env::args_os().skip(1)).exec()
-}
-
 async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<gateway::Exit> {
     tracing::info!(io_threads = tokio::runtime::Handle::current().metrics().num_workers(), "async runtime started");
     let admin = match config.gateway.admin_listen {
@@ -156,8 +145,7 @@ async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<gateway::Ex
         ),
         None => None,
     };
-    let exe = std::env::current_exe().context("cannot find the switchboard executable")?;
-    Ok(gateway::run(config_path, exe, admin, shutdown_signal()).await?)
+    Ok(gateway::run(config_path, switchboard::upgrade::running_binary(), admin, shutdown_signal()).await?)
 }
 
 async fn shutdown_signal() {
@@ -172,8 +160,7 @@ async fn shutdown_signal() {
 async fn check_config(config_path: PathBuf) -> anyhow::Result<ExitCode> {
     let (config, mut errors) = Config::load_best_effort(&config_path);
     if let Some(config) = config {
-        let exe = std::env::current_exe().context("cannot find the switchboard executable")?;
-        let mut catalog = catalog::Catalog::new(config.plugins.dir.clone(), exe);
+        let mut catalog = catalog::Catalog::new(config.plugins.dir.clone(), switchboard::upgrade::running_binary());
         if let Err(more) = gateway::resolve(&config, &mut catalog).await {
             errors.extend(more);
             errors.sort();

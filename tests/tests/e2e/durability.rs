@@ -319,3 +319,68 @@ async fn the_command_agent_runs_with_a_cleared_environment() -> Result<()> {
     );
     Ok(())
 }
+
+/// An upgrade: the binary file is replaced under the running gateway; SIGUSR2 starts the new
+/// file (not `…/switchboard (deleted)`), and nothing is lost. A file that cannot run is
+/// refused with the reason, and the old process keeps serving.
+#[tokio::test]
+async fn sigusr2_after_the_binary_was_replaced_runs_the_new_file_and_refuses_a_broken_one() -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let rig = Rig::new("onmessage", "kind = \"echo\"").await?;
+    let bin_dir = rig.scratch.path().join("bin");
+    std::fs::create_dir_all(&bin_dir)?;
+    let binary = bin_dir.join("switchboard");
+    let install = |from: &std::path::Path| -> Result<()> {
+        let staged = bin_dir.join(".switchboard.new");
+        std::fs::copy(from, &staged)?;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o755))?;
+        std::fs::rename(&staged, &binary)?;
+        Ok(())
+    };
+    install(&rig.artifacts.switchboard)?;
+    let mut env = vec![("MM_BOT_TOKEN", rig.world.bot.token.as_str())];
+    env.push(("SWITCHBOARD_LOG", "info,switchboard=debug"));
+    let gateway =
+        switchboard_tests::harness::Gateway::start(&binary, rig.scratch.path(), &rig.config_path, &env).await?;
+    assert_eventually!(gateway.count(&["WebSocket open"]) == 1, "connected\n{}", crate::rig::tail(&gateway, 20));
+    let channel = rig.world.office_general.clone();
+    rig.ask(&channel, "before the upgrade", &gateway).await;
+    let exe = || std::fs::read_link(format!("/proc/{}/exe", gateway.pid())).unwrap_or_default();
+    let old_inode = std::fs::metadata(&binary)?.ino();
+
+    // The package manager puts a new file at the same path.
+    install(&rig.artifacts.switchboard)?;
+    assert_ne!(std::fs::metadata(&binary)?.ino(), old_inode);
+    assert!(exe().to_string_lossy().ends_with("(deleted)"), "the running file is gone: {:?}", exe());
+    gateway.signal(libc::SIGUSR2);
+    assert_eventually!(
+        gateway.count(&["state loaded"]) == 2 && gateway.count(&["WebSocket open"]) == 2,
+        "the new file starts\n{}",
+        crate::rig::tail(&gateway, 30)
+    );
+    assert_eq!(exe(), binary, "the process now runs the new file");
+    rig.ask(&channel, "after the upgrade", &gateway).await;
+
+    // A broken upgrade: the file cannot run. The restart is refused; the gateway serves on.
+    std::fs::write(bin_dir.join(".broken"), "#!/bin/sh\necho 'broken build' >&2\nexit 3\n")?;
+    std::fs::set_permissions(bin_dir.join(".broken"), std::fs::Permissions::from_mode(0o755))?;
+    std::fs::rename(bin_dir.join(".broken"), &binary)?;
+    gateway.signal(libc::SIGUSR2);
+    assert_eventually!(
+        gateway.count(&["restart refused, the gateway keeps running"]) == 1,
+        "the restart is refused\n{}",
+        crate::rig::tail(&gateway, 30)
+    );
+    rig.ask(&channel, "after the refused restart", &gateway).await;
+    assert_eq!(gateway.count(&["state loaded"]), 2, "no third start");
+    rig.assert_answered_once(
+        &[
+            (channel.clone(), "before the upgrade".into()),
+            (channel.clone(), "after the upgrade".into()),
+            (channel.clone(), "after the refused restart".into()),
+        ],
+        &gateway,
+    )
+    .await;
+    Ok(())
+}
