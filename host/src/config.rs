@@ -43,8 +43,13 @@ pub const MAX_GENERATION_BUDGET: u64 = 1000;
 #[derive(Debug, Clone, PartialEq)]
 pub struct GatewayConfig {
     pub state_dir: PathBuf,
-    /// Where `/livez`, `/readyz`, `/metrics` and `/status` are served; `None` turns it off.
+    /// A TCP address for the admin API (`None`: no TCP). Mutating routes there need the
+    /// bearer token of `admin_token_env`; beyond loopback every route but the probes does.
     pub admin_listen: Option<SocketAddr>,
+    /// The admin API's Unix socket (mode 0600; every route, no token); `None` turns it off.
+    pub admin_socket: Option<PathBuf>,
+    /// The environment variable that holds the admin API's bearer token for TCP.
+    pub admin_token_env: Option<String>,
     /// How many agent turns run at once across all sessions.
     pub max_concurrent_turns: usize,
     /// How long an agent works before the typing indicator shows: a fast answer needs none.
@@ -327,6 +332,8 @@ impl Reader<'_> {
             &[
                 "state_dir",
                 "admin_listen",
+                "admin_socket",
+                "admin_token_env",
                 "max_concurrent_turns",
                 "typing_delay_ms",
                 "typing_interval_ms",
@@ -341,9 +348,9 @@ impl Reader<'_> {
         );
         let state_dir = self.path(table, "gateway", "state_dir", "state");
         let admin_listen = match table.get("admin_listen") {
-            None => Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+            None => None,
             Some(Value::String(s)) if s == "off" => None,
-            Some(Value::String(s)) => match s.parse() {
+            Some(Value::String(s)) => match s.parse::<SocketAddr>() {
                 Ok(addr) => Some(addr),
                 Err(_) => {
                     self.problem(
@@ -358,6 +365,24 @@ impl Reader<'_> {
                 None
             }
         };
+        let admin_socket = match table.get("admin_socket") {
+            Some(Value::String(s)) if s == "off" => None,
+            _ => Some(self.path(table, "gateway", "admin_socket", &state_dir.join("admin.sock").to_string_lossy())),
+        };
+        let admin_token_env = self.optional_string(table, "gateway", "admin_token_env");
+        if let Some(name) = &admin_token_env {
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                self.problem("gateway.admin_token_env", format!("expected an environment variable name, got {name:?}"));
+            }
+        }
+        if let (Some(addr), None) = (admin_listen, &admin_token_env) {
+            if !addr.ip().is_loopback() {
+                self.problem(
+                    "gateway.admin_listen",
+                    format!("{addr} is reachable beyond this machine: set gateway.admin_token_env (a bearer token) or listen on 127.0.0.1"),
+                );
+            }
+        }
         let max_concurrent_turns = self.positive_int(table, "gateway", "max_concurrent_turns", 64) as usize;
         let typing_delay = Duration::from_millis(self.non_negative_int(table, "gateway", "typing_delay_ms", 300));
         let typing_interval = Duration::from_millis(self.positive_int(table, "gateway", "typing_interval_ms", 3000));
@@ -387,6 +412,8 @@ impl Reader<'_> {
         GatewayConfig {
             state_dir,
             admin_listen,
+            admin_socket,
+            admin_token_env,
             max_concurrent_turns,
             typing_delay,
             typing_interval,

@@ -123,25 +123,19 @@ struct Controller {
 pub async fn run(
     config_path: PathBuf,
     exe: PathBuf,
-    admin_listener: Option<tokio::net::TcpListener>,
+    admin_listeners: admin::Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<Exit, GatewayError> {
     let config = Config::load(&config_path)?;
     let (control_tx, mut control_rx) = mpsc::channel(16);
     let mut controller = Controller::start(config_path, config, exe, control_tx.clone()).await?;
     spawn_signal_triggers(control_tx.clone());
-    if let Some(listener) = admin_listener {
-        let state = AdminState {
-            shared: controller.shared.clone(),
-            control: control_tx.clone(),
-            expected_channels: controller.expected_channels.clone(),
-        };
-        match listener.local_addr() {
-            Ok(addr) => tracing::info!("admin listening on {addr}"),
-            Err(e) => tracing::warn!("admin listener has no local address: {e}"),
-        }
-        tokio::spawn(admin::serve(listener, state));
-    }
+    let state = AdminState {
+        shared: controller.shared.clone(),
+        control: control_tx.clone(),
+        expected_channels: controller.expected_channels.clone(),
+    };
+    admin::serve(admin_listeners, state);
     tracing::info!(channels = controller.channels.len(), "gateway running");
     let exit = tokio::select! {
         exit = controller.serve(&mut control_rx) => exit,
@@ -400,6 +394,8 @@ impl Controller {
         let at_next_start: Vec<&str> = [
             ("gateway.state_dir", new.gateway.state_dir != self.config.gateway.state_dir),
             ("gateway.admin_listen", new.gateway.admin_listen != self.config.gateway.admin_listen),
+            ("gateway.admin_socket", new.gateway.admin_socket != self.config.gateway.admin_socket),
+            ("gateway.admin_token_env", new.gateway.admin_token_env != self.config.gateway.admin_token_env),
             ("gateway.durability", new.gateway.durability != self.config.gateway.durability),
             ("gateway.io_threads", new.gateway.io_threads != self.config.gateway.io_threads),
         ]
@@ -662,7 +658,7 @@ pub fn generations_dir(state_dir: &Path) -> PathBuf {
 }
 
 /// Create the state directory and clear copies left by an earlier process.
-fn prepare_state_dir(state_dir: &Path) -> Result<(), GatewayError> {
+pub fn prepare_state_dir(state_dir: &Path) -> Result<(), GatewayError> {
     let failed = |reason: String| GatewayError::StateDir { dir: state_dir.to_path_buf(), reason };
     let generations = generations_dir(state_dir);
     std::fs::create_dir_all(&generations)

@@ -1,6 +1,7 @@
 //! Lanes: each session's turns run one at a time, in arrival order; different sessions run
 //! concurrently, up to a global cap. A lane holds at most `capacity` waiting turns: a turn
-//! beyond that is handed back to the caller, which logs and counts it.
+//! beyond that is handed back to the caller, whose message then waits in the store until the
+//! lane has room (`routing`).
 
 use std::{
     collections::HashMap,

@@ -137,14 +137,9 @@ fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
 
 async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<gateway::Exit> {
     tracing::info!(io_threads = tokio::runtime::Handle::current().metrics().num_workers(), "async runtime started");
-    let admin = match config.gateway.admin_listen {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("gateway.admin_listen: cannot listen on {addr}"))?,
-        ),
-        None => None,
-    };
+    // The admin socket lives in the state dir: a state dir that cannot be made is said as such.
+    gateway::prepare_state_dir(&config.gateway.state_dir)?;
+    let admin = switchboard::admin::Listeners::bind(&config.gateway).await?;
     Ok(gateway::run(config_path, switchboard::upgrade::running_binary(), admin, shutdown_signal()).await?)
 }
 

@@ -87,7 +87,7 @@ impl Metrics {
         );
         registry.register(
             "lane_overflow",
-            "Turns refused because the session's lane was full",
+            "Messages that found their session's lane full and waited in the store for room",
             metrics.lane_overflow.clone(),
         );
         registry.register("store_errors", "Failed writes to the state database", metrics.store_errors.clone());

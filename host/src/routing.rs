@@ -6,10 +6,10 @@
 //! of an adapter cannot change which session a conversation maps to or where replies go.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc, RwLock,
+        Arc, Mutex, RwLock,
     },
     time::Duration,
 };
@@ -55,6 +55,9 @@ pub struct Router {
     /// Set when the gateway is stopping: inbound is still recorded, but answered after the
     /// next start.
     draining: AtomicBool,
+    /// Per session, inbound ids that found its lane full: they wait in the store (as
+    /// received) and are taken up, in order, as the lane has room — never dropped.
+    waiting: Mutex<HashMap<String, VecDeque<i64>>>,
 }
 
 impl Router {
@@ -75,6 +78,7 @@ impl Router {
             metrics,
             http,
             draining: AtomicBool::new(false),
+            waiting: Mutex::new(HashMap::new()),
         });
         router.apply(config);
         router
@@ -186,6 +190,11 @@ impl Router {
     /// Route one inbound message from channel instance `channel`, already recorded in the
     /// store as `inbound_id`.
     pub fn route(self: &Arc<Self>, channel: &str, inbound_id: i64, inbound: Inbound) {
+        self.start_turn(channel, inbound_id, inbound, false);
+    }
+
+    /// Route one message to its session's lane; `resumed` when it waited in the store.
+    fn start_turn(self: &Arc<Self>, channel: &str, inbound_id: i64, inbound: Inbound, resumed: bool) {
         if self.draining.load(Ordering::SeqCst) {
             tracing::info!(channel, message_id = %inbound.message_id, "stopping: inbound recorded, answered after the next start");
             return;
@@ -214,27 +223,71 @@ impl Router {
         };
         let session = self.sessions.open(&key, &agent_id, &target);
         self.sessions.touch(&key, now_ms());
-        self.metrics.inbound_messages.get_or_create(&metrics::channel(channel)).inc();
-        tracing::info!(
-            session = %key,
-            channel,
-            conversation = %inbound.peer_id,
-            message_id = %inbound.message_id,
-            sender = %inbound.sender_name,
-            "inbound"
-        );
-        let router = self.clone();
-        let message_id = inbound.message_id.clone();
-        let turn = Box::pin(async move { router.turn(session, agent, inbound_id, inbound, typing).await });
-        if self.lanes.submit(&key, turn).is_err() {
-            self.metrics.lane_overflow.get_or_create(&metrics::channel(channel)).inc();
-            tracing::error!(
+        if !resumed {
+            self.metrics.inbound_messages.get_or_create(&metrics::channel(channel)).inc();
+            tracing::info!(
                 session = %key,
                 channel,
-                message_id = %message_id,
-                "the session's lane is full (gateway.lane_capacity); this message is not answered"
+                conversation = %inbound.peer_id,
+                message_id = %inbound.message_id,
+                sender = %inbound.sender_name,
+                "inbound"
             );
-            self.set_status(inbound_id, "overflow");
+            // Behind messages already waiting for this session: order is kept.
+            let mut waiting = self.waiting.lock().unwrap();
+            if let Some(queue) = waiting.get_mut(&key).filter(|q| !q.is_empty()) {
+                queue.push_back(inbound_id);
+                return;
+            }
+        }
+        let router = self.clone();
+        let message_id = inbound.message_id.clone();
+        let lane = key.clone();
+        let turn = Box::pin(async move {
+            router.clone().turn(session, agent, inbound_id, inbound, typing).await;
+            router.take_up_waiting(&lane);
+        });
+        if self.lanes.submit(&key, turn).is_err() {
+            let mut waiting = self.waiting.lock().unwrap();
+            let queue = waiting.entry(key.clone()).or_default();
+            if resumed {
+                queue.push_front(inbound_id);
+            } else {
+                queue.push_back(inbound_id);
+                self.metrics.lane_overflow.get_or_create(&metrics::channel(channel)).inc();
+                if queue.len() == 1 {
+                    tracing::warn!(
+                        session = %key,
+                        channel,
+                        message_id = %message_id,
+                        "the session's lane is full (gateway.lane_capacity); its next messages wait in the store"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A turn of `session_key` ended: hand its lane the next message that waited in the store.
+    fn take_up_waiting(self: &Arc<Self>, session_key: &str) {
+        let next = {
+            let mut waiting = self.waiting.lock().unwrap();
+            let Some(queue) = waiting.get_mut(session_key) else { return };
+            let next = queue.pop_front();
+            if queue.is_empty() {
+                waiting.remove(session_key);
+            }
+            next
+        };
+        let Some(inbound_id) = next else { return };
+        match self.store.waiting_inbound(inbound_id) {
+            Ok(Some((channel, inbound))) => self.start_turn(&channel, inbound_id, inbound, true),
+            // Answered meanwhile (a restart took it up), or gone: the next one then.
+            Ok(None) => self.take_up_waiting(session_key),
+            Err(e) => {
+                self.metrics.store_errors.inc();
+                tracing::error!(inbound_id, "cannot read a waiting message; it is answered after the next start: {e}");
+                self.take_up_waiting(session_key);
+            }
         }
     }
 

@@ -459,27 +459,20 @@ impl Store {
             "SELECT id, message_id, peer_kind, peer_id, thread_root_id, sender_id, sender_name, text, created_at_ms
              FROM inbound WHERE channel_instance = ?1 AND status = 'received' ORDER BY id",
         )?;
-        let rows = statement.query_map([channel], |row| {
-            let kind: String = row.get(2)?;
-            Ok((
-                row.get(0)?,
-                Inbound {
-                    message_id: row.get(1)?,
-                    peer_kind: match kind.as_str() {
-                        "dm" => PeerKind::Dm,
-                        "group" => PeerKind::Group,
-                        _ => PeerKind::Channel,
-                    },
-                    peer_id: row.get(3)?,
-                    thread_root_id: row.get(4)?,
-                    sender_id: row.get(5)?,
-                    sender_name: row.get(6)?,
-                    text: row.get(7)?,
-                    created_at_ms: row.get(8)?,
-                },
-            ))
-        })?;
+        let rows = statement.query_map([channel], |row| Ok((row.get(0)?, inbound_from_row(row)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// An inbound message still waiting to be answered, with its channel instance.
+    pub fn waiting_inbound(&self, id: i64) -> Result<Option<(String, Inbound)>, StoreError> {
+        let connection = self.connection.lock().unwrap();
+        let mut statement = connection.prepare_cached(
+            "SELECT id, message_id, peer_kind, peer_id, thread_root_id, sender_id, sender_name, text, created_at_ms,
+                    channel_instance
+             FROM inbound WHERE id = ?1 AND status = 'received'",
+        )?;
+        let mut rows = statement.query_map([id], |row| Ok((row.get(9)?, inbound_from_row(row)?)))?;
+        Ok(rows.next().transpose()?)
     }
 
     /// Replies of `channel` queued and not yet confirmed, oldest first.
@@ -1089,6 +1082,25 @@ impl Store {
             }
         }
     }
+}
+
+/// An inbound row's message (columns 1–8: message_id … created_at_ms).
+fn inbound_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Inbound> {
+    let kind: String = row.get(2)?;
+    Ok(Inbound {
+        message_id: row.get(1)?,
+        peer_kind: match kind.as_str() {
+            "dm" => PeerKind::Dm,
+            "group" => PeerKind::Group,
+            _ => PeerKind::Channel,
+        },
+        peer_id: row.get(3)?,
+        thread_root_id: row.get(4)?,
+        sender_id: row.get(5)?,
+        sender_name: row.get(6)?,
+        text: row.get(7)?,
+        created_at_ms: row.get(8)?,
+    })
 }
 
 #[cfg(test)]

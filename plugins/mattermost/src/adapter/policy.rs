@@ -120,7 +120,7 @@ impl Adapter {
         }
         seen.last_post_at = seen.last_post_at.max(create_at);
         if let Some(name) = data["sender_name"].as_str().filter(|n| !n.is_empty()) {
-            if !self.state.usernames.get(user_id).is_some_and(|known| known == name.trim_start_matches('@')) {
+            if self.state.usernames.get(user_id).is_none_or(|known| known != name.trim_start_matches('@')) {
                 self.learn_username(user_id, name);
             }
         }

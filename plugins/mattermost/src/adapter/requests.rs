@@ -248,10 +248,10 @@ impl Adapter {
 
     fn background_failed(&mut self, pending: Pending, error: &str) {
         match pending {
-            Pending::Teams | Pending::TeamChannels(_) | Pending::MyChannels => {
-                if !self.retry_later(pending, error) {
-                    self.discovery_failed();
-                }
+            Pending::Teams | Pending::TeamChannels(_) | Pending::MyChannels
+                if !self.retry_later(pending.clone(), error) =>
+            {
+                self.discovery_failed();
             }
             Pending::User(user_id) => self.user_answered(&user_id, 0, ""),
             _ => {}
