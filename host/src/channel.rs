@@ -180,6 +180,9 @@ struct Instance {
     handled_at: Option<Instant>,
     /// No generation has run on this transport yet: nothing of an earlier one survives.
     cold: bool,
+    /// Set while a new generation handles its first batch after a swap: a failure then is not
+    /// retried on it but rolls back to the generation it replaced (the failure goes here).
+    trial: Option<Option<String>>,
     /// Replies the adapter gave up on (retryable) and how often the host sent them again.
     host_retries: HashMap<u64, u32>,
     /// When the adapter was restarted after a panic, within the budget window.
@@ -243,6 +246,7 @@ pub async fn spawn(id: String, config: ChannelConfig, prepared: Prepared, shared
         state_stored_at: None,
         handled_at: None,
         cold: true,
+        trial: None,
         host_retries: HashMap::new(),
         restarts: VecDeque::new(),
     };
@@ -415,6 +419,12 @@ impl Instance {
                 Ok(_) => unreachable!("position points at an error"),
             };
             self.shared.metrics.adapter_panics.get_or_create(&metrics::channel(&self.id)).inc();
+            if let Some(trial) = self.trial.as_mut() {
+                // A new generation failing its first batch: nothing of it was carried out, and
+                // the generation it replaced takes over again (`replace`).
+                *trial = Some(format!("{} failed: {error}", event_kind(&batch[live[position]])));
+                return;
+            }
             // With a rebuild, position 0 is its `Started`: the restart itself failed.
             let index = if restarted { position.checked_sub(1).map(|p| live[p]) } else { Some(live[position]) };
             match index {
@@ -877,7 +887,7 @@ impl Instance {
             ));
             tracing::info!(channel = %self.id, "ca_file changed: new connections trust the new roots");
         }
-        self.config = config;
+        let previous_config = std::mem::replace(&mut self.config, config);
         self.shared.ledger.update(&self.id, number, |r| r.state = GenerationState::Running);
         self.shared.metrics.generations_started.inc();
         let mut first = vec![Event::Started { generation: number }];
@@ -890,7 +900,15 @@ impl Instance {
         }
         let first = self.hold_back_deliveries(first);
         self.handled_at = None;
+        // On trial until its first batch went through: the old generation is kept (not yet
+        // told it was replaced) to take over again with the same events if it fails.
+        let held = previous.as_ref().map(|_| first.clone());
+        self.trial = held.as_ref().map(|_| None);
         self.dispatch(first).await;
+        if let (Some(Some(failure)), Some(held)) = (self.trial.take(), held) {
+            return self.roll_back(number, previous, previous_config, held, failure, done).await;
+        }
+        self.trial = None;
         self.settle().await;
         // Paused until the new generation has handled what queued up; storing the batch and
         // carrying out what it asked for follows as for any batch (`swap_settled_us`).
@@ -929,6 +947,42 @@ impl Instance {
             "generation started"
         );
         let _ = done.send(Ok(()));
+    }
+
+    /// The new generation `number` failed its first batch: the one it replaced serves again,
+    /// handed the same events (nothing the failed batch asked for was carried out).
+    async fn roll_back(
+        &mut self,
+        number: u64,
+        previous: Option<Running>,
+        previous_config: ChannelConfig,
+        held: Vec<Event>,
+        failure: String,
+        done: oneshot::Sender<Result<(), String>>,
+    ) {
+        let Some(failed) = std::mem::replace(&mut self.current, previous) else { return };
+        if previous_config.ca_file != self.config.ca_file {
+            self.transport.set_tls(crate::tls::ChannelTls::for_channel(
+                &self.id,
+                previous_config.ca_file.as_ref(),
+                &self.shared.tls,
+            ));
+        }
+        self.config = previous_config;
+        let serving = self.current.as_ref().map(|r| r.number);
+        tracing::error!(
+            channel = %self.id,
+            generation = number,
+            still_serving = ?serving,
+            "new adapter generation failed its first batch, rolled back: {failure}"
+        );
+        self.shared.metrics.generations_refused.inc();
+        self.shared.ledger.update(&self.id, number, |r| r.state = GenerationState::Refused);
+        self.tear_down_later(number, failed.apartment, GenerationState::Refused);
+        let events: Vec<Event> = held.into_iter().filter(|e| !matches!(e, Event::Started { .. })).collect();
+        self.dispatch(events).await;
+        self.settle().await;
+        let _ = done.send(Err(format!("the new generation failed its first batch: {failure}")));
     }
 
     fn refuse(&mut self, number: u64, apartment: Apartment, reason: String, done: oneshot::Sender<Result<(), String>>) {

@@ -69,6 +69,7 @@ const FIXTURES: &[(&str, &str)] = &[
     ("fixture-abi-skew", "abi-skew"),
     ("fixture-build-b", "build-b"),
     ("fixture-panic-on-message", "panic-on-message"),
+    ("fixture-panic-on-started", "panic-on-started"),
 ];
 
 fn main() -> Result<()> {

@@ -64,6 +64,9 @@ impl AdapterPlugin for MattermostAdapter {
     }
 
     fn handle(&mut self, event: Event) -> Vec<Action> {
+        if cfg!(feature = "fixture-panic-on-started") && matches!(event, Event::Started { .. }) {
+            panic!("fixture: this build panics when it is started");
+        }
         self.inner.handle(event)
     }
 

@@ -409,3 +409,41 @@ async fn a_new_build_with_the_same_size_and_mtime_is_still_loaded() -> Result<()
     assert!(rig.ask(&channel, "second build", &gateway).await.ends_with(BUILD_B_TAG));
     Ok(())
 }
+
+/// A new build that constructs fine and then panics on `Started`: the generation it replaced
+/// takes over again with the events held meanwhile; nothing is lost or answered twice.
+#[tokio::test]
+async fn a_build_that_fails_its_first_batch_is_rolled_back_to_the_running_one() -> Result<()> {
+    let rig = Rig::new("onmessage", "kind = \"echo\"").await?;
+    let channel = rig.open_channels(1).remove(0);
+    let gateway = rig.start(&[]).await?;
+    rig.ask(&channel, "before the bad build", &gateway).await;
+    rig.drop_build(&rig.artifacts.fixture("panic-on-started")?)?;
+    // Messages during the swap: held for the new generation, then handed back to the old one.
+    let mut expected = vec![(channel.clone(), "before the bad build".to_string())];
+    for i in 0..20 {
+        let token = format!("during-{i}");
+        rig.sim.post_as(&rig.world.alice.id, &channel, &token, None);
+        expected.push((channel.clone(), token));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eventually!(
+        gateway.count(&["failed its first batch, rolled back", "still_serving=Some(1)"]) == 1,
+        "rolled back to generation 1\n{}",
+        tail(&gateway, 30)
+    );
+    assert!(!rig.ask(&channel, "after the rollback", &gateway).await.ends_with(BUILD_B_TAG));
+    expected.push((channel.clone(), "after the rollback".into()));
+    rig.assert_answered_once(&expected, &gateway).await;
+    let status = gateway.status().await?;
+    let states: Vec<(u64, String)> = status["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| (g["generation"].as_u64().unwrap_or(0), g["state"].as_str().unwrap_or("").to_string()))
+        .collect();
+    assert!(states.contains(&(1, "running".into())), "{states:?}");
+    assert!(states.iter().any(|(n, s)| *n == 2 && s == "refused"), "{states:?}");
+    assert_eq!(rig.sim.ws_connections_opened(), 1, "the connection was kept throughout");
+    Ok(())
+}
