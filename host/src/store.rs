@@ -633,7 +633,9 @@ const SYNC_THREADS: usize = 2;
 /// What the WAL sync threads share.
 struct WalSyncs {
     wal: PathBuf,
-    waiting: Mutex<std::sync::mpsc::Receiver<AfterSync>>,
+    waiting: Mutex<std::sync::mpsc::Receiver<SyncRequest>>,
+    /// A sync thread sleeps until something is to be synced: the writer nudges it then.
+    idle: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Group commits made so far (counted by the writer).
     commits: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Group commits known to be on the disk.
@@ -642,6 +644,14 @@ struct WalSyncs {
     rounds: Mutex<Rounds>,
     failing: std::sync::atomic::AtomicBool,
     sync_seconds: Histogram,
+}
+
+/// What the sync threads are sent.
+enum SyncRequest {
+    /// Run this once the commits made so far are on the disk.
+    Wait(AfterSync),
+    /// A commit was made while the threads slept (sync it within [`WAL_FLUSH_EVERY`]).
+    Nudge,
 }
 
 #[derive(Default)]
@@ -660,19 +670,44 @@ struct Rounds {
 fn sync_wal_while_open(syncs: &WalSyncs) {
     use std::sync::{atomic::Ordering, mpsc::RecvTimeoutError};
     let mut file: Option<std::fs::File> = None;
+    let unsynced = || syncs.commits.load(Ordering::SeqCst) != syncs.synced.load(Ordering::SeqCst);
     loop {
         let (ticket, committed) = {
             let waiting = syncs.waiting.lock().unwrap();
-            let round: Vec<AfterSync> = match waiting.recv_timeout(WAL_FLUSH_EVERY) {
-                Ok(first) => std::iter::once(first).chain(waiting.try_iter()).collect(),
-                Err(RecvTimeoutError::Timeout)
-                    if syncs.commits.load(Ordering::Acquire) != syncs.synced.load(Ordering::Acquire) =>
-                {
-                    Vec::new()
+            // `None`: the wait ran out with commits not yet on the disk (a background sync).
+            let first = match waiting.recv_timeout(WAL_FLUSH_EVERY) {
+                Ok(request) => Some(request),
+                Err(RecvTimeoutError::Timeout) if unsynced() => None,
+                Err(RecvTimeoutError::Timeout) => {
+                    // Nothing to sync: sleep until a reply waits or the writer nudges (idle
+                    // means idle; a 10 ms poll was ~200 wake-ups a second). Marked idle
+                    // before the last look, so a commit made meanwhile is not missed.
+                    syncs.idle.store(true, Ordering::SeqCst);
+                    if unsynced() {
+                        syncs.idle.store(false, Ordering::SeqCst);
+                        None
+                    } else {
+                        match waiting.recv() {
+                            Ok(request) => Some(request),
+                            Err(_) => return,
+                        }
+                    }
                 }
-                Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => return,
             };
+            let background = first.is_none();
+            let round: Vec<AfterSync> = first
+                .into_iter()
+                .chain(waiting.try_iter())
+                .filter_map(|request| match request {
+                    SyncRequest::Wait(then) => Some(then),
+                    SyncRequest::Nudge => None,
+                })
+                .collect();
+            if round.is_empty() && !background {
+                // Only nudges: commits to sync within WAL_FLUSH_EVERY, with whatever comes.
+                continue;
+            }
             let mut rounds = syncs.rounds.lock().unwrap();
             let ticket = rounds.next_ticket;
             rounds.next_ticket += 1;
@@ -880,7 +915,7 @@ fn write_request(transaction: &Connection, request: &WriteRequest) -> Written {
 pub struct StoreWriter {
     requests: std::sync::mpsc::Sender<WriteRequest>,
     /// To the WAL sync thread; `None` for a store in memory.
-    syncs: Option<std::sync::mpsc::Sender<AfterSync>>,
+    syncs: Option<std::sync::mpsc::Sender<SyncRequest>>,
     durability: Durability,
 }
 
@@ -895,11 +930,13 @@ impl StoreWriter {
     /// each sync's duration into `sync_seconds`); they end when the writer is dropped.
     pub fn start(store: std::sync::Arc<Store>, sync_seconds: Histogram) -> StoreWriter {
         let commits = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let idle = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let syncs = store.reader.is_some().then(|| {
-            let (syncs, waiting) = std::sync::mpsc::channel::<AfterSync>();
+            let (syncs, waiting) = std::sync::mpsc::channel::<SyncRequest>();
             let shared = std::sync::Arc::new(WalSyncs {
                 wal: wal_path(&store.path),
                 waiting: Mutex::new(waiting),
+                idle: idle.clone(),
                 commits: commits.clone(),
                 synced: std::sync::atomic::AtomicU64::new(0),
                 rounds: Mutex::new(Rounds::default()),
@@ -919,6 +956,7 @@ impl StoreWriter {
             syncs
         });
         let durability = store.durability;
+        let nudge = syncs.clone();
         let (requests, incoming) = std::sync::mpsc::channel::<WriteRequest>();
         let spawned = std::thread::Builder::new().name("store-writer".into()).spawn(move || {
             while let Ok(first) = incoming.recv() {
@@ -930,7 +968,13 @@ impl StoreWriter {
                     }
                 }
                 store.write_group(group);
-                commits.fetch_add(1, std::sync::atomic::Ordering::Release);
+                commits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                // The sync threads sleep when nothing is to be synced: wake one for this.
+                if idle.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                    if let Some(nudge) = &nudge {
+                        let _ = nudge.send(SyncRequest::Nudge);
+                    }
+                }
             }
         });
         if let Err(e) = spawned {
@@ -947,7 +991,7 @@ impl StoreWriter {
     pub fn after_sync(&self, then: AfterSync) {
         match &self.syncs {
             Some(syncs) if self.durability == Durability::Full => {
-                if let Err(std::sync::mpsc::SendError(then)) = syncs.send(then) {
+                if let Err(std::sync::mpsc::SendError(SyncRequest::Wait(then))) = syncs.send(SyncRequest::Wait(then)) {
                     then(Err(StoreError::WriterStopped));
                 }
             }

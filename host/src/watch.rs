@@ -1,6 +1,7 @@
 //! The plugin directory watch: new adapter builds are picked up by themselves.
 //!
-//! File events are debounced (notify-debouncer-full), hidden and temporary files are ignored
+//! File events come from the OS (inotify through `notify`: nothing polls, so an idle gateway
+//! is not woken by the watch) and are gathered for [`DEBOUNCE`]; hidden and temporary files are ignored
 //! (deployers copy to a temporary name and rename it into place), and a changed library must
 //! hold its size and mtime still for `plugins.settle_ms` before anything is loaded, so a slow
 //! `cp` straight into the directory is not loaded half-written. Then the watch sends one
@@ -12,16 +13,12 @@ use std::{
     time::Duration,
 };
 
-use notify_debouncer_full::{
-    new_debouncer,
-    notify::{EventKind, RecommendedWatcher, RecursiveMode},
-    DebounceEventResult, Debouncer, RecommendedCache,
-};
+use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
 use crate::{catalog::is_candidate, gateway::ControlMessage};
 
-/// How long the debouncer gathers file events before it reports them.
+/// How long file events are gathered before they are acted on.
 const DEBOUNCE: Duration = Duration::from_millis(100);
 /// A file still changing after this long is loaded anyway (and refused if it is broken).
 const SETTLE_LIMIT: Duration = Duration::from_secs(60);
@@ -29,36 +26,30 @@ const SETTLE_LIMIT: Duration = Duration::from_secs(60);
 /// A running watch; dropping it stops it.
 pub struct PluginWatch {
     dir: PathBuf,
-    _debouncer: Debouncer<RecommendedWatcher, RecommendedCache>,
+    _watcher: RecommendedWatcher,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl PluginWatch {
     pub fn start(dir: &Path, settle: Duration, control: mpsc::Sender<ControlMessage>) -> Result<Self, String> {
         let (tx, mut rx) = mpsc::unbounded_channel::<Vec<PathBuf>>();
-        let mut debouncer = new_debouncer(DEBOUNCE, None, move |result: DebounceEventResult| match result {
-            Ok(events) => {
-                let paths: Vec<PathBuf> = events
-                    .iter()
-                    .filter(|e| !matches!(e.kind, EventKind::Access(_)))
-                    .flat_map(|e| e.paths.iter().cloned())
-                    .filter(|p| is_candidate(p))
-                    .collect();
+        let mut watcher = notify::recommended_watcher(move |result: notify::Result<notify::Event>| match result {
+            Ok(event) if !matches!(event.kind, EventKind::Access(_)) => {
+                let paths: Vec<PathBuf> = event.paths.into_iter().filter(|p| is_candidate(p)).collect();
                 if !paths.is_empty() {
                     let _ = tx.send(paths);
                 }
             }
-            Err(errors) => {
-                for error in errors {
-                    tracing::warn!("plugin directory watch: {error}");
-                }
-            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!("plugin directory watch: {error}"),
         })
         .map_err(|e| e.to_string())?;
-        debouncer.watch(dir, RecursiveMode::NonRecursive).map_err(|e| e.to_string())?;
+        watcher.watch(dir, RecursiveMode::NonRecursive).map_err(|e| e.to_string())?;
         let task = tokio::spawn(async move {
             while let Some(mut paths) = rx.recv().await {
-                // Whatever else arrived meanwhile is handled by the same reload.
+                // A copy or rename is several events: gather them, and whatever else arrives
+                // meanwhile is handled by the same reload.
+                tokio::time::sleep(DEBOUNCE).await;
                 while let Ok(more) = rx.try_recv() {
                     paths.extend(more);
                 }
@@ -74,7 +65,7 @@ impl PluginWatch {
             }
         });
         tracing::info!(dir = %dir.display(), "watching the plugin directory");
-        Ok(Self { dir: dir.to_path_buf(), _debouncer: debouncer, task })
+        Ok(Self { dir: dir.to_path_buf(), _watcher: watcher, task })
     }
 
     pub fn dir(&self) -> &Path {

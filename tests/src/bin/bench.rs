@@ -16,7 +16,9 @@
 //! - memory: RSS idle, under load, after many reloads; generations still mapped;
 //! - scale: start-up, swap pause (the handover) and RSS with 1k … 1M stored sessions;
 //!   registry load time, lookup cost and bytes per session in-process;
-//! - start-up: process start to first reply delivered.
+//! - start-up: process start to first reply delivered;
+//! - idle: the gateway's context switches per second while connected with no traffic (each
+//!   is a thread waking up: idle should mean idle).
 //!
 //! `BENCH_GATEWAY_LOG` sets the gateways' log filter and `BENCH_GATEWAY_LOG_TO` a file the
 //! main gateway's log is written to; `BENCH_DURABILITY` their `gateway.durability`.
@@ -697,6 +699,11 @@ async fn main() -> Result<()> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_idle = gateway.rss_kib().unwrap_or(0);
     results["start_up_ms"] = json!(start_up_ms);
+    let idle_for = Duration::from_secs(if bench.args.quick { 3 } else { 10 });
+    let switches_before = gateway.context_switches().unwrap_or(0);
+    tokio::time::sleep(idle_for).await;
+    let idle_switches = gateway.context_switches().unwrap_or(0).saturating_sub(switches_before);
+    results["idle_wakeups_per_s"] = json!(idle_switches as f64 / idle_for.as_secs_f64());
 
     // 3. Latency and throughput through the gateway.
     if bench.args.wants("latency") {
@@ -1021,6 +1028,7 @@ fn print_table(r: &Value) {
         )
     );
     println!("{:<58} {:>14.0}", "start-up: process start → first reply (ms)", f(&r["start_up_ms"]));
+    println!("{:<58} {:>14.1}", "idle, connected: gateway wake-ups per second", f(&r["idle_wakeups_per_s"]));
     if let Some(scale) = r["scale"].as_object() {
         for (sessions, s) in scale {
             println!(
