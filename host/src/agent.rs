@@ -9,7 +9,10 @@ use std::{process::Stdio, time::Duration};
 
 use serde::Serialize;
 use serde_json::{json, Value};
-use tokio::{io::AsyncWriteExt, process::Command};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    process::Command,
+};
 
 use crate::config::{AgentConfig, AgentKind, OpenAiAgent};
 
@@ -58,6 +61,8 @@ pub enum AgentError {
     Status { url: String, status: u16, message: String },
     #[error("{url} gave an answer that cannot be read: {reason}")]
     BadAnswer { url: String, reason: String },
+    #[error("{source_name} answered more than max_output_bytes ({limit} bytes); the rest was not read")]
+    TooLong { source_name: String, limit: usize },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -75,12 +80,13 @@ impl Agent {
 
     /// The reply text, or `None` when the agent chose not to answer.
     pub async fn respond(&self, http: &reqwest::Client, request: &AgentRequest) -> Result<Option<String>, AgentError> {
+        let limit = self.config.max_output_bytes;
         match &self.config.kind {
             AgentKind::Echo => Ok(Some(format!("echo: {}", request.text))),
-            AgentKind::Command { argv, timeout, env } => run_command(argv, *timeout, env, request).await,
-            AgentKind::OpenAi(model) => chat_completion(http, model, request).await,
+            AgentKind::Command { argv, timeout, env } => run_command(argv, *timeout, env, limit, request).await,
+            AgentKind::OpenAi(model) => chat_completion(http, model, limit, request).await,
             AgentKind::Http { url, timeout, token_env } => {
-                webhook(http, url, *timeout, token_env.as_deref(), request).await
+                webhook(http, url, *timeout, token_env.as_deref(), limit, request).await
             }
         }
     }
@@ -90,6 +96,7 @@ async fn run_command(
     argv: &[String],
     timeout: Duration,
     env: &[String],
+    limit: usize,
     request: &AgentRequest,
 ) -> Result<Option<String>, AgentError> {
     let program = argv[0].clone();
@@ -107,6 +114,7 @@ async fn run_command(
         .map_err(|source| AgentError::Spawn { program: program.clone(), source })?;
     let input = serde_json::to_vec(request).unwrap_or_default();
     let mut stdin = child.stdin.take();
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
     let exchange = async {
         if let Some(stdin) = stdin.as_mut() {
             // A program that does not read its input is allowed; a broken pipe is not an error.
@@ -114,12 +122,37 @@ async fn run_command(
             let _ = stdin.shutdown().await;
         }
         drop(stdin);
-        child.wait_with_output().await
+        // Read at most one byte past the limit: enough to tell it was passed.
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        let reading = async {
+            if let Some(stdout) = stdout {
+                stdout.take(limit as u64 + 1).read_to_end(&mut out).await?;
+            }
+            std::io::Result::Ok(())
+        };
+        let reading_err = async {
+            if let Some(mut stderr) = stderr {
+                // The first 64 KiB are kept for the error message; the rest is read and let go,
+                // so a chatty program never blocks on a full pipe.
+                (&mut stderr).take(64 * 1024).read_to_end(&mut err).await?;
+                tokio::io::copy(&mut stderr, &mut tokio::io::sink()).await?;
+            }
+            std::io::Result::Ok(())
+        };
+        let (read, read_err) = tokio::join!(reading, reading_err);
+        read?;
+        read_err?;
+        if out.len() > limit {
+            return Ok(Err(AgentError::TooLong { source_name: program.clone(), limit }));
+        }
+        let status = child.wait().await?;
+        std::io::Result::Ok(Ok(std::process::Output { status, stdout: out, stderr: err }))
     };
     let output = tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| AgentError::Timeout { program: program.clone(), timeout })?
-        .map_err(|source| AgentError::Io { program: program.clone(), source })?;
+        .map_err(|source| AgentError::Io { program: program.clone(), source })??;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let stderr = stderr.trim().chars().take(500).collect();
@@ -156,6 +189,7 @@ pub fn completion_body(model: &OpenAiAgent, request: &AgentRequest) -> Value {
 async fn chat_completion(
     http: &reqwest::Client,
     model: &OpenAiAgent,
+    limit: usize,
     request: &AgentRequest,
 ) -> Result<Option<String>, AgentError> {
     let url = format!("{}/chat/completions", model.base_url);
@@ -188,14 +222,18 @@ async fn chat_completion(
             if reader.feed(&chunk).map_err(|reason| AgentError::BadAnswer { url: url.clone(), reason })? {
                 break;
             }
+            if reader.text.len() + reader.pending.len() > limit {
+                return Err(AgentError::TooLong { source_name: url, limit });
+            }
         }
         if !reader.finished {
             return Err(failed("the stream ended before [DONE]".into()));
         }
         reader.text
     } else {
-        let body: Value =
-            response.json().await.map_err(|e| AgentError::BadAnswer { url: url.clone(), reason: e.to_string() })?;
+        let body = read_capped(&mut response, &url, limit).await?;
+        let body: Value = serde_json::from_slice(&body)
+            .map_err(|e| AgentError::BadAnswer { url: url.clone(), reason: e.to_string() })?;
         match body["choices"][0]["message"]["content"].as_str() {
             Some(content) => content.to_string(),
             None => {
@@ -205,6 +243,20 @@ async fn chat_completion(
     };
     let text = text.trim().to_string();
     Ok((!text.is_empty()).then_some(text))
+}
+
+/// A response body of at most `limit` bytes (no more is read).
+async fn read_capped(response: &mut reqwest::Response, url: &str, limit: usize) -> Result<Vec<u8>, AgentError> {
+    let mut body = Vec::new();
+    while let Some(chunk) =
+        response.chunk().await.map_err(|e| AgentError::Request { url: url.to_string(), reason: without_url(&e) })?
+    {
+        if body.len() + chunk.len() > limit {
+            return Err(AgentError::TooLong { source_name: url.to_string(), limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// Server-sent events of a streamed chat completion: `data: {json}` lines, ended by
@@ -247,19 +299,21 @@ async fn webhook(
     url: &str,
     timeout: Duration,
     token_env: Option<&str>,
+    limit: usize,
     request: &AgentRequest,
 ) -> Result<Option<String>, AgentError> {
     let mut call = http.post(url).timeout(timeout).json(request);
     if let Some(name) = token_env {
         call = call.bearer_auth(secret(name)?);
     }
-    let response =
+    let mut response =
         call.send().await.map_err(|e| AgentError::Request { url: url.to_string(), reason: without_url(&e) })?;
     let status = response.status().as_u16();
     if status == 204 {
         return Ok(None);
     }
-    let body = response.text().await.unwrap_or_default();
+    let body = read_capped(&mut response, url, limit).await?;
+    let body = String::from_utf8_lossy(&body).into_owned();
     if !(200..300).contains(&status) {
         return Err(AgentError::Status { url: url.to_string(), status, message: error_message(&body) });
     }

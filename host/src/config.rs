@@ -117,6 +117,9 @@ pub struct AgentConfig {
     /// How many earlier transcript turns of the session the agent is given.
     pub history_limit: usize,
     pub on_error: OnError,
+    /// The most an agent may answer (its stdout or response body, bytes): beyond, its turn
+    /// fails as `on_error` says, and no more of it is read.
+    pub max_output_bytes: usize,
 }
 
 /// What the person sees when the agent fails.
@@ -493,7 +496,7 @@ impl Reader<'_> {
 
     fn agent(&mut self, path: &str, table: &Table) -> Option<AgentConfig> {
         const KINDS: &str = "one of echo, command, openai, http";
-        const COMMON: &[&str] = &["kind", "history_limit", "on_error", "error_reply"];
+        const COMMON: &[&str] = &["kind", "history_limit", "on_error", "error_reply", "max_output_bytes"];
         let kind = match table.get("kind") {
             Some(Value::String(kind)) => kind.as_str(),
             Some(other) => {
@@ -506,6 +509,7 @@ impl Reader<'_> {
             }
         };
         let history_limit = self.non_negative_int(table, path, "history_limit", 20) as usize;
+        let max_output_bytes = self.positive_int(table, path, "max_output_bytes", 1 << 20) as usize;
         let on_error = match self.choice(table, path, "on_error", &["reply", "silent"]).as_deref() {
             Some("silent") => OnError::Silent,
             _ => OnError::Reply(
@@ -585,7 +589,7 @@ impl Reader<'_> {
                 return None;
             }
         };
-        Some(AgentConfig { kind, history_limit, on_error })
+        Some(AgentConfig { kind, history_limit, on_error, max_output_bytes })
     }
 
     /// The environment variables a `command` agent may see (`env`), by name.

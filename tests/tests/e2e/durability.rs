@@ -384,3 +384,27 @@ async fn sigusr2_after_the_binary_was_replaced_runs_the_new_file_and_refuses_a_b
     .await;
     Ok(())
 }
+
+/// An agent that answers more than `max_output_bytes`: no more of it is read, and the person
+/// gets the configured error reply; the next turn is answered as usual.
+#[tokio::test]
+async fn an_agent_answer_over_the_output_cap_is_an_error_reply() -> Result<()> {
+    let agent = "kind = \"command\"\ncommand = [\"sh\", \"-c\", \"if grep -q flood; then head -c 5000000 /dev/zero | tr '\\\\0' a; else echo short answer; fi\"]\nmax_output_bytes = 1000\nhistory_limit = 0\non_error = \"reply\"\nerror_reply = \"That answer was too long to send.\"";
+    let rig = Rig::new("onmessage", agent).await?;
+    let gateway = rig.start(&[]).await?;
+    let channel = rig.world.office_general.clone();
+    rig.sim.post_as(&rig.world.alice.id, &channel, "flood me", None);
+    let posts = || rig.sim.posts_by(&rig.world.bot.id).into_iter().map(|p| p.message).collect::<Vec<_>>();
+    assert_eventually!(posts().len() == 1, "one reply\n{}", crate::rig::tail(&gateway, 20));
+    assert_eq!(posts(), ["That answer was too long to send."]);
+    assert_eq!(
+        gateway.count(&["agent failed", "max_output_bytes (1000 bytes)"]),
+        1,
+        "{}",
+        crate::rig::tail(&gateway, 20)
+    );
+    rig.sim.post_as(&rig.world.alice.id, &channel, "a normal question", None);
+    assert_eventually!(posts().len() == 2, "the next turn is answered\n{}", crate::rig::tail(&gateway, 20));
+    assert_eq!(posts()[1], "short answer");
+    Ok(())
+}
