@@ -117,11 +117,10 @@ fn routes(state: AdminState) -> Router {
         .with_state(state)
 }
 
-/// Serve the admin API on whatever listeners there are.
+/// Serve the admin API on whatever listeners there are (the gateway logs where).
 pub fn serve(listeners: Listeners, state: AdminState) {
     let Listeners { tcp, unix, token } = listeners;
-    if let Some((listener, path)) = unix {
-        tracing::info!("admin socket at {}", path.display());
+    if let Some((listener, _)) = unix {
         let app = routes(state.clone());
         tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
@@ -130,10 +129,6 @@ pub fn serve(listeners: Listeners, state: AdminState) {
         });
     }
     if let Some(listener) = tcp {
-        match listener.local_addr() {
-            Ok(addr) => tracing::info!("admin listening on {addr}"),
-            Err(e) => tracing::warn!("admin listener has no local address: {e}"),
-        }
         let guard = Arc::new(TcpGuard { token });
         let app = routes(state).layer(middleware::from_fn_with_state(guard, guard_tcp));
         tokio::spawn(async move {

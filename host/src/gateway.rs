@@ -135,6 +135,15 @@ pub async fn run(
         control: control_tx.clone(),
         expected_channels: controller.expected_channels.clone(),
     };
+    if let Some((_, path)) = &admin_listeners.unix {
+        tracing::info!("admin socket at {}", path.display());
+    }
+    if let Some(listener) = &admin_listeners.tcp {
+        match listener.local_addr() {
+            Ok(addr) => tracing::info!("admin listening on {addr}"),
+            Err(e) => tracing::warn!("admin listener has no local address: {e}"),
+        }
+    }
     admin::serve(admin_listeners, state);
     tracing::info!(channels = controller.channels.len(), "gateway running");
     let exit = tokio::select! {
