@@ -145,6 +145,8 @@ pub struct Shared {
     pub http: reqwest::Client,
     /// What channel instances without `ca_file` connect with (`http` is its HTTP client).
     pub tls: crate::tls::ChannelTls,
+    /// The largest WebSocket message a channel's socket takes (`gateway.ws_max_message_bytes`).
+    pub ws_max_message_bytes: usize,
     /// Restarts allowed per instance within the window (`gateway.adapter_restart_*`).
     pub adapter_restarts: (u32, Duration),
 }
@@ -219,7 +221,7 @@ pub async fn spawn(id: String, config: ChannelConfig, prepared: Prepared, shared
     let (control_tx, control) = mpsc::channel(8);
     shared.router.register_instance(&id, events_tx.clone());
     let tls = crate::tls::ChannelTls::for_channel(&id, config.ca_file.as_ref(), &shared.tls);
-    let transport = Transport::new(&id, events_tx.clone(), tls);
+    let transport = Transport::new(&id, events_tx.clone(), tls, shared.ws_max_message_bytes);
     let saved_state = match shared.router.store().adapter_state(&id) {
         Ok(saved) => saved.map(|(format_version, data)| StateBlob { format_version, data: data.into() }),
         Err(e) => {

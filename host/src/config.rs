@@ -52,6 +52,9 @@ pub struct GatewayConfig {
     pub admin_token_env: Option<String>,
     /// How many agent turns run at once across all sessions.
     pub max_concurrent_turns: usize,
+    /// The largest WebSocket message a channel's socket takes; a larger one closes the socket
+    /// (the adapter reconnects and catches up).
+    pub ws_max_message_bytes: usize,
     /// How long an agent works before the typing indicator shows: a fast answer needs none.
     pub typing_delay: Duration,
     /// How often the typing indicator is renewed while an agent works.
@@ -337,6 +340,7 @@ impl Reader<'_> {
                 "admin_listen",
                 "admin_socket",
                 "admin_token_env",
+                "ws_max_message_bytes",
                 "max_concurrent_turns",
                 "typing_delay_ms",
                 "typing_interval_ms",
@@ -387,6 +391,8 @@ impl Reader<'_> {
             }
         }
         let max_concurrent_turns = self.positive_int(table, "gateway", "max_concurrent_turns", 64) as usize;
+        // Mattermost's largest event (a 16,383-rune post, escaped, with metadata) is far below.
+        let ws_max_message_bytes = self.positive_int(table, "gateway", "ws_max_message_bytes", 16 << 20) as usize;
         let typing_delay = Duration::from_millis(self.non_negative_int(table, "gateway", "typing_delay_ms", 300));
         let typing_interval = Duration::from_millis(self.positive_int(table, "gateway", "typing_interval_ms", 3000));
         let lane_capacity = self.positive_int(table, "gateway", "lane_capacity", 256) as usize;
@@ -417,6 +423,7 @@ impl Reader<'_> {
             admin_listen,
             admin_socket,
             admin_token_env,
+            ws_max_message_bytes,
             max_concurrent_turns,
             typing_delay,
             typing_interval,

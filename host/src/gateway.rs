@@ -232,6 +232,7 @@ impl Controller {
             ledger: Ledger::default(),
             http,
             tls,
+            ws_max_message_bytes: config.gateway.ws_max_message_bytes,
             adapter_restarts: (config.gateway.adapter_restart_budget, config.gateway.adapter_restart_window),
         });
         let mut controller = Controller {
@@ -447,7 +448,8 @@ impl Controller {
                 }
             }
         }
-        *self.expected_channels.write().unwrap() = self.channels.keys().cloned().collect();
+        // Every configured instance is expected, also one that failed to start: /readyz says so.
+        *self.expected_channels.write().unwrap() = new.channels.keys().cloned().collect();
         self.config = new;
         tracing::info!(
             trigger,
@@ -509,11 +511,13 @@ impl Controller {
                 let digest = prepared.digest.clone();
                 let handle = channel::spawn(id.to_string(), config.clone(), prepared, self.shared.clone()).await;
                 self.channels.insert(id.to_string(), RunningChannel { handle, config, digest });
+                self.shared.ledger.set_problem(id, None);
                 true
             }
             Err(e) => {
                 self.shared.metrics.generations_refused.inc();
                 tracing::error!(channel = %id, "cannot start the channel instance: {e}");
+                self.shared.ledger.set_problem(id, Some(format!("cannot start: {e}")));
                 false
             }
         }

@@ -51,12 +51,13 @@ pub struct Transport {
     tls_log: TlsLog,
     sockets: HashMap<u64, Socket>,
     timers: HashMap<u64, JoinHandle<()>>,
+    max_message_bytes: usize,
 }
 
 impl Transport {
-    pub fn new(channel: &str, events: mpsc::UnboundedSender<Event>, tls: ChannelTls) -> Self {
+    pub fn new(channel: &str, events: mpsc::UnboundedSender<Event>, tls: ChannelTls, max_message_bytes: usize) -> Self {
         let tls_log = TlsLog::new(channel.into());
-        Self { events, tls, tls_log, sockets: HashMap::new(), timers: HashMap::new() }
+        Self { events, tls, tls_log, sockets: HashMap::new(), timers: HashMap::new(), max_message_bytes }
     }
 
     /// Trust other roots from now on (the instance's `ca_file` changed). Open sockets stay as
@@ -83,7 +84,8 @@ impl Transport {
             old.task.abort();
         }
         let (outgoing, rx) = mpsc::unbounded_channel();
-        let connect = Connect { log: self.tls_log.clone(), tls: self.tls.ws.clone() };
+        let connect =
+            Connect { log: self.tls_log.clone(), tls: self.tls.ws.clone(), max_message_bytes: self.max_message_bytes };
         let task = tokio::spawn(run_socket(conn, url.clone(), headers, connect, rx, self.events.clone()));
         self.sockets.insert(conn, Socket { url, outgoing, task });
     }
@@ -261,6 +263,8 @@ enum Over {
 struct Connect {
     log: TlsLog,
     tls: Arc<rustls::ClientConfig>,
+    /// A larger WebSocket message closes the socket (tungstenite's own default is 64 MiB).
+    max_message_bytes: usize,
 }
 
 async fn run_socket(
@@ -293,7 +297,10 @@ async fn run_socket(
     // The codec zeroes as much of its read buffer as it may fill before every read: at the
     // default 128 KiB that was a 128 KiB memset per ~1 KiB event. Larger frames still arrive
     // whole (the buffer grows for them).
-    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(16 * 1024);
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(16 * 1024)
+        .max_message_size(Some(connect.max_message_bytes))
+        .max_frame_size(Some(connect.max_message_bytes));
     let host = request.uri().host().unwrap_or("?").to_string();
     let connector = Some(Connector::Rustls(connect.tls));
     let mut socket =
