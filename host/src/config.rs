@@ -29,6 +29,7 @@ const HOST_CHANNEL_KEYS: &[&str] = &["plugin", "thread_sessions", "ca_file"];
 pub struct Config {
     pub gateway: GatewayConfig,
     pub plugins: PluginsConfig,
+    pub retention: Retention,
     pub channels: BTreeMap<String, ChannelConfig>,
     pub agents: BTreeMap<String, AgentConfig>,
     pub bindings: Vec<Binding>,
@@ -89,6 +90,17 @@ impl GatewayConfig {
     pub fn io_threads(&self) -> usize {
         self.io_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
     }
+}
+
+/// How long finished records are kept (days; 0 keeps them for good). Pruned hourly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Conversation turns (what agents are shown as history).
+    pub transcripts_days: u64,
+    pub dead_letters_days: u64,
+    /// Answered inbound messages and delivered or failed replies. An inbound message's id is
+    /// what recognises its redelivery: one older than this would be answered again.
+    pub delivered_days: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -276,7 +288,7 @@ impl Reader<'_> {
     }
 
     fn config(&mut self, root: &Table) -> Config {
-        self.known_keys("", root, &["gateway", "plugins", "channels", "agents", "bindings"]);
+        self.known_keys("", root, &["gateway", "plugins", "retention", "channels", "agents", "bindings"]);
         let empty = Table::new();
         let gateway = self.table_at(root, "", "gateway").unwrap_or(&empty);
         let gateway = self.gateway(gateway);
@@ -286,6 +298,13 @@ impl Reader<'_> {
             dir: self.path(plugins, "plugins", "dir", "plugins"),
             watch: self.boolean(plugins, "plugins", "watch", true),
             settle: Duration::from_millis(self.positive_int(plugins, "plugins", "settle_ms", 200)),
+        };
+        let retention = self.table_at(root, "", "retention").unwrap_or(&empty);
+        self.known_keys("retention", retention, &["transcripts_days", "dead_letters_days", "delivered_days"]);
+        let retention = Retention {
+            transcripts_days: self.non_negative_int(retention, "retention", "transcripts_days", 90),
+            dead_letters_days: self.non_negative_int(retention, "retention", "dead_letters_days", 30),
+            delivered_days: self.non_negative_int(retention, "retention", "delivered_days", 7),
         };
 
         let mut channels = BTreeMap::new();
@@ -328,7 +347,7 @@ impl Reader<'_> {
                 );
             }
         }
-        Config { gateway, plugins, channels, agents, bindings }
+        Config { gateway, plugins, retention, channels, agents, bindings }
     }
 
     fn gateway(&mut self, table: &Table) -> GatewayConfig {

@@ -113,6 +113,8 @@ struct Controller {
     watch: Option<PluginWatch>,
     /// The generation budget warning was logged (once per process).
     budget_warned: bool,
+    /// `[retention]` as the hourly pruning reads it (a reload changes it).
+    retention: Arc<std::sync::RwLock<crate::config::Retention>>,
     /// Libraries loaded by the start-up itself: a process that only started never re-executes
     /// for the budget (it would loop).
     opened_at_start: u64,
@@ -208,16 +210,12 @@ impl Controller {
             outbound_queued = counts.outbound_queued,
             "state loaded"
         );
-        let week_ago = crate::session::now_ms() - 7 * 24 * 3600 * 1000;
-        if let Ok((inbound, outbound)) = store.prune(week_ago) {
-            if inbound + outbound > 0 {
-                tracing::info!(
-                    inbound,
-                    outbound,
-                    "forgot answered inbound ids and delivered replies older than a week"
-                );
-            }
+        prune(&store, config.retention);
+        if let Err(e) = store.truncate_wal() {
+            tracing::warn!("cannot write the WAL back at start-up: {e}");
         }
+        let retention = Arc::new(std::sync::RwLock::new(config.retention));
+        spawn_pruning(store.clone(), retention.clone());
         let metrics = Arc::new(Metrics::new());
         let tls = crate::tls::client_config(&[]);
         let http = crate::tls::http_client(&tls).map_err(|e| GatewayError::StateDir {
@@ -246,6 +244,7 @@ impl Controller {
             control,
             watch: None,
             budget_warned: false,
+            retention,
             opened_at_start: 0,
         };
         for (id, channel) in &config.channels {
@@ -450,6 +449,7 @@ impl Controller {
         }
         // Every configured instance is expected, also one that failed to start: /readyz says so.
         *self.expected_channels.write().unwrap() = new.channels.keys().cloned().collect();
+        *self.retention.write().unwrap() = new.retention;
         self.config = new;
         tracing::info!(
             trigger,
@@ -664,6 +664,44 @@ pub async fn resolve(config: &Config, catalog: &mut Catalog) -> Result<BTreeMap<
         errors.sort();
         Err(errors)
     }
+}
+
+/// How often finished records are pruned (`[retention]`).
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Prune what `[retention]` no longer keeps, and say what went.
+fn prune(store: &Store, retention: crate::config::Retention) {
+    let day_ms = 24 * 3600 * 1000;
+    let now = crate::session::now_ms();
+    let before = |days: u64| (days > 0).then(|| now - days as i64 * day_ms);
+    match store.prune(
+        before(retention.transcripts_days),
+        before(retention.dead_letters_days),
+        before(retention.delivered_days),
+    ) {
+        Ok(pruned) if pruned == Default::default() => {}
+        Ok(pruned) => tracing::info!(
+            turns = pruned.turns,
+            dead_letters = pruned.dead_letters,
+            inbound = pruned.inbound,
+            outbound = pruned.outbound,
+            "pruned records older than [retention] keeps"
+        ),
+        Err(e) => tracing::warn!("cannot prune old records: {e}"),
+    }
+}
+
+/// Prune every [`PRUNE_EVERY`] for as long as the store is in use, off the async workers.
+fn spawn_pruning(store: Arc<Store>, retention: Arc<std::sync::RwLock<crate::config::Retention>>) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval_at(tokio::time::Instant::now() + PRUNE_EVERY, PRUNE_EVERY);
+        loop {
+            every.tick().await;
+            let store = store.clone();
+            let retention = *retention.read().unwrap();
+            let _ = tokio::task::spawn_blocking(move || prune(&store, retention)).await;
+        }
+    });
 }
 
 pub fn generations_dir(state_dir: &Path) -> PathBuf {

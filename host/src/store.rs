@@ -463,6 +463,49 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Delete finished rows older than their cut-off (ms since the epoch; `None` keeps them):
+    /// turns, dead letters, answered inbound messages and replies no longer queued. Rows are
+    /// taken oldest first in batches (ids grow with time), so a table with nothing to prune
+    /// costs one row read.
+    pub fn prune(
+        &self,
+        turns_before: Option<i64>,
+        dead_letters_before: Option<i64>,
+        delivered_before: Option<i64>,
+    ) -> Result<Pruned, StoreError> {
+        let mut pruned = Pruned::default();
+        let jobs: [(&str, &str, &str, Option<i64>, &mut u64); 4] = [
+            ("turns", "at_ms", "1", turns_before, &mut pruned.turns),
+            ("dead_letters", "at_ms", "1", dead_letters_before, &mut pruned.dead_letters),
+            ("inbound", "received_at_ms", "status != 'received'", delivered_before, &mut pruned.inbound),
+            ("outbound", "updated_at_ms", "status != 'queued'", delivered_before, &mut pruned.outbound),
+        ];
+        for (table, time, finished, before, count) in jobs {
+            let Some(before) = before else { continue };
+            loop {
+                let connection = self.connection.lock().unwrap();
+                let oldest: Option<i64> = connection
+                    .query_row(&format!("SELECT {time} FROM {table} ORDER BY id LIMIT 1"), [], |row| row.get(0))
+                    .optional()?;
+                if oldest.is_none_or(|at| at >= before) {
+                    break;
+                }
+                let deleted = connection.execute(
+                    &format!(
+                        "DELETE FROM {table} WHERE id IN
+                         (SELECT id FROM {table} WHERE {time} < ?1 AND {finished} ORDER BY id LIMIT {PRUNE_BATCH})"
+                    ),
+                    [before],
+                )?;
+                *count += deleted as u64;
+                if deleted < PRUNE_BATCH as usize {
+                    break;
+                }
+            }
+        }
+        Ok(pruned)
+    }
+
     /// An inbound message still waiting to be answered, with its channel instance.
     pub fn waiting_inbound(&self, id: i64) -> Result<Option<(String, Inbound)>, StoreError> {
         let connection = self.connection.lock().unwrap();
@@ -552,16 +595,10 @@ impl Store {
         })
     }
 
-    /// Forget answered inbound ids and delivered replies older than `before_ms`, and write the
-    /// WAL back into the database.
-    pub fn prune(&self, before_ms: i64) -> Result<(usize, usize), StoreError> {
-        let connection = self.connection.lock().unwrap();
-        let inbound = connection
-            .execute("DELETE FROM inbound WHERE status <> 'received' AND received_at_ms < ?1", [before_ms])?;
-        let outbound =
-            connection.execute("DELETE FROM outbound WHERE status <> 'queued' AND updated_at_ms < ?1", [before_ms])?;
-        connection.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;
-        Ok((inbound, outbound))
+    /// Write the WAL back into the database and empty it (at start-up).
+    pub fn truncate_wal(&self) -> Result<(), StoreError> {
+        self.connection.lock().unwrap().execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;
+        Ok(())
     }
 }
 
@@ -1128,6 +1165,18 @@ impl Store {
     }
 }
 
+/// Rows pruned by [`Store::prune`], by table.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pruned {
+    pub turns: u64,
+    pub dead_letters: u64,
+    pub inbound: u64,
+    pub outbound: u64,
+}
+
+/// Rows deleted per statement: the writer waits for the connection meanwhile.
+const PRUNE_BATCH: u32 = 5_000;
+
 /// An inbound row's message (columns 1–8: message_id … created_at_ms).
 fn inbound_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Inbound> {
     let kind: String = row.get(2)?;
@@ -1419,5 +1468,58 @@ mod tests {
         let missing = Path::new("/nonexistent-switchboard-state/switchboard.db-wal");
         let error = sync_file(missing, &mut None).unwrap_err();
         assert!(error.contains("/nonexistent-switchboard-state/switchboard.db-wal"), "{error}");
+    }
+
+    #[test]
+    fn pruning_deletes_finished_rows_past_their_cut_off_and_keeps_pending_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Durability::Normal).unwrap();
+        {
+            let connection = store.connection.lock().unwrap();
+            for (i, at) in [(1, 100), (2, 200), (3, 5_000)] {
+                connection
+                    .execute(
+                        "INSERT INTO turns (session_key, role, content, message_id, at_ms) VALUES ('k', 'user', 'x', ?1, ?2)",
+                        params![format!("m{i}"), at],
+                    )
+                    .unwrap();
+                connection
+                    .execute(
+                        "INSERT INTO dead_letters (channel_instance, generation, event_kind, conversation_id, session_key, payload, error, at_ms)
+                         VALUES ('mm', 1, 'ws_frame', 'c', 'k', 'p', 'e', ?1)",
+                        [at],
+                    )
+                    .unwrap();
+            }
+            // Old: one answered, one still waiting; one new answered.
+            for (id, status, at) in [("a", "answered", 100), ("w", "received", 100), ("n", "answered", 5_000)] {
+                connection
+                    .execute(
+                        "INSERT INTO inbound (channel_instance, message_id, peer_kind, peer_id, thread_root_id, sender_id,
+                         sender_name, text, created_at_ms, received_at_ms, status)
+                         VALUES ('mm', ?1, 'channel', 'c', '', 'u', 'alice', 't', ?2, ?2, ?3)",
+                        params![id, at, status],
+                    )
+                    .unwrap();
+                let reply_status = if status == "received" { "queued" } else { "delivered" };
+                connection
+                    .execute(
+                        "INSERT INTO outbound (session_key, channel_instance, conversation_id, thread_root_id, text, status,
+                         created_at_ms, updated_at_ms) VALUES ('k', 'mm', 'c', '', 'r', ?1, ?2, ?2)",
+                        params![reply_status, at],
+                    )
+                    .unwrap();
+            }
+        }
+        let pruned = store.prune(Some(1_000), None, Some(1_000)).unwrap();
+        assert_eq!(pruned, Pruned { turns: 2, dead_letters: 0, inbound: 1, outbound: 1 });
+        let connection = store.connection.lock().unwrap();
+        let count = |sql: &str| connection.query_row(sql, [], |row| row.get::<_, i64>(0)).unwrap();
+        assert_eq!(count("SELECT count(*) FROM turns"), 1);
+        assert_eq!(count("SELECT count(*) FROM dead_letters"), 3, "0 days: kept");
+        assert_eq!(count("SELECT count(*) FROM inbound WHERE status = 'received'"), 1, "waiting work stays");
+        assert_eq!(count("SELECT count(*) FROM outbound WHERE status = 'queued'"), 1, "queued replies stay");
+        drop(connection);
+        assert_eq!(store.prune(Some(1_000), Some(1_000), Some(1_000)).unwrap().dead_letters, 2);
     }
 }
