@@ -997,4 +997,86 @@ agent = "ghost"
         assert_eq!(errors.len(), 1);
         assert!(errors[0].message.starts_with("not valid TOML"), "{}", errors[0]);
     }
+
+    /// Random configs, from byte soup to the real config with its values swapped for wrong
+    /// ones: never a panic, and every error says where and what.
+    mod randomized {
+        use proptest::prelude::*;
+
+        use super::super::Config;
+
+        const KEYS: &[&str] = &[
+            "gateway.state_dir",
+            "gateway.admin_listen",
+            "gateway.admin_socket",
+            "gateway.admin_token_env",
+            "gateway.max_concurrent_turns",
+            "gateway.lane_capacity",
+            "gateway.durability",
+            "gateway.io_threads",
+            "gateway.generation_budget",
+            "gateway.ws_max_message_bytes",
+            "plugins.dir",
+            "plugins.settle_ms",
+            "retention.delivered_days",
+            "channels.mm.plugin",
+            "channels.mm.thread_sessions",
+            "channels.mm.ca_file",
+            "agents.main.kind",
+            "agents.main.command",
+            "agents.main.env",
+            "agents.main.max_output_bytes",
+            "agents.main.on_error",
+            "agents.main.base_url",
+        ];
+
+        fn toml_value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<i64>().prop_map(|n| n.to_string()),
+                any::<bool>().prop_map(|b| b.to_string()),
+                "[a-z0-9:/._ -]{0,24}".prop_map(|s| format!("{s:?}")),
+                prop::collection::vec("[a-z]{0,6}", 0..4).prop_map(|v| format!("{v:?}")),
+                Just("{ a = 1 }".to_string()),
+                Just("1.5".to_string()),
+            ]
+        }
+
+        fn config_text() -> impl Strategy<Value = String> {
+            let line = (prop::sample::select(KEYS), toml_value());
+            prop::collection::vec(line, 0..12).prop_map(|lines| {
+                let mut tables: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+                for (key, value) in lines {
+                    let (table, leaf) = key.rsplit_once('.').unwrap();
+                    tables.entry(table.to_string()).or_default().push(format!("{leaf} = {value}"));
+                }
+                tables
+                    .into_iter()
+                    .map(|(table, mut lines)| {
+                        lines.sort();
+                        lines.dedup_by(|a, b| a.split(' ').next() == b.split(' ').next());
+                        format!("[{table}]\n{}\n", lines.join("\n"))
+                    })
+                    .collect()
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1024))]
+
+            #[test]
+            fn no_config_text_panics_and_every_error_is_placed(
+                text in prop_oneof![".{0,200}".boxed(), config_text().boxed()]
+            ) {
+                let dir = std::env::temp_dir();
+                let outcome = std::panic::catch_unwind(|| Config::parse(&text, &dir));
+                prop_assert!(outcome.is_ok(), "panicked on {text:?}");
+                if let Ok(Err(errors)) = outcome {
+                    prop_assert!(!errors.is_empty());
+                    for error in errors {
+                        prop_assert!(!error.message.is_empty(), "{error:?}");
+                    }
+                }
+            }
+        }
+    }
 }

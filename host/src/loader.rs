@@ -284,4 +284,43 @@ mod tests {
         fs::write(&text, b"not an ELF file").unwrap();
         assert!(check_complete(&text).is_ok(), "other formats are left to the loader");
     }
+
+    /// Random files where a plugin should be: byte soup, a real library cut anywhere, ELF
+    /// headers with random bytes after them. The checks that run before any `dlopen` never
+    /// panic and say what they refuse.
+    mod randomized {
+        use proptest::prelude::*;
+
+        use super::super::{check_complete, digest};
+
+        fn file_bytes() -> impl Strategy<Value = Vec<u8>> {
+            let library = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+            let len = library.len();
+            prop_oneof![
+                prop::collection::vec(any::<u8>(), 0..4096),
+                (0..len).prop_map(move |cut| library[..cut].to_vec()),
+                prop::collection::vec(any::<u8>(), 0..512).prop_map(|tail| {
+                    let mut bytes = b"\x7fELF\x02\x01\x01\x00".to_vec();
+                    bytes.extend(tail);
+                    bytes
+                }),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn no_file_makes_the_checks_panic(bytes in file_bytes()) {
+                let dir = tempfile::tempdir().unwrap();
+                let file = dir.path().join("random.so");
+                std::fs::write(&file, &bytes).unwrap();
+                let checked = std::panic::catch_unwind(|| (check_complete(&file), digest(&file)));
+                prop_assert!(checked.is_ok());
+                if let Ok((Err(refusal), _)) = checked {
+                    prop_assert!(!refusal.to_string().is_empty());
+                }
+            }
+        }
+    }
 }
