@@ -156,6 +156,8 @@ pub struct Catalog {
     probes: HashMap<String, Result<ManifestInfo, String>>,
     /// Validation results by file content and config.
     validations: HashMap<(String, String), Vec<Problem>>,
+    /// Why the directory itself was refused at the last scan.
+    dir_refused: Option<String>,
 }
 
 impl Catalog {
@@ -167,6 +169,7 @@ impl Catalog {
             probe_timeout: Duration::from_secs(20),
             probes: HashMap::new(),
             validations: HashMap::new(),
+            dir_refused: None,
         }
     }
 
@@ -179,6 +182,16 @@ impl Catalog {
     pub async fn scan(&mut self) -> Result<Vec<(PathBuf, String)>, std::io::Error> {
         let mut seen = BTreeMap::new();
         let mut refused = Vec::new();
+        // Whoever may write the directory may swap a build in: it must be as guarded as the
+        // files (owned by the gateway's user or root, not writable by group or others).
+        let dir_meta = tokio::fs::metadata(&self.dir).await?;
+        if let Err(refusal) = loader::check_directory(&self.dir, &dir_meta) {
+            self.entries.clear();
+            self.dir_refused = Some(refusal.to_string());
+            refused.push((self.dir.clone(), refusal.to_string()));
+            return Ok(refused);
+        }
+        self.dir_refused = None;
         let mut reader = tokio::fs::read_dir(&self.dir).await?;
         while let Some(item) = reader.next_entry().await? {
             let path = item.path();
@@ -244,11 +257,12 @@ impl Catalog {
                 name: name.into(),
                 dir: self.dir.clone(),
                 refused: self
-                    .entries
-                    .values()
-                    .filter_map(|e| {
+                    .dir_refused
+                    .iter()
+                    .cloned()
+                    .chain(self.entries.values().filter_map(|e| {
                         e.probe.as_ref().err().map(|why| format!("{}: {}", e.path.display(), first_line(why)))
-                    })
+                    }))
                     .collect(),
             }),
             many => Err(FindError::Ambiguous {
@@ -268,11 +282,10 @@ impl Catalog {
             return Ok(known);
         }
         let mut command = Command::new(&self.exe);
-        command.arg("check-plugin").arg(&entry.path);
-        for config in configs {
-            command.arg("--validate").arg(config);
-        }
-        let report = self.run_probe(command, &entry.path).await?;
+        // The configs go on stdin: a command line is readable by every local user.
+        command.arg("check-plugin").arg(&entry.path).arg("--validate-stdin");
+        let input = serde_json::to_vec(configs).unwrap_or_default();
+        let report = self.run_probe(command, &entry.path, input).await?;
         match report.error {
             Some(error) => Err(error),
             None if report.validations.len() == configs.len() => {
@@ -288,12 +301,25 @@ impl Catalog {
     async fn probe(&self, path: &Path) -> Result<PluginReport, String> {
         let mut command = Command::new(&self.exe);
         command.arg("check-plugin").arg(path);
-        self.run_probe(command, path).await
+        self.run_probe(command, path, Vec::new()).await
     }
 
-    async fn run_probe(&self, mut command: Command, path: &Path) -> Result<PluginReport, String> {
-        command.kill_on_drop(true).stdin(std::process::Stdio::null());
-        let output = tokio::time::timeout(self.probe_timeout, command.output())
+    async fn run_probe(&self, mut command: Command, path: &Path, input: Vec<u8>) -> Result<PluginReport, String> {
+        command
+            .kill_on_drop(true)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let run = async {
+            let mut child = command.spawn()?;
+            if let Some(mut stdin) = child.stdin.take() {
+                use tokio::io::AsyncWriteExt;
+                // A probe that exits early does not read: a broken pipe is its answer.
+                let _ = stdin.write_all(&input).await;
+            }
+            child.wait_with_output().await
+        };
+        let output = tokio::time::timeout(self.probe_timeout, run)
             .await
             .map_err(|_| format!("probing {} took longer than {:?}", path.display(), self.probe_timeout))?
             .map_err(|e| format!("cannot run {} check-plugin: {e}", self.exe.display()))?;

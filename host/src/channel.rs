@@ -61,9 +61,8 @@ pub async fn prepare(
     let digest = entry.digest.clone();
     let channel = channel.to_string();
     let (staged_digest, apartment) = tokio::task::spawn_blocking(move || {
-        let copy = loader::stage(&source, &generations_dir, &channel, number, &digest)?;
-        // The file may have changed between the scan and the copy: hash what was copied.
-        let staged = loader::digest(&copy)?;
+        // The copy is what was probed (the same hash), or nothing is loaded.
+        let (copy, staged) = loader::stage(&source, &generations_dir, &channel, number, &digest)?;
         let apartment = Apartment::open(&copy, format!("{channel}#{number}"));
         if apartment.is_err() {
             let _ = std::fs::remove_file(&copy);

@@ -50,10 +50,12 @@ pub enum LoadError {
     Manifest { file: PathBuf, reason: String },
     #[error("{file} is cut short ({len} bytes; its headers need at least {needed}): an interrupted copy?")]
     Truncated { file: PathBuf, len: u64, needed: u64 },
-    #[error("{file} is writable by group or others (mode {mode:o}); refusing to load it (chmod go-w)")]
+    #[error("{file} is writable by group or others (mode {mode:o}); refusing to load from it (chmod go-w)")]
     WritableByOthers { file: PathBuf, mode: u32 },
     #[error("{file} is owned by uid {owner}, not by the gateway's user (uid {expected}) or root; refusing to load it")]
     ForeignOwner { file: PathBuf, owner: u32, expected: u32 },
+    #[error("{file} changed between its check and its copy (checked {checked}, copied {copied}); it is checked again at the next scan")]
+    ChangedSinceChecked { file: PathBuf, checked: String, copied: String },
 }
 
 /// An ELF file whose headers point past its end was cut short (an interrupted copy).
@@ -111,11 +113,20 @@ fn read_up_to(reader: &mut impl Read, buffer: &mut [u8]) -> io::Result<usize> {
 /// Code that anyone else could have written is not run: the file must belong to the
 /// gateway's user or root, and nobody else may write it.
 pub fn check_permissions(file: &Path) -> Result<(), LoadError> {
+    let meta =
+        fs::metadata(file).map_err(|e| LoadError::Unreadable { file: file.to_path_buf(), reason: e.to_string() })?;
+    check_owner_and_mode(file, &meta)
+}
+
+/// The plugin directory: the same rule as for its files.
+pub fn check_directory(dir: &Path, meta: &fs::Metadata) -> Result<(), LoadError> {
+    check_owner_and_mode(dir, meta)
+}
+
+fn check_owner_and_mode(file: &Path, meta: &fs::Metadata) -> Result<(), LoadError> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::MetadataExt;
-        let meta = fs::metadata(file)
-            .map_err(|e| LoadError::Unreadable { file: file.to_path_buf(), reason: e.to_string() })?;
         let mode = meta.mode() & 0o7777;
         if mode & 0o022 != 0 {
             return Err(LoadError::WritableByOthers { file: file.to_path_buf(), mode });
@@ -162,23 +173,64 @@ pub fn digest(file: &Path) -> Result<FileDigest, LoadError> {
 
 /// Copy `file` to `<generations_dir>/<instance>.<generation>.<sha prefix>.<ext>` (a real copy,
 /// never a hard link, so a later overwrite of `file` cannot change a loaded generation).
+///
+/// The file is opened once (not through a symlink) and everything is taken from that open
+/// file: its owner and mode, the bytes copied and the hash of what was copied, which must be
+/// `checked` — the content the catalog probed. A file swapped between the check and the copy
+/// is refused, not loaded unchecked. The generations directory is private (0700).
 pub fn stage(
     file: &Path,
     generations_dir: &Path,
     instance: &str,
     generation: u64,
-    digest: &FileDigest,
-) -> Result<PathBuf, LoadError> {
-    check_permissions(file)?;
-    check_complete(file)?;
+    checked: &FileDigest,
+) -> Result<(PathBuf, FileDigest), LoadError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let unreadable = |e: io::Error| LoadError::Unreadable { file: file.to_path_buf(), reason: e.to_string() };
     let failed = |e: io::Error| LoadError::Stage { file: file.to_path_buf(), reason: e.to_string() };
+    let mut source = fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(file).map_err(unreadable)?;
+    check_owner_and_mode(file, &source.metadata().map_err(unreadable)?)?;
     fs::create_dir_all(generations_dir).map_err(failed)?;
+    fs::set_permissions(generations_dir, fs::Permissions::from_mode(0o700)).map_err(failed)?;
     let extension = file.extension().and_then(|e| e.to_str()).unwrap_or("so");
-    let copy = generations_dir.join(format!("{instance}.{generation}.{}.{extension}", digest.short()));
+    let copy = generations_dir.join(format!("{instance}.{generation}.{}.{extension}", checked.short()));
     let partial = copy.with_extension("partial");
-    fs::copy(file, &partial).map_err(failed)?;
+    let copied = (|| {
+        let mut target = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&partial)?;
+        let mut hasher = Sha256::new();
+        let mut buffer = vec![0u8; 64 * 1024];
+        let mut len = 0u64;
+        loop {
+            let n = source.read(&mut buffer)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buffer[..n]);
+            std::io::Write::write_all(&mut target, &buffer[..n])?;
+            len += n as u64;
+        }
+        target.sync_data()?;
+        let sha256_hex: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        io::Result::Ok(FileDigest { sha256_hex, len })
+    })();
+    let copied = match copied {
+        Ok(copied) => copied,
+        Err(e) => {
+            let _ = fs::remove_file(&partial);
+            return Err(failed(e));
+        }
+    };
+    if copied != *checked {
+        let _ = fs::remove_file(&partial);
+        return Err(LoadError::ChangedSinceChecked {
+            file: file.to_path_buf(),
+            checked: checked.short().to_string(),
+            copied: copied.short().to_string(),
+        });
+    }
+    check_complete(&partial)?;
     fs::rename(&partial, &copy).map_err(failed)?;
-    Ok(copy)
+    Ok((copy, copied))
 }
 
 /// Libraries this process has `dlopen`ed. Each one that brings its own Rust std takes a TLS
@@ -283,6 +335,34 @@ mod tests {
         let text = dir.path().join("text.so");
         fs::write(&text, b"not an ELF file").unwrap();
         assert!(check_complete(&text).is_ok(), "other formats are left to the loader");
+    }
+
+    #[test]
+    fn staging_copies_exactly_what_was_checked_into_a_private_directory() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("adapter.so");
+        fs::write(&file, b"not really a library, but bytes to copy").unwrap();
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
+        let checked = digest(&file).unwrap();
+        let generations = dir.path().join("generations");
+        let (copy, copied) = stage(&file, &generations, "mm", 1, &checked).unwrap();
+        assert_eq!(copied, checked);
+        assert_eq!(fs::read(&copy).unwrap(), fs::read(&file).unwrap());
+        assert_eq!(fs::metadata(&generations).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(fs::metadata(&copy).unwrap().permissions().mode() & 0o777, 0o600);
+
+        // Swapped after the check: refused, and nothing is left behind.
+        fs::write(&file, b"other bytes, written after the probe").unwrap();
+        let refused = stage(&file, &generations, "mm", 2, &checked);
+        assert!(matches!(refused, Err(LoadError::ChangedSinceChecked { .. })), "{refused:?}");
+        assert_eq!(fs::read_dir(&generations).unwrap().count(), 1, "only generation 1's copy");
+
+        // A symlink is not followed.
+        let link = dir.path().join("link.so");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        let checked = digest(&file).unwrap();
+        assert!(matches!(stage(&link, &generations, "mm", 3, &checked), Err(LoadError::Unreadable { .. })));
     }
 
     /// Random files where a plugin should be: byte soup, a real library cut anywhere, ELF

@@ -55,6 +55,10 @@ enum Command {
         file: PathBuf,
         #[arg(long)]
         validate: Vec<String>,
+        /// Read more configs to validate from stdin, as a JSON array of strings (what the
+        /// gateway's probes do: a command line is readable by every local user).
+        #[arg(long)]
+        validate_stdin: bool,
     },
 }
 
@@ -62,7 +66,20 @@ fn main() -> ExitCode {
     switchboard::upgrade::remember_start_path();
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckPlugin { file, validate } => {
+        Command::CheckPlugin { file, mut validate, validate_stdin } => {
+            if validate_stdin {
+                let mut input = String::new();
+                let read = std::io::Read::read_to_string(&mut std::io::stdin(), &mut input);
+                match read.map_err(|e| e.to_string()).and_then(|_| {
+                    serde_json::from_str::<Vec<String>>(&input).map_err(|e| format!("not a JSON array of strings: {e}"))
+                }) {
+                    Ok(configs) => validate.extend(configs),
+                    Err(e) => {
+                        eprintln!("error: --validate-stdin: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
             let report = catalog::check_plugin(&file, &validate);
             println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
             if report.error.is_some() {

@@ -447,3 +447,32 @@ async fn a_build_that_fails_its_first_batch_is_rolled_back_to_the_running_one() 
     assert_eq!(rig.sim.ws_connections_opened(), 1, "the connection was kept throughout");
     Ok(())
 }
+
+/// A plugin directory others may write is refused as a whole (anyone who can write it can
+/// swap a build in); adapter configs reach the probe on stdin, not on a command line.
+#[tokio::test]
+async fn a_plugin_directory_others_may_write_is_refused_and_configs_go_to_the_probe_on_stdin() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let rig = Rig::new("onmessage", "kind = \"echo\"").await?;
+    std::fs::set_permissions(rig.plugin_dir(), std::fs::Permissions::from_mode(0o777))?;
+    let output =
+        std::process::Command::new(&rig.artifacts.switchboard).arg("check-config").arg(&rig.config_path).output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(!output.status.success(), "{stdout}");
+    assert!(stdout.contains("writable by group or others"), "{stdout}");
+    std::fs::set_permissions(rig.plugin_dir(), std::fs::Permissions::from_mode(0o755))?;
+
+    let mut probe = std::process::Command::new(&rig.artifacts.switchboard)
+        .arg("check-plugin")
+        .arg(rig.artifacts.mattermost_plugin())
+        .arg("--validate-stdin")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let configs = serde_json::json!([r#"{"base_url": "http://x", "bot_token_env": "T", "chatmode": "sometimes"}"#]);
+    std::io::Write::write_all(probe.stdin.as_mut().unwrap(), configs.to_string().as_bytes())?;
+    drop(probe.stdin.take());
+    let report: serde_json::Value = serde_json::from_slice(&probe.wait_with_output()?.stdout)?;
+    assert_eq!(report["validations"][0][0]["key_path"], "chatmode", "{report}");
+    Ok(())
+}
