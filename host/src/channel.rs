@@ -267,6 +267,7 @@ impl Instance {
                 control = self.control.recv() => match control {
                     Some(Control::Replace { prepared, config, done }) => {
                         self.replace(*prepared, config, done).await;
+                        self.feed_parked().await;
                         self.release_deliveries().await;
                     }
                     Some(Control::Stop { done }) => {
@@ -304,6 +305,16 @@ impl Instance {
                     self.release_deliveries().await;
                 }
             }
+        }
+    }
+
+    /// Hand what waited while no generation ran to the running one, a batch at a time.
+    async fn feed_parked(&mut self) {
+        while self.current.is_some() && !self.parked.is_empty() {
+            let take = self.parked.len().min(BATCH);
+            let piece: Vec<Event> = self.parked.drain(..take).collect();
+            let piece = self.hold_back_deliveries(piece);
+            self.dispatch(piece).await;
         }
     }
 
@@ -476,6 +487,10 @@ impl Instance {
             });
         };
         self.handled_at = Some(Instant::now());
+        // These frames are handled (or dead-lettered): their socket may read as many more.
+        self.transport.frames_handled(
+            batch.iter().filter(|e| matches!(e, Event::WsFrame { .. } | Event::WsFrameSkipped { .. })).count(),
+        );
         let count = handled.len() as u64;
         if let Some(running) = self.current.as_mut() {
             running.events_handled += count;
@@ -892,8 +907,11 @@ impl Instance {
         self.shared.ledger.update(&self.id, number, |r| r.state = GenerationState::Running);
         self.shared.metrics.generations_started.inc();
         let mut first = vec![Event::Started { generation: number }];
-        first.append(&mut self.parked);
-        while first.len() < BATCH {
+        // What waited while no generation ran goes first, a batch at a time (the rest
+        // follows right after this one, see `feed_parked`).
+        let from_parked = self.parked.len().min(BATCH - 1);
+        first.extend(self.parked.drain(..from_parked));
+        while self.parked.is_empty() && first.len() < BATCH {
             match self.events.try_recv() {
                 Ok(event) => first.push(event),
                 Err(_) => break,

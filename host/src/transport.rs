@@ -31,6 +31,10 @@ use crate::tls::{self, ChannelTls};
 /// The largest HTTP response body handed to an adapter.
 const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 
+/// Frames an instance holds read but not yet handled (its queue, or parked while it has no
+/// running adapter), at most: then its sockets stop reading instead of its memory growing.
+const FRAMES_QUEUED_MAX: usize = 4096;
+
 /// Frames written to a WebSocket before it is flushed, at most.
 const WRITE_COALESCE: usize = 64;
 
@@ -52,12 +56,30 @@ pub struct Transport {
     sockets: HashMap<u64, Socket>,
     timers: HashMap<u64, JoinHandle<()>>,
     max_message_bytes: usize,
+    /// Frames read and not yet handled by an adapter: sockets stop reading at the bound (the
+    /// server then holds or drops the connection; a resume or catch-up brings the rest).
+    frames: Arc<tokio::sync::Semaphore>,
 }
 
 impl Transport {
     pub fn new(channel: &str, events: mpsc::UnboundedSender<Event>, tls: ChannelTls, max_message_bytes: usize) -> Self {
         let tls_log = TlsLog::new(channel.into());
-        Self { events, tls, tls_log, sockets: HashMap::new(), timers: HashMap::new(), max_message_bytes }
+        Self {
+            events,
+            tls,
+            tls_log,
+            sockets: HashMap::new(),
+            timers: HashMap::new(),
+            max_message_bytes,
+            frames: Arc::new(tokio::sync::Semaphore::new(FRAMES_QUEUED_MAX)),
+        }
+    }
+
+    /// `count` frames were handled (or given up on): their sockets may read that many more.
+    pub fn frames_handled(&self, count: usize) {
+        if count > 0 {
+            self.frames.add_permits(count);
+        }
     }
 
     /// Trust other roots from now on (the instance's `ca_file` changed). Open sockets stay as
@@ -84,8 +106,12 @@ impl Transport {
             old.task.abort();
         }
         let (outgoing, rx) = mpsc::unbounded_channel();
-        let connect =
-            Connect { log: self.tls_log.clone(), tls: self.tls.ws.clone(), max_message_bytes: self.max_message_bytes };
+        let connect = Connect {
+            log: self.tls_log.clone(),
+            tls: self.tls.ws.clone(),
+            max_message_bytes: self.max_message_bytes,
+            frames: self.frames.clone(),
+        };
         let task = tokio::spawn(run_socket(conn, url.clone(), headers, connect, rx, self.events.clone()));
         self.sockets.insert(conn, Socket { url, outgoing, task });
     }
@@ -265,6 +291,7 @@ struct Connect {
     tls: Arc<rustls::ClientConfig>,
     /// A larger WebSocket message closes the socket (tungstenite's own default is 64 MiB).
     max_message_bytes: usize,
+    frames: Arc<tokio::sync::Semaphore>,
 }
 
 async fn run_socket(
@@ -317,10 +344,16 @@ async fn run_socket(
     if events.send(Event::WsOpened { conn }).is_err() {
         return;
     }
+    let frames = connect.frames.clone();
     let (code, reason) = loop {
         tokio::select! {
-            incoming = socket.next() => match incoming {
+            // The instance holds as many unhandled frames as it takes: wait for room.
+            room = frames.acquire(), if frames.available_permits() == 0 => drop(room),
+            incoming = socket.next(), if frames.available_permits() > 0 => match incoming {
                 Some(Ok(Message::Text(text))) => {
+                    if let Ok(permit) = frames.try_acquire() {
+                        permit.forget();
+                    }
                     if events.send(Event::WsFrame { conn, text: text.as_str().into() }).is_err() {
                         break (1001, "gateway stopping".to_string());
                     }

@@ -12,7 +12,7 @@ use std::{
 use anyhow::Result;
 use switchboard_tests::{assert_eventually, harness::Gateway};
 
-use crate::rig::{tail, Rig, BUILD_B_TAG};
+use crate::rig::{tail, Rig, RigOptions, BUILD_B_TAG};
 
 /// Post unique tokens round-robin over `channels` at `per_second` until `stop` is set;
 /// everything posted goes into `posted` as (channel, token).
@@ -474,5 +474,44 @@ async fn a_plugin_directory_others_may_write_is_refused_and_configs_go_to_the_pr
     drop(probe.stdin.take());
     let report: serde_json::Value = serde_json::from_slice(&probe.wait_with_output()?.stdout)?;
     assert_eq!(report["validations"][0][0]["key_path"], "chatmode", "{report}");
+    Ok(())
+}
+
+/// A flood while the instance is halted: the gateway holds at most a bounded number of
+/// unhandled frames (then it stops reading its socket; the server may drop the connection)
+/// and loses nothing — a new build answers every message once, what the socket did not take
+/// through a resume or a catch-up.
+#[tokio::test]
+async fn a_flood_while_halted_is_held_bounded_and_every_message_is_answered_once() -> Result<()> {
+    let rig = Rig::with(RigOptions {
+        gateway_keys: "adapter_restart_budget = 1\nlane_capacity = 64",
+        ..RigOptions::default()
+    })
+    .await?;
+    rig.drop_build(&rig.artifacts.fixture("panic-on-message")?)?;
+    let channels = rig.open_channels(4);
+    let gateway = rig.start(&[]).await?;
+    rig.ask(&channels[0], "before", &gateway).await;
+    rig.sim.post_as(&rig.world.alice.id, &channels[0], "PANIC-ON-THIS now", None);
+    assert_eventually!(gateway.count(&["channel instance halted"]) == 1, "halted\n{}", tail(&gateway, 40));
+    let rss_halted = gateway.rss_kib().unwrap_or(0);
+    let mut expected = vec![(channels[0].clone(), "before".to_string())];
+    for i in 0..6000 {
+        let channel = &channels[i % channels.len()];
+        let token = format!("flood-{i:04}");
+        rig.sim.post_as(&rig.world.alice.id, channel, &token, None);
+        expected.push((channel.clone(), token));
+        if i % 500 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_flooded = gateway.rss_kib().unwrap_or(0);
+    rig.drop_build(&rig.artifacts.mattermost_plugin())?;
+    rig.assert_answered_once(&expected, &gateway).await;
+    println!(
+        "flood of 6000 while halted: RSS {rss_halted} → {rss_flooded} KiB; {} WebSocket(s) opened; all answered once",
+        rig.sim.ws_connections_opened()
+    );
     Ok(())
 }
