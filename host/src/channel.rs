@@ -146,6 +146,8 @@ pub struct Shared {
     pub tls: crate::tls::ChannelTls,
     /// The largest WebSocket message a channel's socket takes (`gateway.ws_max_message_bytes`).
     pub ws_max_message_bytes: usize,
+    /// Where an instance whose task died is reported (the reload controller restarts it).
+    pub supervisor: mpsc::Sender<crate::gateway::ControlMessage>,
     /// Restarts allowed per instance within the window (`gateway.adapter_restart_*`).
     pub adapter_restarts: (u32, Duration),
 }
@@ -255,7 +257,21 @@ pub async fn spawn(id: String, config: ChannelConfig, prepared: Prepared, shared
     instance.replace(prepared, config, done).await;
     // Before any live event is handled: what the last process left unanswered goes first.
     instance.shared.router.recover(&id);
-    tokio::spawn(instance.run());
+    let supervisor = instance.shared.supervisor.clone();
+    let channel = id.clone();
+    tokio::spawn(async move {
+        use futures_util::FutureExt;
+        // A panic in host code must not silently stop a channel while /status says running.
+        if let Err(panic) = std::panic::AssertUnwindSafe(instance.run()).catch_unwind().await {
+            let reason = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            let died = crate::gateway::ControlMessage::InstanceDied { channel, reason };
+            let _ = supervisor.send(died).await;
+        }
+    });
     InstanceHandle { id, events: events_tx, control: control_tx }
 }
 
@@ -290,6 +306,8 @@ impl Instance {
                     self.submit(generation, Vec::new(), None, true).await;
                 }
                 Some(first) = self.events.recv(), if self.committing.len() < COMMITS_IN_FLIGHT => {
+                    #[cfg(debug_assertions)]
+                    inject_task_fault(&first);
                     let mut batch = Vec::with_capacity(16);
                     batch.push(first);
                     while batch.len() < BATCH {
@@ -1115,6 +1133,24 @@ fn stand_in(event: &Event, error: &str) -> Option<Event> {
             error: format!("the response was dead-lettered (the adapter failed on it twice: {error})").into(),
         }),
         _ => None,
+    }
+}
+
+/// Test builds only: `SWITCHBOARD_FAULT_TASK_PANIC=<text>` makes the instance task itself
+/// panic on a frame holding `<text>` (host code failing, not the adapter), so the supervision
+/// of instance tasks can be shown end to end; with `SWITCHBOARD_FAULT_TASK_PANIC_ONCE=<file>`
+/// only while that file exists (it is removed as the fault fires).
+#[cfg(debug_assertions)]
+fn inject_task_fault(event: &Event) {
+    if let (Event::WsFrame { text, .. }, Ok(marker)) = (event, std::env::var("SWITCHBOARD_FAULT_TASK_PANIC")) {
+        if !marker.is_empty() && text.as_str().contains(marker.as_str()) {
+            if let Some(once) = std::env::var_os("SWITCHBOARD_FAULT_TASK_PANIC_ONCE") {
+                if std::fs::remove_file(once).is_err() {
+                    return;
+                }
+            }
+            panic!("fault injected into the instance task");
+        }
     }
 }
 

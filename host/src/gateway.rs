@@ -61,6 +61,11 @@ pub enum ControlMessage {
     PluginsChanged {
         files: Vec<PathBuf>,
     },
+    /// A channel instance's task died (a panic in host code): restart it from the store.
+    InstanceDied {
+        channel: String,
+        reason: String,
+    },
 }
 
 /// Where a reload takes its config from.
@@ -73,11 +78,14 @@ enum ConfigSource {
 }
 
 /// How [`run`] ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Exit {
     Stopped,
     /// Stopped so the same binary can be started again (everything is in the store).
     Restart,
+    /// Stopped because the gateway cannot go on (channel tasks died past their budget): the
+    /// process exits non-zero for its supervisor to start it again.
+    Failed(String),
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -113,6 +121,8 @@ struct Controller {
     watch: Option<PluginWatch>,
     /// The generation budget warning was logged (once per process).
     budget_warned: bool,
+    /// When each channel instance's task died, within the restart window.
+    instance_deaths: BTreeMap<String, Vec<std::time::Instant>>,
     /// `[retention]` as the hourly pruning reads it (a reload changes it).
     retention: Arc<std::sync::RwLock<crate::config::Retention>>,
     /// Libraries loaded by the start-up itself: a process that only started never re-executes
@@ -231,6 +241,7 @@ impl Controller {
             http,
             tls,
             ws_max_message_bytes: config.gateway.ws_max_message_bytes,
+            supervisor: control.clone(),
             adapter_restarts: (config.gateway.adapter_restart_budget, config.gateway.adapter_restart_window),
         });
         let mut controller = Controller {
@@ -244,6 +255,7 @@ impl Controller {
             control,
             watch: None,
             budget_warned: false,
+            instance_deaths: BTreeMap::new(),
             retention,
             opened_at_start: 0,
         };
@@ -277,6 +289,11 @@ impl Controller {
                     tracing::info!(trigger, "restart requested");
                     if self.may_restart(trigger).await {
                         return Exit::Restart;
+                    }
+                }
+                ControlMessage::InstanceDied { channel, reason } => {
+                    if let Some(failure) = self.instance_died(&channel, &reason).await {
+                        return Exit::Failed(failure);
                     }
                 }
                 ControlMessage::PluginsChanged { files } => {
@@ -476,6 +493,44 @@ impl Controller {
             self.config_path.display()
         );
         ReloadOutcome::Rejected { errors: errors.iter().map(ToString::to_string).collect() }
+    }
+
+    /// A channel instance's task died: everything it had accepted is in the store, so it is
+    /// started again from there (a new generation, cold, as after a restart) — unless its
+    /// tasks died more than `adapter_restart_budget` times within the window: then the
+    /// gateway stops for its supervisor (the reason is returned).
+    async fn instance_died(&mut self, id: &str, reason: &str) -> Option<String> {
+        self.shared.metrics.instance_restarts.get_or_create(&crate::metrics::channel(id)).inc();
+        let (budget, window) = self.shared.adapter_restarts;
+        let now = std::time::Instant::now();
+        let deaths = self.instance_deaths.entry(id.to_string()).or_default();
+        deaths.retain(|at| now.duration_since(*at) < window);
+        deaths.push(now);
+        if deaths.len() > budget as usize {
+            let failure =
+                format!("the task of channel instance {id} died {} times within {window:?}: {reason}", deaths.len());
+            tracing::error!(channel = %id, "{failure}; stopping the gateway for its supervisor");
+            return Some(failure);
+        }
+        tracing::error!(channel = %id, "the channel instance's task died ({reason}); starting it again from the store");
+        let Some(old) = self.channels.remove(id) else { return None };
+        for record in self.shared.ledger.snapshot().into_iter().filter(|r| r.channel == id) {
+            if record.state == crate::ledger::GenerationState::Running {
+                self.shared.ledger.update(id, record.generation, |r| r.state = crate::ledger::GenerationState::Halted);
+            }
+        }
+        let entry = match self.catalog.find(&old.config.plugin) {
+            Ok(entry) => entry.clone(),
+            Err(e) => {
+                tracing::error!(channel = %id, "cannot start the channel instance again: {e}");
+                self.shared.ledger.set_problem(id, Some(format!("its task died and it cannot start again: {e}")));
+                return None;
+            }
+        };
+        if self.add_channel(id, old.config, &entry).await {
+            tracing::info!(channel = %id, "channel instance started again after its task died");
+        }
+        None
     }
 
     /// Whether the binary at the start-up path can take over (else the gateway keeps running).

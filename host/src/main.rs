@@ -106,6 +106,10 @@ fn main() -> ExitCode {
             });
             match started {
                 Ok(gateway::Exit::Stopped) => ExitCode::SUCCESS,
+                Ok(gateway::Exit::Failed(reason)) => {
+                    eprintln!("error: {reason}");
+                    ExitCode::from(3)
+                }
                 Ok(gateway::Exit::Restart) => {
                     let error = switchboard::upgrade::exec();
                     tracing::error!("cannot start the gateway again: {error}");

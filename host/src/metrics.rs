@@ -15,6 +15,7 @@ pub struct Metrics {
     pub replies_failed: Family<Labels, Counter>,
     pub adapter_panics: Family<Labels, Counter>,
     pub adapter_restarts: Family<Labels, Counter>,
+    pub instance_restarts: Family<Labels, Counter>,
     pub dead_letters: Family<Labels, Counter>,
     pub events_dispatched: Family<Labels, Counter>,
     pub agent_errors: Family<Labels, Counter>,
@@ -47,6 +48,7 @@ impl Metrics {
             replies_failed: Family::default(),
             adapter_panics: Family::default(),
             adapter_restarts: Family::default(),
+            instance_restarts: Family::default(),
             dead_letters: Family::default(),
             events_dispatched: Family::default(),
             agent_errors: Family::default(),
@@ -71,6 +73,11 @@ impl Metrics {
             "adapter_restarts",
             "Adapters restarted from their last good state after a panic",
             metrics.adapter_restarts.clone(),
+        );
+        registry.register(
+            "instance_restarts",
+            "Channel instances started again after their task died",
+            metrics.instance_restarts.clone(),
         );
         registry.register(
             "dead_letters",

@@ -275,6 +275,11 @@ impl Gateway {
         Some(total)
     }
 
+    /// The exit status code once the process has ended (`None` while it runs or if killed).
+    pub fn exit_code(&mut self) -> Option<i32> {
+        self.child.try_wait().ok().flatten().and_then(|status| status.code())
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }

@@ -681,3 +681,23 @@ fn a_reply_the_host_says_may_have_gone_out_is_looked_for_first() {
     assert_eq!(posts(&actions).len(), 1);
     assert_eq!(posts(&second.feed(reply_to(10, "c2", "", "new")).unwrap()).len(), 1);
 }
+
+/// The process died before a state with its connection id was stored: the first `hello`
+/// after the restart is a gap too (what was posted meanwhile is fetched), from the time the
+/// state was saved.
+#[test]
+fn a_state_saved_before_its_first_hello_makes_the_first_hello_after_a_restart_a_gap() {
+    let (first, _) = Harness::start::<MattermostAdapter>(host(), &config("onmessage")).unwrap();
+    let host = first.host.clone();
+    let (state, _) = first.hand_over().unwrap();
+    let (mut second, started) = restart_cold(state, host);
+    let conn = opened_connections(&started)[0].conn;
+    let hello = json!({"event": "hello", "data": {"connection_id": "conn9"}, "broadcast": {"user_id": BOT}, "seq": 0});
+    let actions = second.feed(Event::WsFrame { conn, text: hello.to_string().into() }).unwrap();
+    assert!(!gets(&actions, "/users/me/teams").is_empty(), "the gap's conversations are looked for: {actions:?}");
+    // A fresh start with no state before it has nothing to catch up.
+    let (mut fresh, started) = Harness::start::<MattermostAdapter>(host(), &config("onmessage")).unwrap();
+    let conn = opened_connections(&started)[0].conn;
+    let actions = fresh.feed(Event::WsFrame { conn, text: hello.to_string().into() }).unwrap();
+    assert!(gets(&actions, "/users/me/teams").is_empty());
+}

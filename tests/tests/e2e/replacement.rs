@@ -515,3 +515,51 @@ async fn a_flood_while_halted_is_held_bounded_and_every_message_is_answered_once
     );
     Ok(())
 }
+
+/// The instance task itself dies (a fault injected into host code, test builds only): it is
+/// started again from the store and loses nothing; dying again and again past the restart
+/// budget stops the gateway with a non-zero status for its supervisor.
+#[tokio::test]
+async fn a_dead_instance_task_is_restarted_from_the_store_and_past_its_budget_the_gateway_exits() -> Result<()> {
+    let rig = Rig::with_gateway_keys("onmessage", "kind = \"echo\"", "adapter_restart_budget = 2").await?;
+    let channel = rig.open_channels(1).remove(0);
+    let once = rig.scratch.path().join("fault-once");
+    std::fs::write(&once, "")?;
+    let once_path = once.to_string_lossy().to_string();
+    let env =
+        [("SWITCHBOARD_FAULT_TASK_PANIC", "TASK-DIES"), ("SWITCHBOARD_FAULT_TASK_PANIC_ONCE", once_path.as_str())];
+    let gateway = rig.start(&env).await?;
+    rig.ask(&channel, "before", &gateway).await;
+    rig.sim.post_as(&rig.world.alice.id, &channel, "TASK-DIES once", None);
+    assert_eventually!(
+        gateway.count(&["channel instance started again after its task died"]) == 1,
+        "restarted from the store\n{}",
+        tail(&gateway, 30)
+    );
+    rig.ask(&channel, "after", &gateway).await;
+    rig.assert_answered_once(
+        &[
+            (channel.clone(), "before".into()),
+            (channel.clone(), "TASK-DIES once".into()),
+            (channel.clone(), "after".into()),
+        ],
+        &gateway,
+    )
+    .await;
+    let (_, metrics) = gateway.admin_get("/metrics").await?;
+    assert!(metrics.contains("switchboard_instance_restarts_total{channel=\"mattermost\"} 1"), "{metrics}");
+    gateway.stop().await?;
+
+    // Without the once-file the fault repeats on every replay: past the budget, exit 3.
+    let mut gateway = rig.start(&[("SWITCHBOARD_FAULT_TASK_PANIC", "TASK-DIES")]).await?;
+    rig.sim.post_as(&rig.world.alice.id, &channel, "TASK-DIES always", None);
+    assert_eventually!(
+        @within Duration::from_secs(30),
+        !gateway.is_running(),
+        "the gateway stops past the budget\n{}",
+        tail(&gateway, 30)
+    );
+    assert!(gateway.count(&["stopping the gateway for its supervisor"]) == 1, "{}", tail(&gateway, 30));
+    assert_eq!(gateway.exit_code(), Some(3));
+    Ok(())
+}

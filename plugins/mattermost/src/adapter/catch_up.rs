@@ -97,7 +97,12 @@ pub(super) struct Discovery {
 impl Adapter {
     /// A new connection id after a gap: find what was missed.
     pub(super) fn gap(&mut self) {
-        let gap_floor = self.state.server_clock_ms;
+        // No server time known yet: the host's clock when the restored state was saved.
+        let gap_floor =
+            if self.state.server_clock_ms > 0 { self.state.server_clock_ms } else { self.restored_clock_ms };
+        if gap_floor <= 0 {
+            return; // nothing was known before: there is no gap to fill
+        }
         self.state.discovering = Some(Discovery { gap_floor, ..Default::default() });
         self.request(Pending::Teams);
     }

@@ -224,7 +224,10 @@ impl Adapter {
 
     fn hello(&mut self, message: &Value, seq: i64) {
         let connection_id = message["data"]["connection_id"].as_str().unwrap_or_default().to_string();
-        let gap = !self.state.connection_id.is_empty() && connection_id != self.state.connection_id;
+        // What was posted since the restored state was saved may be missed too when that state
+        // was saved before its connection said hello.
+        let before_hello = std::mem::take(&mut self.restored_before_hello);
+        let gap = (!self.state.connection_id.is_empty() && connection_id != self.state.connection_id) || before_hello;
         if gap {
             self.log(
                 LogLevel::Warn,

@@ -155,6 +155,9 @@ pub struct Adapter {
     exported_size: std::cell::Cell<usize>,
     /// The host clock when the restored state was written (0 without one).
     restored_clock_ms: i64,
+    /// A state was restored that was saved before its first `hello` (the process died within
+    /// the moments before the state was stored again): the first `hello` is then a gap too.
+    restored_before_hello: bool,
 }
 
 impl Adapter {
@@ -175,6 +178,7 @@ impl Adapter {
             recent_index: HashSet::new(),
             exported_size: std::cell::Cell::new(0),
             restored_clock_ms: 0,
+            restored_before_hello: false,
         };
         if let Some(previous) = handover.previous_state.into_option() {
             if previous.format_version != STATE_FORMAT {
@@ -186,6 +190,7 @@ impl Adapter {
                         let alive = !handover.cold
                             && state.conn.is_some_and(|c| handover.connections.iter().any(|o| o.conn == c));
                         adapter.restored_clock_ms = state.clock_ms;
+                        adapter.restored_before_hello = state.connection_id.is_empty() && !alive;
                         adapter.state = state;
                         adapter.adopted = alive;
                         if !alive {
