@@ -688,9 +688,9 @@ fn a_reply_the_host_says_may_have_gone_out_is_looked_for_first() {
 #[test]
 fn a_state_saved_before_its_first_hello_makes_the_first_hello_after_a_restart_a_gap() {
     let (first, _) = Harness::start::<MattermostAdapter>(host(), &config("onmessage")).unwrap();
-    let host = first.host.clone();
+    let same_host = first.host.clone();
     let (state, _) = first.hand_over().unwrap();
-    let (mut second, started) = restart_cold(state, host);
+    let (mut second, started) = restart_cold(state, same_host);
     let conn = opened_connections(&started)[0].conn;
     let hello = json!({"event": "hello", "data": {"connection_id": "conn9"}, "broadcast": {"user_id": BOT}, "seq": 0});
     let actions = second.feed(Event::WsFrame { conn, text: hello.to_string().into() }).unwrap();
