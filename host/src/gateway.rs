@@ -513,7 +513,7 @@ impl Controller {
             return Some(failure);
         }
         tracing::error!(channel = %id, "the channel instance's task died ({reason}); starting it again from the store");
-        let Some(old) = self.channels.remove(id) else { return None };
+        let old = self.channels.remove(id)?;
         for record in self.shared.ledger.snapshot().into_iter().filter(|r| r.channel == id) {
             if record.state == crate::ledger::GenerationState::Running {
                 self.shared.ledger.update(id, record.generation, |r| r.state = crate::ledger::GenerationState::Halted);
