@@ -197,6 +197,9 @@ struct Instance {
 const HOST_DELIVERY_ROUNDS: u32 = 5;
 const HOST_RETRY_AFTER: Duration = Duration::from_secs(20);
 
+/// How long a graceful stop waits for the answers of HTTP requests in flight.
+const IN_FLIGHT_GRACE: Duration = Duration::from_secs(2);
+
 /// How often, at most, the adapter's state goes to the store under load. Storing it less often
 /// than it changes is safe (a crash resumes from an older cursor: the replayed messages are
 /// recognised as seen, and deliveries look before they post again); at tens of kilobytes it
@@ -913,15 +916,7 @@ impl Instance {
         //    keeps its goodbye out of the pause.
         let previous = self.current.replace(Running { number, apartment, events_handled: 0, cold_start: self.cold });
         self.cold = false;
-        if config.ca_file != self.config.ca_file {
-            self.transport.set_tls(crate::tls::ChannelTls::for_channel(
-                &self.id,
-                config.ca_file.as_ref(),
-                &self.shared.tls,
-            ));
-            tracing::info!(channel = %self.id, "ca_file changed: new connections trust the new roots");
-        }
-        let previous_config = std::mem::replace(&mut self.config, config);
+        let previous_config = self.use_config(config);
         self.shared.ledger.update(&self.id, number, |r| r.state = GenerationState::Running);
         self.shared.metrics.generations_started.inc();
         let mut first = vec![Event::Started { generation: number }];
@@ -998,24 +993,12 @@ impl Instance {
         done: oneshot::Sender<Result<(), String>>,
     ) {
         let Some(failed) = std::mem::replace(&mut self.current, previous) else { return };
-        if previous_config.ca_file != self.config.ca_file {
-            self.transport.set_tls(crate::tls::ChannelTls::for_channel(
-                &self.id,
-                previous_config.ca_file.as_ref(),
-                &self.shared.tls,
-            ));
-        }
-        self.config = previous_config;
-        let serving = self.current.as_ref().map(|r| r.number);
-        tracing::error!(
-            channel = %self.id,
-            generation = number,
-            still_serving = ?serving,
-            "new adapter generation failed its first batch, rolled back: {failure}"
+        self.use_config(previous_config);
+        self.discard(
+            number,
+            failed.apartment,
+            &format!("new adapter generation failed its first batch, rolled back: {failure}"),
         );
-        self.shared.metrics.generations_refused.inc();
-        self.shared.ledger.update(&self.id, number, |r| r.state = GenerationState::Refused);
-        self.tear_down_later(number, failed.apartment, GenerationState::Refused);
         let events: Vec<Event> = held.into_iter().filter(|e| !matches!(e, Event::Started { .. })).collect();
         self.dispatch(events).await;
         self.settle().await;
@@ -1023,17 +1006,30 @@ impl Instance {
     }
 
     fn refuse(&mut self, number: u64, apartment: Apartment, reason: String, done: oneshot::Sender<Result<(), String>>) {
+        self.discard(number, apartment, &format!("new adapter generation refused, rolled back: {reason}"));
+        let _ = done.send(Err(reason));
+    }
+
+    /// Generation `number` never serves: say why (with who still does) and tear it down.
+    fn discard(&mut self, number: u64, apartment: Apartment, why: &str) {
         self.shared.metrics.generations_refused.inc();
         let serving = self.current.as_ref().map(|r| r.number);
-        tracing::error!(
-            channel = %self.id,
-            generation = number,
-            still_serving = ?serving,
-            "new adapter generation refused, rolled back: {reason}"
-        );
+        tracing::error!(channel = %self.id, generation = number, still_serving = ?serving, "{why}");
         self.shared.ledger.update(&self.id, number, |r| r.state = GenerationState::Refused);
         self.tear_down_later(number, apartment, GenerationState::Refused);
-        let _ = done.send(Err(reason));
+    }
+
+    /// Take `config` as the instance's, with the roots its `ca_file` says for new connections.
+    fn use_config(&mut self, config: ChannelConfig) -> ChannelConfig {
+        if config.ca_file != self.config.ca_file {
+            self.transport.set_tls(crate::tls::ChannelTls::for_channel(
+                &self.id,
+                config.ca_file.as_ref(),
+                &self.shared.tls,
+            ));
+            tracing::info!(channel = %self.id, "ca_file changed: new connections trust the new roots");
+        }
+        std::mem::replace(&mut self.config, config)
     }
 
     fn retire_current(&mut self, replaced: bool) {
@@ -1082,6 +1078,23 @@ impl Instance {
 
     async fn stop(&mut self) {
         self.settle().await;
+        // Requests in flight (a reply being posted) are let finish and their answers handed
+        // to the adapter first, so the state stored last knows what was posted: the next start
+        // need not look for it, and cannot race a request the server is still handling.
+        let deadline = tokio::time::Instant::now() + IN_FLIGHT_GRACE;
+        while self.current.is_some() && self.transport.http_in_flight() > 0 {
+            let Ok(Some(first)) = tokio::time::timeout_at(deadline, self.events.recv()).await else { break };
+            let mut batch = vec![first];
+            while batch.len() < BATCH {
+                match self.events.try_recv() {
+                    Ok(event) => batch.push(event),
+                    Err(_) => break,
+                }
+            }
+            let batch = self.hold_back_deliveries(batch);
+            self.dispatch(batch).await;
+            self.settle().await;
+        }
         if let Some(running) = self.current.as_ref() {
             let number = running.number;
             if let Ok((outcomes, state)) = running

@@ -59,6 +59,8 @@ pub struct Transport {
     /// Frames read and not yet handled by an adapter: sockets stop reading at the bound (the
     /// server then holds or drops the connection; a resume or catch-up brings the rest).
     frames: Arc<tokio::sync::Semaphore>,
+    /// HTTP requests sent and not yet answered to the adapter.
+    http_in_flight: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Transport {
@@ -72,7 +74,13 @@ impl Transport {
             timers: HashMap::new(),
             max_message_bytes,
             frames: Arc::new(tokio::sync::Semaphore::new(FRAMES_QUEUED_MAX)),
+            http_in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         }
+    }
+
+    /// HTTP requests whose answer has not reached the instance's queue yet.
+    pub fn http_in_flight(&self) -> usize {
+        self.http_in_flight.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// `count` frames were handled (or given up on): their sockets may read that many more.
@@ -162,6 +170,8 @@ impl Transport {
             builder = builder.body(body);
         }
         let tls_log = self.tls_log.clone();
+        let in_flight = self.http_in_flight.clone();
+        in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         tokio::spawn(async move {
             let event = match builder.send().await {
                 Ok(response) => read_response(request, response).await,
@@ -176,6 +186,7 @@ impl Transport {
                 }
             };
             let _ = events.send(event);
+            in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         });
     }
 

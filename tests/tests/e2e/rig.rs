@@ -162,8 +162,30 @@ impl Rig {
         let posts = self.bot_posts();
         for (channel, token) in expected {
             let places = &posts[&format!("echo: {token}")];
-            assert_eq!(places, &vec![channel.clone()], "{token} must be answered once, in its own channel");
+            if places != &vec![channel.clone()] {
+                panic!(
+                    "{token} must be answered once, in its own channel: {places:?}\n{}",
+                    self.story_of(token, gateway)
+                );
+            }
         }
+    }
+
+    /// What the gateway logged about `token`'s message and the bot's answers to it.
+    pub fn story_of(&self, token: &str, gateway: &Gateway) -> String {
+        let asked: Vec<String> =
+            self.sim.posts_by(&self.world.alice.id).into_iter().filter(|p| p.message == token).map(|p| p.id).collect();
+        let answers: Vec<String> = self
+            .sim
+            .posts_by(&self.world.bot.id)
+            .into_iter()
+            .filter(|p| p.message.strip_suffix(BUILD_B_TAG).unwrap_or(&p.message) == format!("echo: {token}"))
+            .map(|p| format!("{} (pending_post_id {:?}, props {})", p.id, p.pending_post_id, p.props))
+            .collect();
+        let ids: Vec<&str> = asked.iter().map(String::as_str).collect();
+        let lines: Vec<String> =
+            gateway.log().into_iter().filter(|line| ids.iter().any(|id| line.contains(id))).collect();
+        format!("asked as {asked:?}; answered by {answers:?}\n--- gateway lines ---\n{}", lines.join("\n"))
     }
 }
 
