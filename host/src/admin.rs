@@ -231,6 +231,8 @@ async fn status(State(state): State<AdminState>) -> Json<serde_json::Value> {
         "generations": state.shared.ledger.snapshot(),
         // Channel instances whose adapter says it cannot work (`/readyz` fails meanwhile).
         "problems": state.shared.ledger.problems(),
+        // Per channel instance: WebSockets up, and since when (ms since the epoch).
+        "connections": state.shared.ledger.connections(),
         // Each costs a TLS key until the process exits (gateway.generation_budget).
         "libraries_opened": crate::loader::libraries_opened(),
         "sessions": state.shared.router.sessions().len(),

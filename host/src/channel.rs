@@ -183,6 +183,8 @@ struct Instance {
     handled_at: Option<Instant>,
     /// No generation has run on this transport yet: nothing of an earlier one survives.
     cold: bool,
+    /// WebSockets that opened and have not closed (for `/status`).
+    websockets_up: std::collections::BTreeSet<u64>,
     /// Set while a new generation handles its first batch after a swap: a failure then is not
     /// retried on it but rolls back to the generation it replaced (the failure goes here).
     trial: Option<Option<String>>,
@@ -253,6 +255,7 @@ pub async fn spawn(id: String, config: ChannelConfig, prepared: Prepared, shared
         handled_at: None,
         cold: true,
         trial: None,
+        websockets_up: Default::default(),
         host_retries: HashMap::new(),
         restarts: VecDeque::new(),
     };
@@ -392,7 +395,15 @@ impl Instance {
                         },
                     );
                 }
-                Event::WsClosed { conn, .. } => self.transport.forget_socket(*conn),
+                Event::WsClosed { conn, .. } => {
+                    self.transport.forget_socket(*conn);
+                    self.websockets_up.remove(conn);
+                    self.shared.ledger.set_connections(&self.id, self.websockets_up.len(), now_ms());
+                }
+                Event::WsOpened { conn } => {
+                    self.websockets_up.insert(*conn);
+                    self.shared.ledger.set_connections(&self.id, self.websockets_up.len(), now_ms());
+                }
                 Event::TimerFired { timer } => self.transport.timer_fired(*timer),
                 _ => {}
             }

@@ -51,6 +51,15 @@ pub struct Ledger {
     records: Arc<Mutex<Vec<GenerationRecord>>>,
     /// Channel instances whose adapter says it cannot work, with why (`Action::Health`).
     problems: Arc<Mutex<BTreeMap<String, String>>>,
+    /// Each channel instance's connections as its transport last saw them.
+    connections: Arc<Mutex<BTreeMap<String, Connections>>>,
+}
+
+/// How many of an instance's WebSockets are up, and since when (ms since the epoch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Connections {
+    pub websockets_up: usize,
+    pub since_ms: i64,
 }
 
 impl Ledger {
@@ -76,6 +85,19 @@ impl Ledger {
             Some(problem) => problems.insert(channel.to_string(), problem.clone()).as_ref() != Some(&problem),
             None => problems.remove(channel).is_some(),
         }
+    }
+
+    /// Record that `channel` has `websockets_up` WebSockets open (a change restarts `since_ms`).
+    pub fn set_connections(&self, channel: &str, websockets_up: usize, now_ms: i64) {
+        let mut connections = self.connections.lock().unwrap();
+        let known = connections.get(channel).map(|c| c.websockets_up);
+        if known != Some(websockets_up) {
+            connections.insert(channel.to_string(), Connections { websockets_up, since_ms: now_ms });
+        }
+    }
+
+    pub fn connections(&self) -> BTreeMap<String, Connections> {
+        self.connections.lock().unwrap().clone()
     }
 
     /// Channel instances whose adapter reported a problem, with it.

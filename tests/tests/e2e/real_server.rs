@@ -123,6 +123,14 @@ async fn resumed_drops_keep_reconnecting_at_the_initial_delay() -> Result<()> {
     let longest = longest_reconnect_delay(&gateway);
     println!("longest reconnect delay over 8 resumed drops: {longest} ms");
     assert!(longest <= 1500, "reconnects stay near reconnect_initial_ms (1000 + jitter): {longest} ms");
+    // /status tells whether the instance's WebSocket is up, and since when.
+    let up = || async { gateway.status().await.map(|s| s["connections"]["mattermost"]["websockets_up"].clone()).ok() };
+    assert_eq!(up().await, Some(serde_json::json!(1)));
+    rig.sim.refuse_websockets_for(Duration::from_secs(2));
+    rig.sim.drop_connections();
+    assert_eventually!(up().await == Some(serde_json::json!(0)), "down while the server refuses");
+    assert_eventually!(up().await == Some(serde_json::json!(1)), "up again");
+
     Ok(())
 }
 
