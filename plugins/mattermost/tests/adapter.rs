@@ -1,25 +1,15 @@
 //! The adapter through the shared conformance harness (in-process, through the guarded ABI
 //! wrapper), then its Mattermost protocol behaviour event by event.
 
+mod common;
+
+use common::{config, host, signed_in, BOT, TOKEN};
 use serde_json::{json, Value};
 use switchboard_mattermost::MattermostAdapter;
 use switchboard_plugin_api::{
     conformance::{check_contract, opened_connections, Harness, TestHost},
     Action, Event, Handover, Header, OutboundReply, PeerKind, ReplyTarget,
 };
-
-const TOKEN: &str = "tok3n-value-never-logged";
-const BOT: &str = "botid0000000000000000000000";
-
-fn config(chatmode: &str) -> String {
-    json!({"base_url": "http://127.0.0.1:8065/", "bot_token_env": "MM_BOT_TOKEN", "chatmode": chatmode,
-           "dm_policy": "open", "group_policy": "open", "allow_from": []})
-    .to_string()
-}
-
-fn host() -> TestHost {
-    TestHost::new("mattermost").with_secret("MM_BOT_TOKEN", TOKEN)
-}
 
 fn posted(
     post_id: &str,
@@ -41,31 +31,6 @@ fn posted(
         conn: 1,
         text: json!({"event": "posted", "data": data, "broadcast": {}, "seq": 1}).to_string().into(),
     }
-}
-
-/// Start, connect, say hello, and answer /users/me.
-fn signed_in(chatmode: &str) -> Harness {
-    let (mut harness, actions) = Harness::start::<MattermostAdapter>(host(), &config(chatmode)).unwrap();
-    let me = actions
-        .iter()
-        .find_map(|a| match a {
-            Action::HttpRequest { request, url, .. } if url.ends_with("/api/v4/users/me") => Some(*request),
-            _ => None,
-        })
-        .expect("GET /users/me");
-    harness.feed(Event::WsOpened { conn: 1 }).unwrap();
-    let hello = json!({"event": "hello", "data": {"connection_id": "conn1"}, "broadcast": {"user_id": BOT}, "seq": 0});
-    harness.feed(Event::WsFrame { conn: 1, text: hello.to_string().into() }).unwrap();
-    let user = json!({"id": BOT, "username": "switchboard-bot"});
-    harness
-        .feed(Event::HttpResponse {
-            request: me,
-            status: 200,
-            headers: Default::default(),
-            body: user.to_string().into(),
-        })
-        .unwrap();
-    harness
 }
 
 fn inbound(actions: &[Action]) -> Vec<(String, PeerKind, String, String)> {

@@ -3,41 +3,12 @@
 //! no case may panic (a panic comes back as an error from the harness), and garbage is said
 //! in a log line, never acted on as a message. Run with `PROPTEST_CASES=N` for more cases.
 
+mod common;
+
+use common::{signed_in, BOT};
 use proptest::prelude::*;
 use serde_json::{json, Value};
-use switchboard_mattermost::MattermostAdapter;
-use switchboard_plugin_api::{
-    conformance::{Harness, TestHost},
-    Action, Event, Header, OutboundReply, ReplyTarget,
-};
-
-const BOT: &str = "botid0000000000000000000000";
-
-fn signed_in() -> Harness {
-    let config = json!({"base_url": "http://127.0.0.1:8065", "bot_token_env": "MM_BOT_TOKEN", "chatmode": "onmessage"});
-    let host = TestHost::new("mattermost").with_secret("MM_BOT_TOKEN", "tok3n");
-    let (mut harness, actions) = Harness::start::<MattermostAdapter>(host, &config.to_string()).unwrap();
-    let me = actions
-        .iter()
-        .find_map(|a| match a {
-            Action::HttpRequest { request, .. } => Some(*request),
-            _ => None,
-        })
-        .unwrap();
-    harness.feed(Event::WsOpened { conn: 1 }).unwrap();
-    let hello = json!({"event": "hello", "data": {"connection_id": "conn1"}, "broadcast": {"user_id": BOT}, "seq": 0});
-    harness.feed(Event::WsFrame { conn: 1, text: hello.to_string().into() }).unwrap();
-    let user = json!({"id": BOT, "username": "switchboard-bot"});
-    harness
-        .feed(Event::HttpResponse {
-            request: me,
-            status: 200,
-            headers: Default::default(),
-            body: user.to_string().into(),
-        })
-        .unwrap();
-    harness
-}
+use switchboard_plugin_api::{Action, Event, Header, OutboundReply, ReplyTarget};
 
 /// Any JSON value, a few levels deep.
 fn json_value() -> impl Strategy<Value = Value> {
@@ -122,7 +93,7 @@ proptest! {
 
     #[test]
     fn no_frame_makes_the_adapter_panic(frames in prop::collection::vec(frame(), 1..8)) {
-        let mut harness = signed_in();
+        let mut harness = signed_in("onmessage");
         for text in frames {
             let actions = harness.feed(Event::WsFrame { conn: 1, text: text.into() });
             prop_assert!(actions.is_ok(), "panicked: {actions:?}");
@@ -136,7 +107,7 @@ proptest! {
                             post().prop_map(|p| json!({"order": ["p1"], "posts": {"p1": p}}).to_string()).boxed()],
         retry_after in prop::option::of(".{0,8}"),
     ) {
-        let mut harness = signed_in();
+        let mut harness = signed_in("onmessage");
         let reply = OutboundReply {
             reply_id: 1,
             session_key: "agent:main:mattermost:channel:c1".into(),

@@ -522,6 +522,15 @@ fn visible_post<'w>(world: &'w World, me: &str, post_id: &str) -> Result<&'w Sim
     Ok(post)
 }
 
+/// The caller may change `post_id`: it is visible to them and theirs.
+fn own_post(world: &World, me: &str, post_id: &str) -> Result<(), fn() -> Response> {
+    match visible_post(world, me, post_id) {
+        Ok(post) if post.user_id != me => Err(forbidden),
+        Ok(_) => Ok(()),
+        Err(response) => Err(response),
+    }
+}
+
 async fn get_post(
     State(s): State<Shared>,
     headers: HeaderMap,
@@ -551,10 +560,8 @@ async fn patch_post(
 ) -> Response {
     let me = authenticated!(s, headers, q);
     let mut world = s.world.lock().unwrap();
-    match visible_post(&world, &me, &post_id) {
-        Ok(post) if post.user_id != me => return forbidden(),
-        Ok(_) => {}
-        Err(response) => return response(),
+    if let Err(response) = own_post(&world, &me, &post_id) {
+        return response();
     }
     if let Some(message) = &request.message {
         if message.chars().count() > MAX_POST_RUNES {
@@ -586,10 +593,8 @@ async fn delete_post(
 ) -> Response {
     let me = authenticated!(s, headers, q);
     let mut world = s.world.lock().unwrap();
-    match visible_post(&world, &me, &post_id) {
-        Ok(post) if post.user_id != me => return forbidden(),
-        Ok(_) => {}
-        Err(response) => return response(),
+    if let Err(response) = own_post(&world, &me, &post_id) {
+        return response();
     }
     match world.delete_post(&post_id) {
         Ok(_) => Json(json!({"status": "OK"})).into_response(),
