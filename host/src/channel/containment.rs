@@ -1,0 +1,297 @@
+//! Containment: a batch reaches the adapter whole or not at all; a panic restarts the adapter
+//! from its last good state, an event it fails on twice is dead-lettered, and past the
+//! restart budget the instance halts with its events kept.
+
+use super::*;
+
+impl Instance {
+    /// Hand events to the running generation and carry out what it asks.
+    ///
+    /// A batch goes through whole or not at all: its commands are only carried out once the
+    /// adapter handled every event of it. When the adapter fails on an event (a caught panic),
+    /// nothing of the batch has happened yet; the adapter is rebuilt from its last good state
+    /// (the state exported after the previous batch) and handed the batch again. An event it
+    /// fails on twice is dead-lettered and the rest of the batch goes on without it.
+    pub(super) async fn dispatch(&mut self, batch: Vec<Event>) {
+        if self.current.is_none() {
+            self.parked.extend(batch);
+            return;
+        }
+        for event in &batch {
+            match event {
+                Event::DeliverReply(reply) => {
+                    self.pending_replies.insert(
+                        reply.reply_id,
+                        PendingReply {
+                            session_key: reply.session_key.to_string(),
+                            conversation_id: reply.target.conversation_id.to_string(),
+                        },
+                    );
+                }
+                Event::WsClosed { conn, .. } => {
+                    self.transport.forget_socket(*conn);
+                    self.websockets_up.remove(conn);
+                    self.shared.ledger.set_connections(&self.id, self.websockets_up.len(), now_ms());
+                }
+                Event::WsOpened { conn } => {
+                    self.websockets_up.insert(*conn);
+                    self.shared.ledger.set_connections(&self.id, self.websockets_up.len(), now_ms());
+                }
+                Event::TimerFired { timer } => self.transport.timer_fired(*timer),
+                _ => {}
+            }
+        }
+        let export = batch.iter().any(moves_state);
+        let mut batch = batch;
+        let mut failures: HashMap<usize, u32> = HashMap::new();
+        let mut dead: Vec<usize> = Vec::new();
+        let mut substituted: Vec<usize> = Vec::new();
+        let mut restart: Option<Handover> = None;
+        let (handled, exported, number) = loop {
+            let Some(running) = self.current.as_ref() else {
+                // Halted (or the apartment died) while retrying: keep the rest for later.
+                self.parked.extend(batch.into_iter().enumerate().filter(|(i, _)| !dead.contains(i)).map(|(_, e)| e));
+                return;
+            };
+            let number = running.number;
+            let live: Vec<usize> = (0..batch.len()).filter(|i| !dead.contains(i)).collect();
+            let events: Vec<Event> = live.iter().map(|&i| batch[i].clone()).collect();
+            let rebuild =
+                restart.take().map(|handover| (self.host_handle(number), self.config.adapter_config_json(), handover));
+            let restarted = rebuild.is_some();
+            let outcome = running
+                .apartment
+                .run(move |resident| {
+                    let mut events = events;
+                    if let Some((host, config_json, handover)) = rebuild {
+                        if let Err(e) = resident.reconstruct(host, &config_json, handover) {
+                            return (vec![Err(e)], None);
+                        }
+                        events.insert(0, Event::Started { generation: number });
+                    }
+                    let expected = events.len();
+                    let handled = resident.handle_all(events);
+                    let whole = handled.len() == expected && handled.iter().all(Result::is_ok);
+                    let state = if whole && export { Some(resident.export_state()) } else { None };
+                    (handled, state)
+                })
+                .await;
+            let (mut handled, exported) = match outcome {
+                Ok(outcome) => outcome,
+                Err(gone) => {
+                    tracing::error!(channel = %self.id, generation = number, "{gone}; the instance has no running adapter");
+                    self.retire_current(false);
+                    continue;
+                }
+            };
+            let failed_at = handled.iter().position(Result::is_err);
+            let Some(position) = failed_at else {
+                if restarted {
+                    tracing::info!(channel = %self.id, generation = number, events = live.len(), "restarted adapter handled the batch");
+                }
+                break (handled, exported, number);
+            };
+            let error = match handled.swap_remove(position) {
+                Err(error) => error.to_string(),
+                Ok(_) => unreachable!("position points at an error"),
+            };
+            self.shared.metrics.adapter_panics.get_or_create(&metrics::channel(&self.id)).inc();
+            if let Some(trial) = self.trial.as_mut() {
+                // A new generation failing its first batch: nothing of it was carried out, and
+                // the generation it replaced takes over again (`replace`).
+                *trial = Some(format!("{} failed: {error}", event_kind(&batch[live[position]])));
+                return;
+            }
+            // With a rebuild, position 0 is its `Started`: the restart itself failed.
+            let index = if restarted { position.checked_sub(1).map(|p| live[p]) } else { Some(live[position]) };
+            match index {
+                None => {
+                    tracing::error!(channel = %self.id, generation = number, "the restarted adapter failed to start: {error}")
+                }
+                Some(index) => {
+                    let attempts = failures.entry(index).or_insert(0);
+                    *attempts += 1;
+                    let kind = event_kind(&batch[index]);
+                    if *attempts >= 2 {
+                        if substituted.contains(&index) {
+                            tracing::error!(channel = %self.id, generation = number, event = kind, "adapter failed on the stand-in for a dead letter too; dropped: {error}");
+                            dead.push(index);
+                        } else {
+                            self.dead_letter(number, &batch[index], &error).await;
+                            // Where the adapter tracks a cursor, it is told to move past the
+                            // event instead of acting on it (else a resume brings it back).
+                            match stand_in(&batch[index], &error) {
+                                Some(stand_in) => {
+                                    batch[index] = stand_in;
+                                    substituted.push(index);
+                                    failures.remove(&index);
+                                }
+                                None => dead.push(index),
+                            }
+                        }
+                    } else {
+                        tracing::error!(channel = %self.id, generation = number, event = kind, "adapter failed on an event; restarting it from its last good state to try once more: {error}");
+                    }
+                }
+            }
+            if !self.may_restart() {
+                let remaining =
+                    batch.iter().enumerate().filter(|(i, _)| !dead.contains(i)).map(|(_, e)| e.clone()).collect();
+                self.halt(remaining, &error);
+                return;
+            }
+            self.shared.metrics.adapter_restarts.get_or_create(&metrics::channel(&self.id)).inc();
+            // The earlier batches' actions first: the handover lists the open connections.
+            self.settle().await;
+            let cold = self.current.as_ref().is_some_and(|r| r.cold_start);
+            restart = Some(Handover {
+                generation: number,
+                previous_state: self.saved_state.clone().map_or(RNone, RSome),
+                connections: self.transport.open_connections().into(),
+                cold,
+            });
+        };
+        self.handled_at = Some(Instant::now());
+        // These frames are handled (or dead-lettered): their socket may read as many more.
+        self.transport.frames_handled(
+            batch.iter().filter(|e| matches!(e, Event::WsFrame { .. } | Event::WsFrameSkipped { .. })).count(),
+        );
+        let count = handled.len() as u64;
+        if let Some(running) = self.current.as_mut() {
+            running.events_handled += count;
+            running.cold_start = false;
+        }
+        let id = self.id.clone();
+        self.shared.ledger.update(&id, number, |r| r.events_handled += count);
+        self.shared.metrics.events_dispatched.get_or_create(&metrics::channel(&id)).inc_by(count);
+        let commands: Vec<Command> = handled.into_iter().flatten().flatten().collect();
+        let state = match exported {
+            Some(Ok(state)) => Some(state),
+            Some(Err(e)) => {
+                tracing::error!(channel = %id, generation = number, "adapter could not export its state: {e}");
+                None
+            }
+            None => None,
+        };
+        // Write ahead: the batch's inbound, reply outcomes and the adapter's cursor are stored
+        // together before anything the batch asked for is carried out.
+        self.submit(number, commands, state, false).await;
+    }
+
+    /// Count a restart against the instance's budget; whether it is allowed.
+    pub(super) fn may_restart(&mut self) -> bool {
+        let (budget, window) = self.shared.adapter_restarts;
+        let now = Instant::now();
+        self.restarts.retain(|at| now.duration_since(*at) < window);
+        if self.restarts.len() >= budget as usize {
+            return false;
+        }
+        self.restarts.push_back(now);
+        true
+    }
+
+    /// Give up on an event the adapter failed on twice: store it, say which session it
+    /// concerned, and settle a reply it carried as failed.
+    pub(super) async fn dead_letter(&mut self, generation: u64, event: &Event, error: &str) {
+        let kind = event_kind(event);
+        let conversation = match self.current.as_ref() {
+            Some(running) => {
+                let probe = event.clone();
+                running.apartment.run(move |resident| resident.conversation_of(&probe)).await.ok().flatten()
+            }
+            None => None,
+        }
+        .unwrap_or_default();
+        let sessions: Vec<String> = if conversation.is_empty() {
+            Vec::new()
+        } else {
+            self.shared
+                .router
+                .sessions()
+                .list(&self.id, "")
+                .into_iter()
+                .filter(|s| s.target.conversation_id == conversation)
+                .map(|s| s.key)
+                .collect()
+        };
+        let session = if sessions.is_empty() { "(none yet)".to_string() } else { sessions.join(",") };
+        let payload = match event {
+            Event::WsFrame { text, .. } => text.to_string(),
+            Event::HttpResponse { body, status, .. } => format!("HTTP {status}: {body}"),
+            Event::DeliverReply(reply) => reply.text.to_string(),
+            other => format!("{other:?}"),
+        };
+        self.shared.metrics.dead_letters.get_or_create(&metrics::channel(&self.id)).inc();
+        let letter = DeadLetter {
+            channel_instance: self.id.clone(),
+            generation,
+            event_kind: kind.to_string(),
+            conversation_id: conversation.clone(),
+            session_key: session.clone(),
+            payload,
+            error: error.to_string(),
+        };
+        let stored = self.shared.router.store().add_dead_letter(&letter, now_ms());
+        if let Err(e) = &stored {
+            self.shared.metrics.store_errors.inc();
+            tracing::error!(channel = %self.id, "cannot store the dead letter: {e}");
+        }
+        if let Event::DeliverReply(reply) = event {
+            self.pending_replies.remove(&reply.reply_id);
+            self.shared.metrics.replies_failed.get_or_create(&metrics::channel(&self.id)).inc();
+            let record =
+                BatchRecord { failed: vec![(reply.reply_id, format!("dead-lettered: {error}"))], ..Default::default() };
+            if let Err(e) = self.shared.router.store().commit_batch(&self.id, &record, now_ms()) {
+                tracing::error!(channel = %self.id, reply_id = reply.reply_id, "cannot mark the reply failed: {e}");
+            }
+        }
+        tracing::error!(
+            channel = %self.id,
+            generation,
+            session = %session,
+            conversation = %conversation,
+            event = kind,
+            dead_letter = stored.unwrap_or(0),
+            "dead-lettered an event the adapter failed on twice; the rest goes on: {error}"
+        );
+    }
+
+    /// The restart budget is spent: stop running an adapter for this instance. Events are
+    /// kept (parked) for the next generation a reload brings.
+    pub(super) fn halt(&mut self, remaining: Vec<Event>, error: &str) {
+        let (budget, window) = self.shared.adapter_restarts;
+        let Some(old) = self.current.take() else { return };
+        tracing::error!(
+            channel = %self.id,
+            generation = old.number,
+            restarts = budget,
+            window = ?window,
+            kept_events = remaining.len() + self.parked.len(),
+            "channel instance halted: the adapter failed again after {budget} restarts within {window:?} ({error}); \
+             drop a fixed build into the plugin directory or reload to resume"
+        );
+        self.shared.ledger.update(&self.id, old.number, |r| r.state = GenerationState::Retiring);
+        self.tear_down_later(old.number, old.apartment, GenerationState::Halted);
+        let mut kept = remaining;
+        kept.append(&mut self.parked);
+        self.parked = kept;
+    }
+}
+
+/// What the adapter gets instead of an event it failed on twice, where it must learn that
+/// the event is gone: a skipped frame (move the sequence past it), a failed request.
+pub(super) fn stand_in(event: &Event, error: &str) -> Option<Event> {
+    match event {
+        Event::WsFrame { conn, text } => Some(Event::WsFrameSkipped { conn: *conn, text: text.clone() }),
+        Event::HttpResponse { request, .. } => Some(Event::HttpFailed {
+            request: *request,
+            error: format!("the response was dead-lettered (the adapter failed on it twice: {error})").into(),
+        }),
+        _ => None,
+    }
+}
+
+/// Whether a batch can have moved the adapter's state (everything but typing indicators).
+fn moves_state(event: &Event) -> bool {
+    !matches!(event, Event::AgentWorking { .. })
+}
