@@ -227,8 +227,13 @@ async fn status(State(state): State<AdminState>) -> Json<serde_json::Value> {
         Ok(Err(e)) => json!({"error": e.to_string()}),
         Err(e) => json!({"error": e.to_string()}),
     };
+    let generations = state.shared.ledger.snapshot();
+    let abandoned = generations.iter().filter(|r| r.state == crate::ledger::GenerationState::Abandoned).count();
     Json(json!({
-        "generations": state.shared.ledger.snapshot(),
+        "generations": generations,
+        // Left loaded because a call into them did not return in time (counted in
+        // `libraries_opened`, against gateway.generation_budget).
+        "generations_abandoned": abandoned,
         // Channel instances whose adapter says it cannot work (`/readyz` fails meanwhile).
         "problems": state.shared.ledger.problems(),
         // Per channel instance: WebSockets up, and since when (ms since the epoch).

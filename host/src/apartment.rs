@@ -7,12 +7,22 @@
 //! Host async code talks to the apartment through a job queue and awaits the results.
 //! Plugin-made values are converted into host-owned types ([`Command`]) before they leave
 //! the apartment (§3.7).
+//!
+//! Every call has a deadline (`gateway.adapter_call_timeout_ms`). Plugin code cannot be
+//! stopped from outside, so an apartment whose call did not return in time is *hung*: it
+//! takes no more jobs, and tearing it down abandons it — its thread and its library stay
+//! as they are (closing a library that a thread still runs in would crash the process) and
+//! the host goes on without them.
 
 use std::{
     panic::{catch_unwind, AssertUnwindSafe},
     path::{Path, PathBuf},
-    sync::mpsc,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        mpsc,
+    },
     thread,
+    time::Duration,
 };
 
 use abi_stable::std_types::RStr;
@@ -37,12 +47,21 @@ pub struct Apartment {
     thread: Option<thread::JoinHandle<Option<abi_stable::library::RawLibrary>>>,
     copy_path: PathBuf,
     pub manifest: Manifest,
+    /// How long one call may take before the apartment counts as hung.
+    call_timeout: Duration,
+    /// A call did not return in time: no more jobs, and tear-down abandons the thread.
+    hung: AtomicBool,
 }
 
-/// The apartment thread is gone (torn down, or it died).
-#[derive(Debug, Clone, Copy, thiserror::Error)]
-#[error("the adapter's apartment thread is gone")]
-pub struct ApartmentGone;
+/// Why a call on the apartment brought no result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ApartmentGone {
+    #[error("the adapter's apartment thread is gone")]
+    Gone,
+    /// This call, or an earlier one, did not return within the call timeout.
+    #[error("the adapter did not return within {0:?} (its apartment is abandoned)")]
+    Hung(Duration),
+}
 
 /// How a tear-down ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +69,8 @@ pub struct TearDown {
     pub copy_path: PathBuf,
     /// `Some(false)` when `/proc/self/maps` no longer lists the copy.
     pub still_mapped: Option<bool>,
+    /// The apartment was hung: its thread was left running and its library loaded.
+    pub abandoned: bool,
 }
 
 /// An adapter action, copied into host-owned types on the apartment.
@@ -128,7 +149,7 @@ pub type Handled = Result<Vec<Command>, PluginError>;
 impl Apartment {
     /// Start an apartment thread and open the staged copy on it. Blocking: call it from
     /// `spawn_blocking` in async code.
-    pub fn open(copy_path: &Path, thread_name: String) -> Result<Apartment, LoadError> {
+    pub fn open(copy_path: &Path, thread_name: String, call_timeout: Duration) -> Result<Apartment, LoadError> {
         let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<Manifest, LoadError>>();
         let path = copy_path.to_path_buf();
@@ -144,30 +165,30 @@ impl Apartment {
             // nothing that outlives the library points into it.
             let _ = ready_tx.send(Ok(host_copy(&manifest)));
             drop(manifest);
-            let mut resident = Resident { module, adapter: None };
-            while let Ok(job) = jobs_rx.recv() {
-                // A host bug in a job must not kill the thread that owns the library.
-                let _ = catch_unwind(AssertUnwindSafe(|| job(&mut resident)));
-            }
-            // Plugin-made objects are dropped here, on the apartment, before it exits.
-            drop(resident);
+            serve(Resident { module, adapter: None }, jobs_rx);
             Some(library)
         });
         let thread = spawned.map_err(|e| LoadError::Stage {
             file: copy_path.to_path_buf(),
             reason: format!("cannot start the apartment thread: {e}"),
         })?;
-        let outcome = ready_rx.recv().unwrap_or_else(|_| {
-            Err(LoadError::InitFailed {
-                file: copy_path.to_path_buf(),
-                reason: "the apartment thread died while loading".into(),
-            })
+        let mut hung = false;
+        let outcome = ready_rx.recv_timeout(call_timeout).unwrap_or_else(|error| {
+            hung = matches!(error, mpsc::RecvTimeoutError::Timeout);
+            let reason = if hung {
+                format!("loading did not finish within {call_timeout:?} (the library's initialisation hangs)")
+            } else {
+                "the apartment thread died while loading".into()
+            };
+            Err(LoadError::InitFailed { file: copy_path.to_path_buf(), reason })
         });
         let mut apartment = Apartment {
             jobs: Some(jobs_tx),
             thread: Some(thread),
             copy_path: copy_path.to_path_buf(),
             manifest: placeholder_manifest(),
+            call_timeout,
+            hung: AtomicBool::new(hung),
         };
         match outcome {
             Ok(manifest) => {
@@ -181,35 +202,90 @@ impl Apartment {
         }
     }
 
+    /// An apartment for an adapter linked into this process (no library): the channel's
+    /// unit tests run its logic on one.
+    #[cfg(test)]
+    pub fn in_process(module: AdapterModuleRef, name: &str, call_timeout: Duration) -> Apartment {
+        let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
+        let manifest =
+            (module.manifest())().into_result().map(|m| host_copy(&m)).unwrap_or_else(|_| placeholder_manifest());
+        let thread = thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                serve(Resident { module, adapter: None }, jobs_rx);
+                None
+            })
+            .expect("a test can start a thread");
+        Apartment {
+            jobs: Some(jobs_tx),
+            thread: Some(thread),
+            copy_path: PathBuf::from(format!("/nonexistent/in-process/{name}")),
+            manifest,
+            call_timeout,
+            hung: AtomicBool::new(false),
+        }
+    }
+
     pub fn copy_path(&self) -> &Path {
         &self.copy_path
     }
 
-    /// Run `job` on the apartment and wait for its result.
+    /// Run `job` on the apartment and wait for its result, at most the call timeout.
     pub async fn run<R: Send + 'static>(
         &self,
         job: impl FnOnce(&mut Resident) -> R + Send + 'static,
     ) -> Result<R, ApartmentGone> {
+        self.run_within(self.call_timeout, job).await
+    }
+
+    /// [`Self::run`] with a shorter deadline (a stop that must end in time); past it the
+    /// apartment is hung all the same.
+    pub async fn run_within<R: Send + 'static>(
+        &self,
+        timeout: Duration,
+        job: impl FnOnce(&mut Resident) -> R + Send + 'static,
+    ) -> Result<R, ApartmentGone> {
+        if self.is_hung() {
+            return Err(ApartmentGone::Hung(self.call_timeout));
+        }
         let (tx, rx) = oneshot::channel();
-        let jobs = self.jobs.as_ref().ok_or(ApartmentGone)?;
+        let jobs = self.jobs.as_ref().ok_or(ApartmentGone::Gone)?;
         jobs.send(Box::new(move |resident| {
             let _ = tx.send(job(resident));
         }))
-        .map_err(|_| ApartmentGone)?;
-        rx.await.map_err(|_| ApartmentGone)
+        .map_err(|_| ApartmentGone::Gone)?;
+        match tokio::time::timeout(timeout.min(self.call_timeout), rx).await {
+            Ok(result) => result.map_err(|_| ApartmentGone::Gone),
+            Err(_) => {
+                self.hung.store(true, Ordering::SeqCst);
+                Err(ApartmentGone::Hung(timeout.min(self.call_timeout)))
+            }
+        }
+    }
+
+    /// A call did not return in time (see the module docs).
+    pub fn is_hung(&self) -> bool {
+        self.hung.load(Ordering::SeqCst)
     }
 
     /// Stop the thread, wait for it to exit, close the library and check that the copy is no
-    /// longer mapped. Blocking. Idempotent.
+    /// longer mapped. Blocking. Idempotent. A hung apartment is abandoned instead: its thread
+    /// is left to itself (should its call ever return, it finds no more jobs, drops the
+    /// adapter and closes the library on its own) and nothing waits for it.
     pub fn tear_down(&mut self) -> TearDown {
         drop(self.jobs.take());
+        let abandoned = self.is_hung();
         if let Some(thread) = self.thread.take() {
-            let library = thread.join().ok().flatten();
-            // dlclose, now that no thread that ran plugin code is alive.
-            drop(library);
+            if abandoned {
+                drop(thread);
+            } else {
+                let library = thread.join().ok().flatten();
+                // dlclose, now that no thread that ran plugin code is alive.
+                drop(library);
+            }
         }
         let still_mapped = loader::is_mapped(&self.copy_path);
-        TearDown { copy_path: self.copy_path.clone(), still_mapped }
+        TearDown { copy_path: self.copy_path.clone(), still_mapped, abandoned }
     }
 }
 
@@ -219,6 +295,16 @@ impl Drop for Apartment {
             self.tear_down();
         }
     }
+}
+
+/// The apartment's loop: run jobs until the host's end is dropped.
+fn serve(mut resident: Resident, jobs: mpsc::Receiver<Job>) {
+    while let Ok(job) = jobs.recv() {
+        // A host bug in a job must not kill the thread that owns the library.
+        let _ = catch_unwind(AssertUnwindSafe(|| job(&mut resident)));
+    }
+    // Plugin-made objects are dropped here, on the apartment, before it exits.
+    drop(resident);
 }
 
 fn host_copy(manifest: &Manifest) -> Manifest {
@@ -264,11 +350,18 @@ impl Resident {
     /// entry per event handled; when it is shorter than `events` (or its last entry is an
     /// error) the batch did not go through.
     pub fn handle_all(&mut self, events: Vec<Event>) -> Vec<Handled> {
+        self.handle_all_noting(events, &AtomicUsize::new(0))
+    }
+
+    /// [`Self::handle_all`], noting in `reached` the index of the event being handled, so
+    /// that a caller that gave up waiting knows which event the adapter hangs on.
+    pub fn handle_all_noting(&mut self, events: Vec<Event>, reached: &AtomicUsize) -> Vec<Handled> {
         let Some(adapter) = self.adapter.as_mut() else {
             return vec![Err(PluginError::Failed("the adapter is not constructed".into()))];
         };
         let mut handled = Vec::with_capacity(events.len());
-        for event in events {
+        for (index, event) in events.into_iter().enumerate() {
+            reached.store(index, Ordering::SeqCst);
             match adapter.handle(event.into_ne()).into_result() {
                 // `actions` is plugin-made: copy it into host types, then drop it here.
                 Ok(actions) => handled.push(Ok(actions

@@ -46,11 +46,15 @@ pub struct PluginReport {
     pub validations: Vec<Vec<Problem>>,
 }
 
+/// How long the probe gives the library to load and each call to return (the gateway's
+/// probe timeout, which kills the probe process, is longer).
+const PROBE_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Probe `file` in this process and validate `configs` with it; the body of
 /// `switchboard check-plugin`. Loads the file on an apartment, as the gateway would.
 pub fn check_plugin(file: &Path, configs: &[String]) -> PluginReport {
     let mut report = PluginReport { file: file.to_path_buf(), manifest: None, error: None, validations: Vec::new() };
-    let apartment = match Apartment::open(file, "check-plugin".into()) {
+    let apartment = match Apartment::open(file, "check-plugin".into(), PROBE_CALL_TIMEOUT) {
         Ok(apartment) => apartment,
         Err(e) => {
             report.error = Some(e.to_string());
@@ -65,12 +69,12 @@ pub fn check_plugin(file: &Path, configs: &[String]) -> PluginReport {
         build: m.build.to_string(),
     });
     let configs = configs.to_vec();
-    let runtime = tokio::runtime::Builder::new_current_thread().build();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build();
     let outcome = match runtime {
         Ok(rt) => rt.block_on(
             apartment.run(move |resident| configs.iter().map(|c| resident.validate_config(c)).collect::<Vec<_>>()),
         ),
-        Err(_) => Err(crate::apartment::ApartmentGone),
+        Err(_) => Err(crate::apartment::ApartmentGone::Gone),
     };
     match outcome {
         Ok(results) => {

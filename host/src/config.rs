@@ -74,6 +74,10 @@ pub struct GatewayConfig {
     /// `adapter_restart_window`; one more and the instance stops (terminal, logged).
     pub adapter_restart_budget: u32,
     pub adapter_restart_window: Duration,
+    /// How long one call into an adapter (a batch of events, a constructor, a state export)
+    /// may take; past it the generation is abandoned and the instance restarts from its last
+    /// good state (the event it hung on is dead-lettered).
+    pub adapter_call_timeout: Duration,
     /// Threads of the async runtime (sockets, HTTP, timers, session lanes); `None` picks
     /// [`GatewayConfig::io_threads`]'s default. Takes effect at the next start.
     pub io_threads: Option<usize>,
@@ -369,6 +373,7 @@ impl Reader<'_> {
                 "generation_budget",
                 "adapter_restart_budget",
                 "adapter_restart_window_ms",
+                "adapter_call_timeout_ms",
                 "io_threads",
             ],
         );
@@ -433,6 +438,8 @@ impl Reader<'_> {
         let adapter_restart_budget = self.positive_int(table, "gateway", "adapter_restart_budget", 5) as u32;
         let adapter_restart_window =
             Duration::from_millis(self.positive_int(table, "gateway", "adapter_restart_window_ms", 60_000));
+        let adapter_call_timeout =
+            Duration::from_millis(self.positive_int(table, "gateway", "adapter_call_timeout_ms", 10_000));
         let io_threads = table.contains_key("io_threads").then(|| self.positive_int(table, "gateway", "io_threads", 1));
         if io_threads.is_some_and(|n| n > MAX_IO_THREADS) {
             self.problem("gateway.io_threads", format!("at most {MAX_IO_THREADS}"));
@@ -452,6 +459,7 @@ impl Reader<'_> {
             generation_budget: generation_budget.min(MAX_GENERATION_BUDGET),
             adapter_restart_budget,
             adapter_restart_window,
+            adapter_call_timeout,
             io_threads: io_threads.map(|n| n.min(MAX_IO_THREADS) as usize),
         }
     }

@@ -66,6 +66,11 @@ pub enum ControlMessage {
         channel: String,
         reason: String,
     },
+    /// A channel instance abandoned its generation (a call into it did not return in time)
+    /// and waits for a new one of the current build.
+    GenerationAbandoned {
+        channel: String,
+    },
 }
 
 /// Where a reload takes its config from.
@@ -243,6 +248,7 @@ impl Controller {
             ws_max_message_bytes: config.gateway.ws_max_message_bytes,
             supervisor: control.clone(),
             adapter_restarts: (config.gateway.adapter_restart_budget, config.gateway.adapter_restart_window),
+            adapter_call_timeout: config.gateway.adapter_call_timeout,
         });
         let mut controller = Controller {
             config_path,
@@ -296,6 +302,7 @@ impl Controller {
                         return Exit::Failed(failure);
                     }
                 }
+                ControlMessage::GenerationAbandoned { channel } => self.replace_abandoned(&channel).await,
                 ControlMessage::PluginsChanged { files } => {
                     let outcome = self.reload("plugin_dir", ConfigSource::Running).await;
                     if let Some(outcome) = outcome {
@@ -424,6 +431,10 @@ impl Controller {
             ("gateway.admin_token_env", new.gateway.admin_token_env != self.config.gateway.admin_token_env),
             ("gateway.durability", new.gateway.durability != self.config.gateway.durability),
             ("gateway.io_threads", new.gateway.io_threads != self.config.gateway.io_threads),
+            (
+                "gateway.adapter_call_timeout_ms",
+                new.gateway.adapter_call_timeout != self.config.gateway.adapter_call_timeout,
+            ),
         ]
         .into_iter()
         .filter_map(|(key, changed)| changed.then_some(key))
@@ -437,7 +448,7 @@ impl Controller {
         let gone: Vec<String> = self.channels.keys().filter(|id| !new.channels.contains_key(*id)).cloned().collect();
         for id in gone {
             if let Some(running) = self.channels.remove(&id) {
-                running.handle.stop().await;
+                running.handle.stop(tokio::time::Instant::now() + self.config.gateway.stop_deadline).await;
                 tracing::info!(channel = %id, "channel instance removed");
                 removed.push(id);
             }
@@ -533,6 +544,31 @@ impl Controller {
         None
     }
 
+    /// Start a new generation of the current build for an instance whose generation was
+    /// abandoned; it takes up, from the last good state, what waited meanwhile.
+    async fn replace_abandoned(&mut self, id: &str) {
+        let Some(running) = self.channels.get(id) else { return };
+        if !running.handle.is_vacant() {
+            return;
+        }
+        let config = running.config.clone();
+        // A fixed build may have been dropped in meanwhile: look before loading.
+        if let Err(e) = self.catalog.scan().await {
+            tracing::warn!(channel = %id, "cannot read the plugin directory: {e}");
+        }
+        let entry = match self.catalog.find(&config.plugin) {
+            Ok(entry) => entry.clone(),
+            Err(e) => {
+                tracing::error!(channel = %id, "cannot start a new generation after the last was abandoned: {e}");
+                self.shared.ledger.set_problem(id, Some(format!("its generation hung and no build can start: {e}")));
+                return;
+            }
+        };
+        if self.replace_channel(id, config, &entry).await {
+            tracing::info!(channel = %id, "new generation started after the last one was abandoned");
+        }
+    }
+
     /// Whether the binary at the start-up path can take over (else the gateway keeps running).
     async fn may_restart(&self, trigger: &str) -> bool {
         match crate::upgrade::check_successor(&self.config_path).await {
@@ -561,7 +597,7 @@ impl Controller {
     async fn add_channel(&mut self, id: &str, config: ChannelConfig, entry: &Entry) -> bool {
         let number = self.generation_number(id);
         let generations = generations_dir(&self.config.gateway.state_dir);
-        match channel::prepare(entry, generations, id, number).await {
+        match channel::prepare(entry, generations, id, number, self.shared.adapter_call_timeout).await {
             Ok(prepared) => {
                 let digest = prepared.digest.clone();
                 let handle = channel::spawn(id.to_string(), config.clone(), prepared, self.shared.clone()).await;
@@ -581,7 +617,7 @@ impl Controller {
     async fn replace_channel(&mut self, id: &str, config: ChannelConfig, entry: &Entry) -> bool {
         let number = self.generation_number(id);
         let generations = generations_dir(&self.config.gateway.state_dir);
-        let prepared = match channel::prepare(entry, generations, id, number).await {
+        let prepared = match channel::prepare(entry, generations, id, number, self.shared.adapter_call_timeout).await {
             Ok(prepared) => prepared,
             Err(e) => {
                 self.shared.metrics.generations_refused.inc();
@@ -604,7 +640,14 @@ impl Controller {
 
     async fn stop(&mut self) {
         let router = self.shared.router.clone();
-        let deadline = tokio::time::Instant::now() + self.config.gateway.stop_deadline;
+        // The whole stop ends by `stop_deadline_ms`, whatever an adapter does: turns and
+        // queued replies get it less what the instances need to store their adapters' last
+        // state, and the instances stop together, each by the end.
+        let stop_deadline = self.config.gateway.stop_deadline;
+        let end = tokio::time::Instant::now() + stop_deadline;
+        let reserve = (stop_deadline / 4).min(std::time::Duration::from_secs(3));
+        let deadline = end - reserve;
+        let instances_by = end - (reserve / 5);
         router.drain();
         let turns_done = wait_until(deadline, || router.busy_turns() == 0).await;
         if !turns_done {
@@ -622,17 +665,15 @@ impl Controller {
                 "stop deadline reached with replies still queued; they are sent after the next start"
             );
         }
-        for (id, running) in std::mem::take(&mut self.channels) {
-            running.handle.stop().await;
+        let stops = std::mem::take(&mut self.channels).into_iter().map(|(id, running)| async move {
+            running.handle.stop(instances_by).await;
             tracing::info!(channel = %id, "channel instance stopped");
-        }
+        });
+        futures_util::future::join_all(stops).await;
         // Let tear-downs started by the stops finish before the process exits.
-        for _ in 0..100 {
-            if self.shared.ledger.snapshot().iter().all(|r| r.state != crate::ledger::GenerationState::Retiring) {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        let torn_down =
+            || self.shared.ledger.snapshot().iter().all(|r| r.state != crate::ledger::GenerationState::Retiring);
+        wait_until(end, torn_down).await;
         match store.counts() {
             Ok(counts) => tracing::info!(
                 sessions = counts.sessions,

@@ -22,6 +22,10 @@ pub enum GenerationState {
     Refused,
     /// It kept failing after restarts; the instance stopped running it (terminal).
     Halted,
+    /// A call into it did not return in time: its thread and library were left as they
+    /// were (still loaded, counted against the generation budget) and the instance went on
+    /// without it.
+    Abandoned,
 }
 
 #[derive(Debug, Clone, Serialize)]

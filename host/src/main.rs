@@ -102,7 +102,13 @@ fn main() -> ExitCode {
             init_logging();
             // The config is read before the runtime starts: it says how many threads to give it.
             let started = Config::load(&config).map_err(anyhow::Error::from).and_then(|loaded| {
-                runtime(loaded.gateway.io_threads()).and_then(|rt| rt.block_on(run(config, loaded)))
+                runtime(loaded.gateway.io_threads()).and_then(|rt| {
+                    let outcome = rt.block_on(run(config, loaded));
+                    // The stop kept its deadline; nothing left on the runtime may hold the
+                    // process past it.
+                    rt.shutdown_timeout(std::time::Duration::from_millis(200));
+                    outcome
+                })
             });
             match started {
                 Ok(gateway::Exit::Stopped) => ExitCode::SUCCESS,

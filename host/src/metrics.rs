@@ -15,6 +15,8 @@ pub struct Metrics {
     pub replies_failed: Family<Labels, Counter>,
     pub adapter_panics: Family<Labels, Counter>,
     pub adapter_restarts: Family<Labels, Counter>,
+    /// Adapter calls that did not return within `gateway.adapter_call_timeout_ms`.
+    pub adapter_hangs: Family<Labels, Counter>,
     pub instance_restarts: Family<Labels, Counter>,
     pub dead_letters: Family<Labels, Counter>,
     pub events_dispatched: Family<Labels, Counter>,
@@ -29,6 +31,8 @@ pub struct Metrics {
     pub generations_started: Counter,
     pub generations_refused: Counter,
     pub generations_unloaded: Counter,
+    /// Generations left loaded because a call into them did not return in time.
+    pub generations_abandoned: Counter,
     /// Retired generations whose copy is still mapped (should stay 0 on Linux).
     pub generations_still_mapped: Gauge,
     pub generations_loaded: Gauge,
@@ -48,6 +52,7 @@ impl Metrics {
             replies_failed: Family::default(),
             adapter_panics: Family::default(),
             adapter_restarts: Family::default(),
+            adapter_hangs: Family::default(),
             instance_restarts: Family::default(),
             dead_letters: Family::default(),
             events_dispatched: Family::default(),
@@ -59,6 +64,7 @@ impl Metrics {
             generations_started: Counter::default(),
             generations_refused: Counter::default(),
             generations_unloaded: Counter::default(),
+            generations_abandoned: Counter::default(),
             generations_still_mapped: Gauge::default(),
             generations_loaded: Gauge::default(),
             swap_pause_seconds: Histogram::new([0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0]),
@@ -73,6 +79,11 @@ impl Metrics {
             "adapter_restarts",
             "Adapters restarted from their last good state after a panic",
             metrics.adapter_restarts.clone(),
+        );
+        registry.register(
+            "adapter_hangs",
+            "Adapter calls that did not return within gateway.adapter_call_timeout_ms",
+            metrics.adapter_hangs.clone(),
         );
         registry.register(
             "instance_restarts",
@@ -108,6 +119,11 @@ impl Metrics {
             "generations_unloaded",
             "Adapter generations unloaded and unmapped",
             metrics.generations_unloaded.clone(),
+        );
+        registry.register(
+            "generations_abandoned",
+            "Adapter generations left loaded because a call into them did not return in time",
+            metrics.generations_abandoned.clone(),
         );
         registry.register(
             "generations_still_mapped",

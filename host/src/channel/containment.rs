@@ -3,6 +3,11 @@
 //! restart budget the instance halts with its events kept.
 
 use super::*;
+use crate::apartment::ApartmentGone;
+use std::sync::atomic::AtomicUsize;
+
+/// `reached` while the apartment is not inside an event (constructing, exporting).
+const NOT_IN_AN_EVENT: usize = usize::MAX;
 
 impl Instance {
     /// Hand events to the running generation and carry out what it asks.
@@ -59,9 +64,11 @@ impl Instance {
             let rebuild =
                 restart.take().map(|handover| (self.host_handle(number), self.config.adapter_config_json(), handover));
             let restarted = rebuild.is_some();
+            let reached = Arc::new(AtomicUsize::new(NOT_IN_AN_EVENT));
+            let noted = reached.clone();
             let outcome = running
                 .apartment
-                .run(move |resident| {
+                .run_within(self.call_budget(), move |resident| {
                     let mut events = events;
                     if let Some((host, config_json, handover)) = rebuild {
                         if let Err(e) = resident.reconstruct(host, &config_json, handover) {
@@ -70,7 +77,8 @@ impl Instance {
                         events.insert(0, Event::Started { generation: number });
                     }
                     let expected = events.len();
-                    let handled = resident.handle_all(events);
+                    let handled = resident.handle_all_noting(events, &noted);
+                    noted.store(NOT_IN_AN_EVENT, Ordering::SeqCst);
                     let whole = handled.len() == expected && handled.iter().all(Result::is_ok);
                     let state = if whole && export { Some(resident.export_state()) } else { None };
                     (handled, state)
@@ -78,6 +86,25 @@ impl Instance {
                 .await;
             let (mut handled, exported) = match outcome {
                 Ok(outcome) => outcome,
+                Err(ApartmentGone::Hung(after)) => {
+                    // Which event it hangs on (none: in its constructor or its state export).
+                    let at = reached.load(Ordering::SeqCst);
+                    let index = match at {
+                        NOT_IN_AN_EVENT => None,
+                        at if restarted => at.checked_sub(1).map(|p| live[p]),
+                        at => live.get(at).copied(),
+                    };
+                    let during = index.map_or("a constructor or state export", |i| event_kind(&batch[i]));
+                    self.shared.metrics.adapter_hangs.get_or_create(&metrics::channel(&self.id)).inc();
+                    if let Some(trial) = self.trial.as_mut() {
+                        // The new generation hangs on its first batch: the one it replaced
+                        // takes over again (`replace`); tearing the new one down abandons it.
+                        *trial = Some(format!("{during} did not return within {after:?}"));
+                        return;
+                    }
+                    let error = format!("the adapter did not return within {after:?} from {during}");
+                    return self.abandon_hung(number, batch, dead, index, &error).await;
+                }
                 Err(gone) => {
                     tracing::error!(channel = %self.id, generation = number, "{gone}; the instance has no running adapter");
                     self.retire_current(false);
@@ -254,6 +281,53 @@ impl Instance {
             dead_letter = stored.unwrap_or(0),
             "dead-lettered an event the adapter failed on twice; the rest goes on: {error}"
         );
+    }
+
+    /// The running generation `number` hangs in a call: it is abandoned (its thread and
+    /// library are left as they are, see [`crate::apartment`]), the event it hangs on is
+    /// dead-lettered — not tried again, each try would cost another thread — and the rest of
+    /// the batch waits for a new generation of the current build, which the reload
+    /// controller starts from the last good state (within the restart budget).
+    async fn abandon_hung(
+        &mut self,
+        number: u64,
+        mut batch: Vec<Event>,
+        mut dead: Vec<usize>,
+        hung_on: Option<usize>,
+        error: &str,
+    ) {
+        tracing::error!(
+            channel = %self.id,
+            generation = number,
+            timeout = ?self.shared.adapter_call_timeout,
+            "{error}; generation abandoned: its thread and library stay loaded (counted against \
+             gateway.generation_budget) and the instance restarts from its last good state"
+        );
+        if let Some(index) = hung_on {
+            self.dead_letter(number, &batch[index], error).await;
+            match stand_in(&batch[index], error) {
+                Some(stand_in) => batch[index] = stand_in,
+                None => dead.push(index),
+            }
+        }
+        let remaining: Vec<Event> =
+            batch.into_iter().enumerate().filter(|(i, _)| !dead.contains(i)).map(|(_, e)| e).collect();
+        if !self.may_restart() {
+            return self.halt(remaining, error);
+        }
+        self.shared.metrics.adapter_restarts.get_or_create(&metrics::channel(&self.id)).inc();
+        let Some(hung) = self.current.take() else { return };
+        self.tear_down_later(hung.number, hung.apartment, GenerationState::Abandoned);
+        let mut kept = remaining;
+        kept.append(&mut self.parked);
+        self.parked = kept;
+        self.vacant.store(true, Ordering::SeqCst);
+        // Not awaited: the controller may itself be waiting on this instance (a reload).
+        let supervisor = self.shared.supervisor.clone();
+        let channel = self.id.clone();
+        tokio::spawn(async move {
+            let _ = supervisor.send(crate::gateway::ControlMessage::GenerationAbandoned { channel }).await;
+        });
     }
 
     /// The restart budget is spent: stop running an adapter for this instance. Events are

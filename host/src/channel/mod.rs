@@ -21,13 +21,18 @@ mod commit;
 mod containment;
 mod delivery;
 mod swap;
+#[cfg(test)]
+mod tests;
 
 use commit::next_commit;
 
 use std::{
     collections::{HashMap, VecDeque},
     path::PathBuf,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -74,6 +79,7 @@ pub async fn prepare(
     generations_dir: PathBuf,
     channel: &str,
     number: u64,
+    call_timeout: Duration,
 ) -> Result<Prepared, LoadError> {
     let source = entry.path.clone();
     let digest = entry.digest.clone();
@@ -81,7 +87,7 @@ pub async fn prepare(
     let (staged_digest, apartment) = tokio::task::spawn_blocking(move || {
         // The copy is what was probed (the same hash), or nothing is loaded.
         let (copy, staged) = loader::stage(&source, &generations_dir, &channel, number, &digest)?;
-        let apartment = Apartment::open(&copy, format!("{channel}#{number}"));
+        let apartment = Apartment::open(&copy, format!("{channel}#{number}"), call_timeout);
         if apartment.is_err() {
             let _ = std::fs::remove_file(&copy);
         }
@@ -92,16 +98,25 @@ pub async fn prepare(
     Ok(Prepared { number, apartment, source: entry.path.clone(), digest: staged_digest })
 }
 
+/// A generation of an adapter linked into this process, on an apartment of its own (the
+/// unit tests' fake apartment).
+#[cfg(test)]
+fn prepare_in_process(
+    module: switchboard_plugin_api::AdapterModuleRef,
+    number: u64,
+    call_timeout: Duration,
+) -> Prepared {
+    let apartment = Apartment::in_process(module, &format!("fake#{number}"), call_timeout);
+    let digest = FileDigest { sha256_hex: format!("{number:0>64}"), len: 0 };
+    Prepared { number, apartment, source: PathBuf::from("/nonexistent/fake"), digest }
+}
+
 pub enum Control {
     /// Start `prepared` with `config` and retire the current generation; rolls back on failure.
-    Replace {
-        prepared: Box<Prepared>,
-        config: ChannelConfig,
-        done: oneshot::Sender<Result<(), String>>,
-    },
-    Stop {
-        done: oneshot::Sender<()>,
-    },
+    Replace { prepared: Box<Prepared>, config: ChannelConfig, done: oneshot::Sender<Result<(), String>> },
+    /// Stop gracefully, by `deadline` at the latest (an adapter that does not return by then
+    /// is abandoned, see [`crate::apartment`]).
+    Stop { deadline: tokio::time::Instant, done: oneshot::Sender<()> },
 }
 
 /// The gateway's handle on a running instance.
@@ -110,6 +125,9 @@ pub struct InstanceHandle {
     pub id: String,
     pub events: mpsc::UnboundedSender<Event>,
     control: mpsc::Sender<Control>,
+    /// Set while the instance has no generation because its last one was abandoned (hung):
+    /// the reload controller starts a new one of the current build.
+    vacant: Arc<AtomicBool>,
 }
 
 impl InstanceHandle {
@@ -122,11 +140,22 @@ impl InstanceHandle {
         result.await.unwrap_or_else(|_| Err("the channel instance is gone".into()))
     }
 
-    pub async fn stop(&self) {
+    /// Stop gracefully; returns by `deadline` whatever the adapter does.
+    pub async fn stop(&self, deadline: tokio::time::Instant) {
         let (done, stopped) = oneshot::channel();
-        if self.control.send(Control::Stop { done }).await.is_ok() {
-            let _ = stopped.await;
+        let stopping = async {
+            if self.control.send(Control::Stop { deadline, done }).await.is_ok() {
+                let _ = stopped.await;
+            }
+        };
+        if tokio::time::timeout_at(deadline, stopping).await.is_err() {
+            tracing::warn!(channel = %self.id, "channel instance did not stop by the deadline; leaving it");
         }
+    }
+
+    /// The instance waits for a new generation (its last one was abandoned).
+    pub fn is_vacant(&self) -> bool {
+        self.vacant.load(Ordering::SeqCst)
     }
 }
 
@@ -168,6 +197,8 @@ pub struct Shared {
     pub supervisor: mpsc::Sender<crate::gateway::ControlMessage>,
     /// Restarts allowed per instance within the window (`gateway.adapter_restart_*`).
     pub adapter_restarts: (u32, Duration),
+    /// How long one adapter call may take (`gateway.adapter_call_timeout_ms`).
+    pub adapter_call_timeout: Duration,
 }
 
 struct Instance {
@@ -210,6 +241,10 @@ struct Instance {
     host_retries: HashMap<u64, u32>,
     /// When the adapter was restarted after a panic, within the budget window.
     restarts: VecDeque<Instant>,
+    /// Shared with [`InstanceHandle::is_vacant`].
+    vacant: Arc<AtomicBool>,
+    /// Set when stopping: no adapter call may last past it.
+    stop_by: Option<tokio::time::Instant>,
 }
 
 /// How often the host hands a reply back to the adapter after it gave up (retryable), and
@@ -263,7 +298,10 @@ pub async fn spawn(id: String, config: ChannelConfig, prepared: Prepared, shared
         websockets_up: Default::default(),
         host_retries: HashMap::new(),
         restarts: VecDeque::new(),
+        vacant: Arc::new(AtomicBool::new(false)),
+        stop_by: None,
     };
+    let vacant = instance.vacant.clone();
     let (done, _) = oneshot::channel();
     instance.replace(prepared, config, done).await;
     // Before any live event is handled: what the last process left unanswered goes first.
@@ -283,7 +321,7 @@ pub async fn spawn(id: String, config: ChannelConfig, prepared: Prepared, shared
             let _ = supervisor.send(died).await;
         }
     });
-    InstanceHandle { id, events: events_tx, control: control_tx }
+    InstanceHandle { id, events: events_tx, control: control_tx, vacant }
 }
 
 impl Instance {
@@ -297,13 +335,14 @@ impl Instance {
                         self.feed_parked().await;
                         self.release_deliveries().await;
                     }
-                    Some(Control::Stop { done }) => {
-                        self.stop().await;
+                    Some(Control::Stop { deadline, done }) => {
+                        self.stop(deadline).await;
                         let _ = done.send(());
                         return;
                     }
                     None => {
-                        self.stop().await;
+                        let deadline = tokio::time::Instant::now() + self.shared.adapter_call_timeout;
+                        self.stop(deadline).await;
                         return;
                     }
                 },
@@ -347,17 +386,29 @@ impl Instance {
         }
     }
 
+    /// How long the next adapter call may take: the call timeout, or less while stopping.
+    fn call_budget(&self) -> Duration {
+        let timeout = self.shared.adapter_call_timeout;
+        match self.stop_by {
+            Some(by) => by.saturating_duration_since(tokio::time::Instant::now()).min(timeout),
+            None => timeout,
+        }
+    }
+
     fn host_handle(&self, generation: u64) -> switchboard_plugin_api::HostHandle {
         HostBridge { channel_instance: self.id.clone(), generation, sessions: self.shared.router.sessions() }
             .into_handle()
     }
 
-    async fn stop(&mut self) {
+    async fn stop(&mut self, stop_by: tokio::time::Instant) {
+        // Every adapter call from here on ends by `stop_by` (an adapter that does not is
+        // abandoned): a stop never waits on plugin code past its deadline.
+        self.stop_by = Some(stop_by);
         self.settle().await;
         // Requests in flight (a reply being posted) are let finish and their answers handed
         // to the adapter first, so the state stored last knows what was posted: the next start
         // need not look for it, and cannot race a request the server is still handling.
-        let deadline = tokio::time::Instant::now() + IN_FLIGHT_GRACE;
+        let deadline = (tokio::time::Instant::now() + IN_FLIGHT_GRACE).min(stop_by);
         while self.current.is_some() && self.transport.http_in_flight() > 0 {
             let Ok(Some(first)) = tokio::time::timeout_at(deadline, self.events.recv()).await else { break };
             let mut batch = vec![first];
@@ -375,7 +426,7 @@ impl Instance {
             let number = running.number;
             if let Ok((outcomes, state)) = running
                 .apartment
-                .run(|resident| {
+                .run_within(self.call_budget(), |resident| {
                     let handled = resident.handle_all(vec![Event::Shutdown { reason: ShutdownReason::Stopping }]);
                     (handled, resident.export_state())
                 })

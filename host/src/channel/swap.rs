@@ -2,6 +2,7 @@
 //! open connections, cut over, and roll back while the new one is on trial.
 
 use super::*;
+use crate::apartment::ApartmentGone;
 
 impl Instance {
     /// Swap in `prepared`. Events wait in the queue meanwhile. On any failure the current
@@ -38,9 +39,22 @@ impl Instance {
 
         // 1. The current generation's state; it is not told anything yet, so a failure
         //    below leaves it exactly as it was.
-        let previous_state = match &self.current {
-            Some(running) => match running.apartment.run(|resident| resident.export_state()).await {
+        let exported = match &self.current {
+            Some(running) => Some(running.apartment.run(|resident| resident.export_state()).await),
+            None => None,
+        };
+        let previous_state = match exported {
+            Some(exported) => match exported {
                 Ok(Ok((format_version, data))) => Some(StateBlob { format_version, data: data.into() }),
+                Err(ApartmentGone::Hung(after)) => {
+                    // The running generation hangs: it is abandoned, and the new one (perhaps
+                    // the fixed build) starts from the last good state instead.
+                    if let Some(hung) = self.current.take() {
+                        tracing::error!(channel = %self.id, generation = hung.number, "the running generation did not export its state within {after:?}; abandoned, the new one starts from the last good state");
+                        self.tear_down_later(hung.number, hung.apartment, GenerationState::Abandoned);
+                    }
+                    self.saved_state.clone()
+                }
                 Ok(Err(e)) => {
                     return self.refuse(
                         number,
@@ -80,6 +94,7 @@ impl Instance {
         //    keeps its goodbye out of the pause.
         let previous = self.current.replace(Running { number, apartment, events_handled: 0, cold_start: self.cold });
         self.cold = false;
+        self.vacant.store(false, Ordering::SeqCst);
         let previous_config = self.use_config(config);
         self.shared.ledger.update(&self.id, number, |r| r.state = GenerationState::Running);
         self.shared.metrics.generations_started.inc();
@@ -221,6 +236,17 @@ impl Instance {
         let metrics = self.shared.metrics.clone();
         tokio::task::spawn_blocking(move || {
             let result = apartment.tear_down();
+            if result.abandoned {
+                // Its thread may still run in the library: the copy stays, and so does the
+                // mapping, until the process exits (or re-executes for the budget).
+                metrics.generations_abandoned.inc();
+                tracing::warn!(channel, generation = number, copy = %result.copy_path.display(), "generation abandoned: its thread and library are left loaded");
+                ledger.update(&channel, number, |r| {
+                    r.state = GenerationState::Abandoned;
+                    r.mapped = result.still_mapped;
+                });
+                return;
+            }
             metrics.generations_loaded.dec();
             match result.still_mapped {
                 Some(true) => {
