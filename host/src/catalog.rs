@@ -124,6 +124,9 @@ impl FileStamp {
 #[derive(Debug, Clone)]
 pub struct Entry {
     pub path: PathBuf,
+    /// The private copy of `path` that was hashed, probed and validated; generations are
+    /// staged from it, so a file changed after the check cannot be loaded unchecked.
+    pub snapshot: PathBuf,
     pub digest: FileDigest,
     pub stamp: FileStamp,
     /// The manifest, or why the file was refused.
@@ -162,11 +165,17 @@ pub struct Catalog {
     validations: HashMap<(String, String), Vec<Problem>>,
     /// Why the directory itself was refused at the last scan.
     dir_refused: Option<String>,
+    /// Where this catalog keeps its snapshots (private; removed with the catalog).
+    snapshots: tempfile::TempDir,
 }
 
 impl Catalog {
-    pub fn new(dir: PathBuf, exe: PathBuf) -> Self {
-        Self {
+    /// A catalog of `dir` whose probes run `exe`; its snapshots go into a private directory
+    /// of its own under `snapshots_in`.
+    pub fn new(dir: PathBuf, exe: PathBuf, snapshots_in: &Path) -> std::io::Result<Self> {
+        std::fs::create_dir_all(snapshots_in)?;
+        let snapshots = tempfile::Builder::new().prefix("catalog-").tempdir_in(snapshots_in)?;
+        Ok(Self {
             dir,
             exe,
             entries: BTreeMap::new(),
@@ -174,7 +183,8 @@ impl Catalog {
             probes: HashMap::new(),
             validations: HashMap::new(),
             dir_refused: None,
-        }
+            snapshots,
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -215,8 +225,8 @@ impl Catalog {
             let entry = match cached {
                 Some(entry) => entry.clone(),
                 None => {
-                    let digest = match loader::digest(&path) {
-                        Ok(d) => d,
+                    let (snapshot, digest) = match loader::snapshot(&path, self.snapshots.path()) {
+                        Ok(taken) => taken,
                         Err(e) => {
                             refused.push((path.clone(), e.to_string()));
                             continue;
@@ -225,7 +235,7 @@ impl Catalog {
                     // The same bytes probe the same: a build dropped in again is not re-probed.
                     let probe = match self.probes.get(&digest.sha256_hex) {
                         Some(known) => known.clone(),
-                        None => match self.probe(&path).await {
+                        None => match self.probe(&snapshot, &path).await {
                             Ok(report) => {
                                 let probe = match (report.manifest, report.error) {
                                     (Some(manifest), None) => Ok(manifest),
@@ -242,13 +252,25 @@ impl Catalog {
                     if let Err(reason) = &probe {
                         refused.push((path.clone(), reason.clone()));
                     }
-                    Entry { path: path.clone(), digest, stamp, probe }
+                    Entry { path: path.clone(), snapshot, digest, stamp, probe }
                 }
             };
             seen.insert(path, entry);
         }
         self.entries = seen;
+        self.forget_unused_snapshots();
         Ok(refused)
+    }
+
+    /// Remove the snapshots no entry refers to any more (files replaced or gone).
+    fn forget_unused_snapshots(&self) {
+        let Ok(listing) = std::fs::read_dir(self.snapshots.path()) else { return };
+        for item in listing.flatten() {
+            let path = item.path();
+            if !self.entries.values().any(|e| e.snapshot == path) {
+                let _ = std::fs::remove_file(path);
+            }
+        }
     }
 
     /// The one file that provides adapter `name`.
@@ -287,7 +309,7 @@ impl Catalog {
         }
         let mut command = Command::new(&self.exe);
         // The configs go on stdin: a command line is readable by every local user.
-        command.arg("check-plugin").arg(&entry.path).arg("--validate-stdin");
+        command.arg("check-plugin").arg(&entry.snapshot).arg("--validate-stdin");
         let input = serde_json::to_vec(configs).unwrap_or_default();
         let report = self.run_probe(command, &entry.path, input).await?;
         match report.error {
@@ -302,10 +324,16 @@ impl Catalog {
         }
     }
 
-    async fn probe(&self, path: &Path) -> Result<PluginReport, String> {
+    /// Probe `snapshot`, the copy of `path` taken for it.
+    async fn probe(&self, snapshot: &Path, path: &Path) -> Result<PluginReport, String> {
         let mut command = Command::new(&self.exe);
-        command.arg("check-plugin").arg(path);
-        self.run_probe(command, path, Vec::new()).await
+        command.arg("check-plugin").arg(snapshot);
+        let mut report = self.run_probe(command, path, Vec::new()).await?;
+        // The operator knows the file by its name in the plugin directory.
+        if let Some(error) = report.error.as_mut() {
+            *error = error.replace(&snapshot.display().to_string(), &path.display().to_string());
+        }
+        Ok(report)
     }
 
     async fn run_probe(&self, mut command: Command, path: &Path, input: Vec<u8>) -> Result<PluginReport, String> {

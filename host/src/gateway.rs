@@ -210,7 +210,12 @@ impl Controller {
         control: mpsc::Sender<ControlMessage>,
     ) -> Result<Controller, GatewayError> {
         prepare_state_dir(&config.gateway.state_dir)?;
-        let mut catalog = Catalog::new(config.plugins.dir.clone(), exe);
+        let snapshots = snapshots_dir(&config.gateway.state_dir);
+        let mut catalog =
+            Catalog::new(config.plugins.dir.clone(), exe, &snapshots).map_err(|e| GatewayError::StateDir {
+                dir: config.gateway.state_dir.clone(),
+                reason: format!("cannot make a catalog directory in {}: {e}", snapshots.display()),
+            })?;
         let entries = resolve(&config, &mut catalog)
             .await
             .map_err(|errors| GatewayError::Config(ConfigErrors { file: config_path.clone(), errors }))?;
@@ -399,7 +404,18 @@ impl Controller {
         };
         let Some(new) = new else { return Some(self.reject(trigger, errors)) };
         let plugin_dir_changed = new.plugins.dir != self.catalog.dir();
-        let mut other_catalog = plugin_dir_changed.then(|| Catalog::new(new.plugins.dir.clone(), self.catalog_exe()));
+        let mut other_catalog = None;
+        if plugin_dir_changed {
+            let snapshots = snapshots_dir(&self.config.gateway.state_dir);
+            match Catalog::new(new.plugins.dir.clone(), self.catalog_exe(), &snapshots) {
+                Ok(catalog) => other_catalog = Some(catalog),
+                Err(e) => {
+                    let message = format!("cannot make a catalog directory in {}: {e}", snapshots.display());
+                    errors.push(ConfigError { key_path: "plugins.dir".into(), message });
+                    return Some(self.reject(trigger, errors));
+                }
+            }
+        }
         let resolved = resolve(&new, other_catalog.as_mut().unwrap_or(&mut self.catalog)).await;
         // Adapter problems are reported together with the host's, all in one pass.
         let entries = match resolved {
@@ -804,6 +820,11 @@ pub fn generations_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("generations")
 }
 
+/// Where catalogs keep the snapshots of plugin files they probe (see [`Catalog`]).
+pub fn snapshots_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("plugin-snapshots")
+}
+
 /// Create the state directory and clear copies left by an earlier process.
 pub fn prepare_state_dir(state_dir: &Path) -> Result<(), GatewayError> {
     let failed = |reason: String| GatewayError::StateDir { dir: state_dir.to_path_buf(), reason };
@@ -816,6 +837,12 @@ pub fn prepare_state_dir(state_dir: &Path) -> Result<(), GatewayError> {
     if let Ok(stale) = std::fs::read_dir(&generations) {
         for entry in stale.flatten() {
             let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    // Catalogs of an earlier process (a re-exec runs no destructors).
+    if let Ok(stale) = std::fs::read_dir(snapshots_dir(state_dir)) {
+        for entry in stale.flatten() {
+            let _ = std::fs::remove_dir_all(entry.path());
         }
     }
     Ok(())

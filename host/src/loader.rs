@@ -153,24 +153,6 @@ impl FileDigest {
     }
 }
 
-pub fn digest(file: &Path) -> Result<FileDigest, LoadError> {
-    let unreadable = |e: io::Error| LoadError::Unreadable { file: file.to_path_buf(), reason: e.to_string() };
-    let mut reader = fs::File::open(file).map_err(unreadable)?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 64 * 1024];
-    let mut len = 0u64;
-    loop {
-        let n = reader.read(&mut buffer).map_err(unreadable)?;
-        if n == 0 {
-            break;
-        }
-        len += n as u64;
-        hasher.update(&buffer[..n]);
-    }
-    let sha256_hex = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
-    Ok(FileDigest { sha256_hex, len })
-}
-
 /// Copy `file` to `<generations_dir>/<instance>.<generation>.<sha prefix>.<ext>` (a real copy,
 /// never a hard link, so a later overwrite of `file` cannot change a loaded generation).
 ///
@@ -185,18 +167,47 @@ pub fn stage(
     generation: u64,
     checked: &FileDigest,
 ) -> Result<(PathBuf, FileDigest), LoadError> {
+    let extension = file.extension().and_then(|e| e.to_str()).unwrap_or("so");
+    let copy = generations_dir.join(format!("{instance}.{generation}.{}.{extension}", checked.short()));
+    let partial = copy.with_extension("partial");
+    let copied = copy_privately(file, generations_dir, &partial)?;
+    if copied != *checked {
+        let _ = fs::remove_file(&partial);
+        return Err(LoadError::ChangedSinceChecked {
+            file: file.to_path_buf(),
+            checked: checked.short().to_string(),
+            copied: copied.short().to_string(),
+        });
+    }
+    finish_copy(file, &partial, &copy)?;
+    Ok((copy, copied))
+}
+
+/// Copy `file` into the private directory `dir` as `<sha256>.<ext>`, taken from one open of
+/// it as [`stage`] does: the catalog probes, validates and stages from this snapshot, so
+/// what is loaded is byte for byte what was checked, whatever happens to `file` meanwhile.
+pub fn snapshot(file: &Path, dir: &Path) -> Result<(PathBuf, FileDigest), LoadError> {
+    static PARTIALS: AtomicU64 = AtomicU64::new(0);
+    let partial = dir.join(format!(".{}.{}.partial", std::process::id(), PARTIALS.fetch_add(1, Ordering::Relaxed)));
+    let digest = copy_privately(file, dir, &partial)?;
+    let extension = file.extension().and_then(|e| e.to_str()).unwrap_or("so");
+    let copy = dir.join(format!("{}.{extension}", digest.sha256_hex));
+    finish_copy(file, &partial, &copy)?;
+    Ok((copy, digest))
+}
+
+/// Open `file` once without following a symlink, check its owner and mode on the open file,
+/// and copy it to `partial` (mode 0600, in `dir`, made private), hashing what was copied.
+fn copy_privately(file: &Path, dir: &Path, partial: &Path) -> Result<FileDigest, LoadError> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let unreadable = |e: io::Error| LoadError::Unreadable { file: file.to_path_buf(), reason: e.to_string() };
     let failed = |e: io::Error| LoadError::Stage { file: file.to_path_buf(), reason: e.to_string() };
     let mut source = fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(file).map_err(unreadable)?;
     check_owner_and_mode(file, &source.metadata().map_err(unreadable)?)?;
-    fs::create_dir_all(generations_dir).map_err(failed)?;
-    fs::set_permissions(generations_dir, fs::Permissions::from_mode(0o700)).map_err(failed)?;
-    let extension = file.extension().and_then(|e| e.to_str()).unwrap_or("so");
-    let copy = generations_dir.join(format!("{instance}.{generation}.{}.{extension}", checked.short()));
-    let partial = copy.with_extension("partial");
+    fs::create_dir_all(dir).map_err(failed)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(failed)?;
     let copied = (|| {
-        let mut target = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&partial)?;
+        let mut target = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(partial)?;
         let mut hasher = Sha256::new();
         let mut buffer = vec![0u8; 64 * 1024];
         let mut len = 0u64;
@@ -213,24 +224,19 @@ pub fn stage(
         let sha256_hex: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
         io::Result::Ok(FileDigest { sha256_hex, len })
     })();
-    let copied = match copied {
-        Ok(copied) => copied,
-        Err(e) => {
-            let _ = fs::remove_file(&partial);
-            return Err(failed(e));
-        }
-    };
-    if copied != *checked {
-        let _ = fs::remove_file(&partial);
-        return Err(LoadError::ChangedSinceChecked {
-            file: file.to_path_buf(),
-            checked: checked.short().to_string(),
-            copied: copied.short().to_string(),
-        });
+    copied.map_err(|e| {
+        let _ = fs::remove_file(partial);
+        failed(e)
+    })
+}
+
+/// Check the copied `partial` is a whole library and rename it to `copy`.
+fn finish_copy(file: &Path, partial: &Path, copy: &Path) -> Result<(), LoadError> {
+    if let Err(refusal) = check_complete(partial) {
+        let _ = fs::remove_file(partial);
+        return Err(refusal);
     }
-    check_complete(&partial)?;
-    fs::rename(&partial, &copy).map_err(failed)?;
-    Ok((copy, copied))
+    fs::rename(partial, copy).map_err(|e| LoadError::Stage { file: file.to_path_buf(), reason: e.to_string() })
 }
 
 /// Libraries this process has `dlopen`ed. Each one that brings its own Rust std takes a TLS
@@ -344,7 +350,9 @@ mod tests {
         let file = dir.path().join("adapter.so");
         fs::write(&file, b"not really a library, but bytes to copy").unwrap();
         fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
-        let checked = digest(&file).unwrap();
+        let (snapshotted, checked) = snapshot(&file, &dir.path().join("snapshots")).unwrap();
+        assert_eq!(fs::read(&snapshotted).unwrap(), fs::read(&file).unwrap());
+        assert_eq!(fs::metadata(&snapshotted).unwrap().permissions().mode() & 0o777, 0o600);
         let generations = dir.path().join("generations");
         let (copy, copied) = stage(&file, &generations, "mm", 1, &checked).unwrap();
         assert_eq!(copied, checked);
@@ -361,7 +369,8 @@ mod tests {
         // A symlink is not followed.
         let link = dir.path().join("link.so");
         std::os::unix::fs::symlink(&file, &link).unwrap();
-        let checked = digest(&file).unwrap();
+        let (_, checked) = snapshot(&file, &dir.path().join("snapshots")).unwrap();
+        assert!(matches!(snapshot(&link, &dir.path().join("snapshots")), Err(LoadError::Unreadable { .. })));
         assert!(matches!(stage(&link, &generations, "mm", 3, &checked), Err(LoadError::Unreadable { .. })));
     }
 
@@ -371,7 +380,7 @@ mod tests {
     mod randomized {
         use proptest::prelude::*;
 
-        use super::super::{check_complete, digest};
+        use super::super::{check_complete, snapshot};
 
         fn file_bytes() -> impl Strategy<Value = Vec<u8>> {
             let library = std::fs::read(std::env::current_exe().unwrap()).unwrap();
@@ -395,7 +404,8 @@ mod tests {
                 let dir = tempfile::tempdir().unwrap();
                 let file = dir.path().join("random.so");
                 std::fs::write(&file, &bytes).unwrap();
-                let checked = std::panic::catch_unwind(|| (check_complete(&file), digest(&file)));
+                let snapshots = dir.path().join("snapshots");
+                let checked = std::panic::catch_unwind(|| (check_complete(&file), snapshot(&file, &snapshots)));
                 prop_assert!(checked.is_ok());
                 if let Ok((Err(refusal), _)) = checked {
                     prop_assert!(!refusal.to_string().is_empty());

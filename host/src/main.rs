@@ -182,7 +182,14 @@ async fn shutdown_signal() {
 async fn check_config(config_path: PathBuf) -> anyhow::Result<ExitCode> {
     let (config, mut errors) = Config::load_best_effort(&config_path);
     if let Some(config) = config {
-        let mut catalog = catalog::Catalog::new(config.plugins.dir.clone(), switchboard::upgrade::running_binary());
+        // Snapshots of the plugin files go to a private temporary directory: a check must
+        // not write into the state directory of a gateway that may be running.
+        let mut catalog = catalog::Catalog::new(
+            config.plugins.dir.clone(),
+            switchboard::upgrade::running_binary(),
+            &std::env::temp_dir(),
+        )
+        .context("cannot make a temporary directory for the plugin checks")?;
         if let Err(more) = gateway::resolve(&config, &mut catalog).await {
             errors.extend(more);
             errors.sort();

@@ -15,6 +15,8 @@ mod replacement;
 mod rig;
 #[path = "e2e/tls.rs"]
 mod tls;
+#[path = "e2e/watchdog.rs"]
+mod watchdog;
 
 use std::path::{Path, PathBuf};
 

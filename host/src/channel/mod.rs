@@ -81,7 +81,8 @@ pub async fn prepare(
     number: u64,
     call_timeout: Duration,
 ) -> Result<Prepared, LoadError> {
-    let source = entry.path.clone();
+    // Staged from the catalog's snapshot: byte for byte what was probed and validated.
+    let source = entry.snapshot.clone();
     let digest = entry.digest.clone();
     let channel = channel.to_string();
     let (staged_digest, apartment) = tokio::task::spawn_blocking(move || {
