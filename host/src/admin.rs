@@ -200,6 +200,17 @@ async fn readyz(State(state): State<AdminState>) -> Response {
     let expected = state.expected_channels.read().unwrap().clone();
     let mut problems = state.shared.ledger.problems();
     problems.retain(|channel, _| expected.contains(channel));
+    // An instance whose WebSockets are all down past the grace (a reconnect takes a second
+    // or two) cannot hear anyone. One that never opened a socket (an HTTP-only adapter, or
+    // a server that refused it from the start) is the adapter's to report (`Action::Health`).
+    let grace_ms = state.shared.disconnected_grace.as_millis() as i64;
+    let now = crate::session::now_ms();
+    for (channel, connections) in state.shared.ledger.connections() {
+        if connections.websockets_up == 0 && now - connections.since_ms > grace_ms && expected.contains(&channel) {
+            let down_s = (now - connections.since_ms) / 1000;
+            problems.entry(channel).or_insert_with(|| format!("no WebSocket up for {down_s} s"));
+        }
+    }
     if missing.is_empty() && problems.is_empty() {
         return (StatusCode::OK, "ready\n").into_response();
     }

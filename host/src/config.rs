@@ -78,6 +78,9 @@ pub struct GatewayConfig {
     /// may take; past it the generation is abandoned and the instance restarts from its last
     /// good state (the event it hung on is dead-lettered).
     pub adapter_call_timeout: Duration,
+    /// How long a channel instance may have no WebSocket up (after it had one) before
+    /// `/readyz` says the gateway is not ready; reconnects within it go unnoticed.
+    pub disconnected_grace: Duration,
     /// Threads of the async runtime (sockets, HTTP, timers, session lanes); `None` picks
     /// [`GatewayConfig::io_threads`]'s default. Takes effect at the next start.
     pub io_threads: Option<usize>,
@@ -374,6 +377,7 @@ impl Reader<'_> {
                 "adapter_restart_budget",
                 "adapter_restart_window_ms",
                 "adapter_call_timeout_ms",
+                "disconnected_grace_ms",
                 "io_threads",
             ],
         );
@@ -440,6 +444,8 @@ impl Reader<'_> {
             Duration::from_millis(self.positive_int(table, "gateway", "adapter_restart_window_ms", 60_000));
         let adapter_call_timeout =
             Duration::from_millis(self.positive_int(table, "gateway", "adapter_call_timeout_ms", 10_000));
+        let disconnected_grace =
+            Duration::from_millis(self.non_negative_int(table, "gateway", "disconnected_grace_ms", 30_000));
         let io_threads = table.contains_key("io_threads").then(|| self.positive_int(table, "gateway", "io_threads", 1));
         if io_threads.is_some_and(|n| n > MAX_IO_THREADS) {
             self.problem("gateway.io_threads", format!("at most {MAX_IO_THREADS}"));
@@ -460,6 +466,7 @@ impl Reader<'_> {
             adapter_restart_budget,
             adapter_restart_window,
             adapter_call_timeout,
+            disconnected_grace,
             io_threads: io_threads.map(|n| n.min(MAX_IO_THREADS) as usize),
         }
     }

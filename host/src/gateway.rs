@@ -254,6 +254,7 @@ impl Controller {
             supervisor: control.clone(),
             adapter_restarts: (config.gateway.adapter_restart_budget, config.gateway.adapter_restart_window),
             adapter_call_timeout: config.gateway.adapter_call_timeout,
+            disconnected_grace: config.gateway.disconnected_grace,
         });
         let mut controller = Controller {
             config_path,

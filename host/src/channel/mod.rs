@@ -200,6 +200,9 @@ pub struct Shared {
     pub adapter_restarts: (u32, Duration),
     /// How long one adapter call may take (`gateway.adapter_call_timeout_ms`).
     pub adapter_call_timeout: Duration,
+    /// How long an instance's WebSockets may all be down before `/readyz` fails
+    /// (`gateway.disconnected_grace_ms`).
+    pub disconnected_grace: Duration,
 }
 
 struct Instance {

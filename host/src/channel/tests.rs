@@ -144,6 +144,7 @@ fn shared(call_timeout: Duration) -> (Arc<Shared>, mpsc::Receiver<ControlMessage
         supervisor,
         adapter_restarts: (5, Duration::from_secs(60)),
         adapter_call_timeout: call_timeout,
+        disconnected_grace: Duration::from_secs(30),
     };
     (Arc::new(shared), reports)
 }

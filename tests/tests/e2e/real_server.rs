@@ -104,7 +104,8 @@ async fn a_gap_without_resume_answers_each_new_post_once_including_conversations
 /// initial delay.
 #[tokio::test]
 async fn resumed_drops_keep_reconnecting_at_the_initial_delay() -> Result<()> {
-    let rig = Rig::with(RigOptions::default()).await?;
+    // A grace shorter than the refusal below, longer than a resumed reconnect.
+    let rig = Rig::with(RigOptions { gateway_keys: "disconnected_grace_ms = 1500", ..RigOptions::default() }).await?;
     let channel = rig.world.office_general.clone();
     let gateway = rig.start(&[]).await?;
     rig.ask(&channel, "before the drops", &gateway).await;
@@ -126,10 +127,19 @@ async fn resumed_drops_keep_reconnecting_at_the_initial_delay() -> Result<()> {
     // /status tells whether the instance's WebSocket is up, and since when.
     let up = || async { gateway.status().await.map(|s| s["connections"]["mattermost"]["websockets_up"].clone()).ok() };
     assert_eq!(up().await, Some(serde_json::json!(1)));
-    rig.sim.refuse_websockets_for(Duration::from_secs(2));
+    assert_eq!(gateway.admin_get("/readyz").await?.0, 200, "ready through eight quick reconnects");
+    rig.sim.refuse_websockets_for(Duration::from_secs(4));
     rig.sim.drop_connections();
     assert_eventually!(up().await == Some(serde_json::json!(0)), "down while the server refuses");
+    // /readyz: not ready once the socket has been down longer than the grace, with why.
+    let readyz = || async { gateway.admin_get("/readyz").await.ok() };
+    assert_eventually!(
+        readyz().await.is_some_and(|(code, body)| code == 503 && body.contains("mattermost: no WebSocket up for")),
+        "not ready past the grace: {:?}",
+        readyz().await
+    );
     assert_eventually!(up().await == Some(serde_json::json!(1)), "up again");
+    assert_eventually!(readyz().await.is_some_and(|(code, _)| code == 200), "ready again: {:?}", readyz().await);
 
     Ok(())
 }
