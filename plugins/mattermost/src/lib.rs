@@ -79,7 +79,7 @@ impl AdapterPlugin for MattermostAdapter {
     }
 }
 
-#[cfg(not(feature = "fixture-abi-skew"))]
+#[cfg(all(feature = "export", not(feature = "fixture-abi-skew")))]
 switchboard_plugin_api::export_adapter!(MattermostAdapter);
 
 /// A root module under the adapter's name whose layout differs from ABI v1: the host's layout
