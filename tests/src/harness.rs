@@ -72,7 +72,7 @@ impl Artifacts {
         self.plugin_dir.join(mattermost_file_name())
     }
 
-    /// A broken build from `cargo xtask fixtures`, e.g. `abi-skew`.
+    /// A fixture adapter from `cargo xtask fixtures` (`tests/fixtures/<name>/`), e.g. `abi-skew`.
     pub fn fixture(&self, name: &str) -> Result<PathBuf> {
         let path = self.fixture_dir.join(format!("{name}{}", std::env::consts::DLL_SUFFIX));
         if !path.is_file() {

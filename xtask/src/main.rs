@@ -2,8 +2,9 @@
 //!
 //! - `build`: the `switchboard` binary and the adapter plugins, copied into
 //!   `target/plugins/<profile>/` (the plugin directory the demo and the tests use);
-//! - `fixtures`: deliberately broken builds of the Mattermost adapter for the refusal tests,
-//!   in `target/fixtures/`;
+//! - `fixtures`: the adapter libraries the host's tests load by name (builds broken on purpose,
+//!   a second tagged build), from `tests/fixtures/` (a cargo workspace of its own, built into
+//!   `target/fixtures/build/`), installed as `target/fixtures/<name>.so`;
 //! - `test`: `build` + `fixtures`, then the whole test suite;
 //! - `ci`: what `.ci/run` calls: `test`, then `bench --quick`;
 //! - `demo`: `build`, then the simulator, the gateway and a short scripted conversation;
@@ -31,7 +32,7 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
-    /// Build the broken adapter variants the refusal tests load, into target/fixtures/.
+    /// Build the fixture adapters the tests load (tests/fixtures/), into target/fixtures/.
     Fixtures,
     /// Build everything the tests need, then run the test suite (extra args go to cargo test).
     Test {
@@ -61,15 +62,17 @@ enum Task {
 /// Plugin crates: (package, library file stem without the `lib` prefix).
 const PLUGINS: &[(&str, &str)] = &[("switchboard-mattermost", "switchboard_mattermost")];
 
-/// Variants of the Mattermost adapter for the tests (broken ones, a second good build):
-/// (cargo feature, fixture file name).
-const FIXTURES: &[(&str, &str)] = &[
-    ("fixture-panicking-constructor", "panicking-constructor"),
-    ("fixture-abi-version", "abi-version"),
-    ("fixture-abi-skew", "abi-skew"),
-    ("fixture-build-b", "build-b"),
-    ("fixture-panic-on-message", "panic-on-message"),
-    ("fixture-panic-on-started", "panic-on-started"),
+/// The fixture adapters for the tests (`tests/fixtures/<name>/`, package
+/// `switchboard-fixture-<name>`), by name: `Artifacts::fixture(name)` in the tests.
+const FIXTURES: &[&str] = &[
+    "panicking-constructor",
+    "abi-version",
+    "abi-skew",
+    "build-b",
+    "panic-on-message",
+    "panic-on-started",
+    "hang-on-message",
+    "hang-on-construct",
 ];
 
 fn main() -> Result<()> {
@@ -146,29 +149,54 @@ fn build(root: &Path, release: bool) -> Result<PathBuf> {
     Ok(plugin_dir)
 }
 
-fn fixtures(root: &Path) -> Result<()> {
-    let profile = profile_dir(root, false);
-    let fixture_dir = target_dir(root).join("fixtures");
-    let built = profile.join(dylib_name("switchboard_mattermost"));
-    for (feature, name) in FIXTURES {
-        cargo(root, &["build", "--package", "switchboard-mattermost", "--features", feature])?;
-        install(&built, &fixture_dir.join(format!("{name}{}", std::env::consts::DLL_SUFFIX)))?;
+/// Build these fixtures (names from [`FIXTURES`]) in the fixture workspace, which has a
+/// target directory of its own (its lock file and features are its own); returns the
+/// directory the libraries are in.
+fn build_fixtures(root: &Path, release: bool, names: &[&str]) -> Result<PathBuf> {
+    let manifest = root.join("tests").join("fixtures").join("Cargo.toml");
+    let fixture_target = target_dir(root).join("fixtures").join("build");
+    let mut args: Vec<String> = vec![
+        "build".into(),
+        "--manifest-path".into(),
+        manifest.to_str().context("the fixture manifest path is not UTF-8")?.into(),
+        "--target-dir".into(),
+        fixture_target.to_str().context("the target directory path is not UTF-8")?.into(),
+    ];
+    for name in names {
+        args.extend(["--package".into(), format!("switchboard-fixture-{name}")]);
     }
-    // Leave the normal build in place for whoever builds next.
-    cargo(root, &["build", "--package", "switchboard-mattermost"])?;
+    if release {
+        args.push("--release".into());
+    }
+    cargo(root, &args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    Ok(fixture_target.join(if release { "release" } else { "debug" }))
+}
+
+/// The library file cargo makes for fixture `name`.
+fn fixture_library(name: &str) -> String {
+    dylib_name(&format!("switchboard_fixture_{}", name.replace('-', "_")))
+}
+
+fn fixtures(root: &Path) -> Result<()> {
+    let built = build_fixtures(root, false, FIXTURES)?;
+    let fixture_dir = target_dir(root).join("fixtures");
+    for name in FIXTURES {
+        install(
+            &built.join(fixture_library(name)),
+            &fixture_dir.join(format!("{name}{}", std::env::consts::DLL_SUFFIX)),
+        )?;
+    }
     eprintln!("xtask: fixtures in {}", fixture_dir.display());
     Ok(())
 }
 
 fn bench(root: &Path, quick: bool, only: &[String]) -> Result<()> {
-    // The second build the reload part swaps in, built first: the normal build below must
-    // be the last one in target/release.
-    let profile = profile_dir(root, true);
-    let built = profile.join(dylib_name("switchboard_mattermost"));
-    cargo(root, &["build", "--release", "--package", "switchboard-mattermost", "--features", "fixture-build-b"])?;
+    // The second build the reload part swaps in.
+    let built = build_fixtures(root, true, &["build-b"])?;
     let build_b = target_dir(root).join("fixtures").join("release").join(dylib_name("switchboard_mattermost_b"));
-    install(&built, &build_b)?;
+    install(&built.join(fixture_library("build-b")), &build_b)?;
     let plugin_dir = build(root, true)?;
+    let profile = profile_dir(root, true);
     let out = target_dir(root).join("bench").join("results.json");
     let mut command = Command::new(profile.join("bench"));
     command

@@ -14,9 +14,10 @@
 //!   next generation.
 //! - [`text`]: mentions, prefixes, splitting long replies.
 //!
-//! Cargo features `fixture-*` build variants for the host's tests: deliberately broken ones
-//! (refusals, a panic on one message) and a second good build whose replies are tagged, so a
-//! test can tell which build answered.
+//! Cargo feature `export` (on by default) exports the root module the host loads. The host's
+//! test fixtures (`tests/fixtures/`: a second, tagged build, builds that panic or hang on one
+//! message) wrap [`MattermostAdapter`] in libraries of their own and link this crate without
+//! it.
 
 pub mod adapter;
 pub mod settings;
@@ -35,16 +36,11 @@ pub struct MattermostAdapter {
 
 impl AdapterPlugin for MattermostAdapter {
     fn manifest() -> Manifest {
-        let abi_version = if cfg!(feature = "fixture-abi-version") { ABI_VERSION + 1 } else { ABI_VERSION };
         Manifest {
             adapter_name: ADAPTER_NAME.into(),
             adapter_version: env!("CARGO_PKG_VERSION").into(),
-            abi_version,
-            build: if cfg!(feature = "fixture-build-b") {
-                "b".into()
-            } else {
-                option_env!("SWITCHBOARD_BUILD_TAG").unwrap_or("dev").into()
-            },
+            abi_version: ABI_VERSION,
+            build: option_env!("SWITCHBOARD_BUILD_TAG").unwrap_or("dev").into(),
         }
     }
 
@@ -53,9 +49,6 @@ impl AdapterPlugin for MattermostAdapter {
     }
 
     fn new(host: HostHandle, config_json: &str, handover: Handover) -> Result<Self, String> {
-        if cfg!(feature = "fixture-panicking-constructor") {
-            panic!("fixture: constructor panics on purpose");
-        }
         let settings = settings::parse(config_json).map_err(|problems| {
             let listed: Vec<String> = problems.iter().map(|p| format!("{}: {}", p.key_path, p.message)).collect();
             format!("invalid config: {}", listed.join("; "))
@@ -64,9 +57,6 @@ impl AdapterPlugin for MattermostAdapter {
     }
 
     fn handle(&mut self, event: Event) -> Vec<Action> {
-        if cfg!(feature = "fixture-panic-on-started") && matches!(event, Event::Started { .. }) {
-            panic!("fixture: this build panics when it is started");
-        }
         self.inner.handle(event)
     }
 
@@ -79,45 +69,5 @@ impl AdapterPlugin for MattermostAdapter {
     }
 }
 
-#[cfg(not(feature = "fixture-abi-skew"))]
+#[cfg(feature = "export")]
 switchboard_plugin_api::export_adapter!(MattermostAdapter);
-
-/// A root module under the adapter's name whose layout differs from ABI v1: the host's layout
-/// check must refuse it.
-#[cfg(feature = "fixture-abi-skew")]
-pub mod skew {
-    use abi_stable::{
-        declare_root_module_statics, export_root_module, library::RootModule, package_version_strings,
-        prefix_type::PrefixTypeTrait, sabi_types::VersionStrings, std_types::RString, StableAbi,
-    };
-
-    #[repr(C)]
-    #[derive(StableAbi)]
-    #[sabi(kind(Prefix(prefix_ref = SkewedModuleRef)))]
-    #[sabi(missing_field(panic))]
-    pub struct SkewedModule {
-        pub manifest: extern "C" fn() -> RString,
-        #[sabi(last_prefix_field)]
-        pub validate_config: extern "C" fn(u64) -> u64,
-    }
-
-    impl RootModule for SkewedModuleRef {
-        declare_root_module_statics! {SkewedModuleRef}
-        const BASE_NAME: &'static str = "switchboard_adapter";
-        const NAME: &'static str = "switchboard_adapter";
-        const VERSION_STRINGS: VersionStrings = package_version_strings!();
-    }
-
-    extern "C" fn manifest() -> RString {
-        "skewed".into()
-    }
-
-    extern "C" fn validate_config(value: u64) -> u64 {
-        value
-    }
-
-    #[export_root_module]
-    pub fn skewed_root_module() -> SkewedModuleRef {
-        SkewedModule { manifest, validate_config }.leak_into_prefix()
-    }
-}

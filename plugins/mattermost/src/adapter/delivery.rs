@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use switchboard_plugin_api::{Action, LogLevel, OutboundReply, ReplyTarget};
 
-use super::{catch_up::PostList, number, requests::Pending, Adapter, TimerPurpose, BUILD_B_TAG, REPLY_MARK};
+use super::{catch_up::PostList, number, requests::Pending, Adapter, TimerPurpose, REPLY_MARK};
 use crate::text;
 
 const MAX_DELIVERY_ATTEMPTS: u32 = 5;
@@ -103,11 +103,7 @@ impl Adapter {
             }
             return;
         }
-        let parts = if cfg!(feature = "fixture-build-b") {
-            text::split(&format!("{} {BUILD_B_TAG}", reply.text), self.settings.max_post_chars)
-        } else {
-            text::split(reply.text.as_str(), self.settings.max_post_chars)
-        };
+        let parts = text::split(reply.text.as_str(), self.settings.max_post_chars);
         let queued_at_ms = if !maybe_sent {
             now
         } else if self.restored_clock_ms > 0 {

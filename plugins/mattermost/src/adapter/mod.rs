@@ -398,11 +398,6 @@ impl Adapter {
     }
 }
 
-/// What the `fixture-panic-on-message` build panics on.
-pub const PANIC_TRIGGER: &str = "PANIC-ON-THIS";
-/// What the `fixture-build-b` build appends to every reply (tells two builds apart).
-pub const BUILD_B_TAG: &str = "[build b]";
-
 /// The fields of a post the adapter reads (the REST and WebSocket JSON carry many more).
 /// Read into a struct, not a `Value`: every post of every channel goes through here.
 #[derive(Debug, Default, Deserialize)]

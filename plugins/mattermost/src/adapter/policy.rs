@@ -12,7 +12,7 @@
 use serde_json::Value;
 use switchboard_plugin_api::{Action, InboundMessage, LogLevel, PeerKind};
 
-use super::{Adapter, WirePost, PANIC_TRIGGER};
+use super::{Adapter, WirePost};
 use crate::{
     settings::{ChatMode, Policy},
     text,
@@ -51,9 +51,6 @@ impl Adapter {
         if self.recent_index.contains(&post_id) {
             self.log(LogLevel::Debug, format!("post {post_id} seen before; not answered again"));
             return;
-        }
-        if cfg!(feature = "fixture-panic-on-message") && message.contains(PANIC_TRIGGER) {
-            panic!("fixture: this build panics on posts containing {PANIC_TRIGGER}");
         }
         self.remember_post(&post_id);
         let props = props.unwrap_or_default();
