@@ -104,9 +104,9 @@ fn main() -> ExitCode {
             let started = Config::load(&config).map_err(anyhow::Error::from).and_then(|loaded| {
                 runtime(loaded.gateway.io_threads()).and_then(|rt| {
                     let outcome = rt.block_on(run(config, loaded));
-                    // The stop kept its deadline; nothing left on the runtime may hold the
-                    // process past it.
-                    rt.shutdown_timeout(std::time::Duration::from_millis(200));
+                    // The stop kept its deadline and stored what it had to; nothing left on the
+                    // runtime (a task still waiting on a hung adapter) may hold the process.
+                    rt.shutdown_background();
                     outcome
                 })
             });

@@ -6,13 +6,13 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use switchboard_tests::assert_eventually;
+use switchboard_tests::{assert_eventually, harness::Gateway};
 
 use crate::rig::{tail, Rig, BUILD_B_TAG};
 
 /// What the fixture hangs on, and what it prints (to the gateway's stderr) as it starts to.
 const HANG_TRIGGER: &str = "HANG-ON-THIS";
-const HANGING: &str = "fixture: hanging on a post";
+const HANGING: &str = "fixture: hanging on a post containing";
 
 #[tokio::test]
 async fn an_adapter_that_hangs_on_one_message_is_abandoned_and_the_others_are_answered() -> Result<()> {
@@ -24,7 +24,7 @@ async fn an_adapter_that_hangs_on_one_message_is_abandoned_and_the_others_are_an
     .await?;
     rig.drop_build(&rig.artifacts.fixture("hang-on-message")?)?;
     let channels = rig.open_channels(3);
-    let gateway = rig.start(&[]).await?;
+    let mut gateway = rig.start(&[]).await?;
     rig.ask(&channels[0], "before", &gateway).await;
     let mut expected = Vec::new();
     for i in 0..30 {
@@ -57,23 +57,18 @@ async fn an_adapter_that_hangs_on_one_message_is_abandoned_and_the_others_are_an
 
     // A fixed build swaps in as usual, while the abandoned thread still sleeps in the old one.
     rig.drop_build(&rig.artifacts.fixture("build-b")?)?;
-    let fixed = || rig.bot_posts().keys().any(|m| m.ends_with(BUILD_B_TAG));
-    let mut asked = 0;
-    while !fixed() {
-        asked += 1;
-        rig.sim.post_as(&rig.world.alice.id, &channels[1], &format!("fixed yet {asked}?"), None);
-        assert_eventually!(
-            rig.bot_posts().contains_key(&format!("echo: fixed yet {asked}?"))
-                || rig.bot_posts().contains_key(&format!("echo: fixed yet {asked}?{BUILD_B_TAG}")),
-            "answered\n{}",
-            tail(&gateway, 40)
-        );
-    }
-    let asked_at = Instant::now();
-    let status = gateway.stop().await?;
-    let took = asked_at.elapsed();
-    assert!(status.success(), "a clean exit: {status:?}");
-    assert!(took < Duration::from_millis(3000), "SIGTERM took {took:?} (stop_deadline_ms = 3000)");
+    assert_eventually!(
+        gateway.count(&["generation started", "build=b"]) == 1,
+        "the fixed build is loaded\n{}",
+        tail(&gateway, 40)
+    );
+    assert_eq!(rig.ask(&channels[1], "fixed?", &gateway).await, format!("echo: fixed?{BUILD_B_TAG}"));
+    let took = sigterm(&mut gateway).await;
+    assert!(
+        took < Duration::from_millis(3000),
+        "SIGTERM took {took:?} (stop_deadline_ms = 3000)\n{}",
+        tail(&gateway, 30)
+    );
     eprintln!("SIGTERM with an abandoned generation still hanging: {took:?}");
     Ok(())
 }
@@ -89,15 +84,29 @@ async fn sigterm_ends_within_the_stop_deadline_while_an_adapter_call_hangs() -> 
     .await?;
     rig.drop_build(&rig.artifacts.fixture("hang-on-message")?)?;
     let channel = rig.open_channels(1).remove(0);
-    let gateway = rig.start(&[]).await?;
+    let mut gateway = rig.start(&[]).await?;
     rig.ask(&channel, "before", &gateway).await;
     rig.sim.post_as(&rig.world.alice.id, &channel, &format!("{HANG_TRIGGER} now"), None);
     assert_eventually!(gateway.count(&[HANGING]) == 1, "the adapter hangs\n{}", tail(&gateway, 20));
-    let asked_at = Instant::now();
-    let status = gateway.stop().await?;
-    let took = asked_at.elapsed();
-    assert!(status.success(), "a clean exit: {status:?}");
-    assert!(took < Duration::from_millis(2000), "SIGTERM took {took:?} (stop_deadline_ms = 2000)");
+    let took = sigterm(&mut gateway).await;
+    assert!(
+        took < Duration::from_millis(2000),
+        "SIGTERM took {took:?} (stop_deadline_ms = 2000)\n{}",
+        tail(&gateway, 30)
+    );
     eprintln!("SIGTERM while an adapter call hangs: {took:?}");
     Ok(())
+}
+
+/// SIGTERM, and how long until the process is gone; it must exit cleanly.
+async fn sigterm(gateway: &mut Gateway) -> Duration {
+    gateway.signal(libc::SIGTERM);
+    let asked_at = Instant::now();
+    while gateway.is_running() {
+        assert!(asked_at.elapsed() < Duration::from_secs(15), "the gateway ignored SIGTERM\n{}", tail(gateway, 30));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let took = asked_at.elapsed();
+    assert_eq!(gateway.exit_code(), Some(0), "a clean exit\n{}", tail(gateway, 30));
+    took
 }
