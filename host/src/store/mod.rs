@@ -11,14 +11,21 @@
 //! - [`Store::finish_turns`]: per turn, the transcript turns, the queued reply and "inbound
 //!   answered". A crash before it re-runs the turn; a crash after it re-sends the queued reply.
 //!
-//! Both usually go through the [`StoreWriter`] thread, whose group commits put the writes of
-//! many tasks into one transaction, each inside a savepoint of its own.
+//! In the running gateway every write goes through the [`StoreWriter`] thread, in the order it
+//! was submitted (a new session before the turn that refers to it), and its group commits put
+//! the writes of many tasks into one transaction. Nothing on an async worker or an adapter's
+//! thread waits for the disk: writes are queued to the writer, reads that must see them go
+//! through it in order, and other reads run on read connections from a blocking thread (the
+//! `*_async` methods) or, for the session registry, on a connection of its own.
 //!
 //! Modules:
 //! - `schema`: the migrations and bringing a database up to date.
-//! - `queries`: the reads (sessions, history, pending work, the delivery queue, counts).
-//! - `writes`: the rows each kind of write puts into a transaction, and the direct writes.
-//! - `writer`: [`StoreWriter`], the thread that carries out writes with group commits.
+//! - `queries`: the reads (sessions, history, pending work, the delivery queue, counts) and
+//!   the read connections they run on.
+//! - `writes`: the rows each kind of write puts into a transaction, and the direct writes
+//!   (tests, imports, start-up).
+//! - `writer`: [`StoreWriter`], the thread that carries out writes and ordered reads, with
+//!   group commits; [`Pending`], a write or read on its way.
 //! - `sync`: the WAL sync threads (replies that wait for the disk) and the checkpointer.
 
 mod queries;
@@ -37,8 +44,11 @@ use std::{
 
 use rusqlite::{Connection, OpenFlags};
 
-use self::sync::checkpoint_while_open;
-pub use self::writer::{AfterSync, PendingBatch, StoreWriter};
+pub use self::writer::{AfterSync, Pending, PendingBatch, StoreWriter, WRITER_THREAD};
+use self::{
+    queries::{open_reader, ReadPool},
+    sync::checkpoint_while_open,
+};
 use crate::{apartment::Inbound, session::DeliveryTarget};
 
 /// The file name of the database inside the state directory.
@@ -76,6 +86,8 @@ pub enum StoreError {
     CannotSync(String),
     #[error("the state database writer has stopped")]
     WriterStopped,
+    #[error("a state database read was cancelled: the gateway is stopping")]
+    ReadCancelled,
     #[error("state database: the group commit this write was part of failed: {0}")]
     GroupFailed(String),
 }
@@ -141,10 +153,14 @@ pub struct StoreCounts {
 pub struct Store {
     durability: Durability,
     path: PathBuf,
+    /// The writer's connection: the [`StoreWriter`] thread's (and the direct writes', for
+    /// tests, imports and start-up).
     connection: std::sync::Arc<Mutex<Connection>>,
-    /// A second connection for the reads on the answering path (history): under WAL it reads
-    /// the last commit while the writer commits or waits for the disk. `None` in memory.
-    reader: Option<Mutex<Connection>>,
+    /// Read connections for reads off the writer's path (history, counts): under WAL they
+    /// read the last commit while the writer commits or waits for the disk. `None` in memory.
+    readers: Option<ReadPool>,
+    /// The session registry's read connection (see [`Store::session`]). `None` in memory.
+    sessions_reader: Option<Mutex<Connection>>,
 }
 
 impl Store {
@@ -155,10 +171,8 @@ impl Store {
         let connection = Connection::open_with_flags(&path, flags)
             .map_err(|e| StoreError::Open { path: path.clone(), reason: e.to_string() })?;
         let mut store = Store::init(path, connection, durability)?;
-        let reader = Connection::open_with_flags(&store.path, flags)
-            .map_err(|e| StoreError::Open { path: store.path.clone(), reason: e.to_string() })?;
-        reader.busy_timeout(std::time::Duration::from_secs(5))?;
-        store.reader = Some(Mutex::new(reader));
+        store.sessions_reader = Some(Mutex::new(open_reader(&store.path)?));
+        store.readers = Some(ReadPool::new(&store.path));
         // Checkpoints copy the WAL into the database and sync it: on a thread of their own, so
         // no commit (and no reply waiting behind it) pays for one.
         let checkpointer = Connection::open_with_flags(&store.path, flags)
@@ -196,13 +210,41 @@ impl Store {
         if check != "ok" {
             return Err(StoreError::Corrupt { path, reason: check });
         }
-        let store = Store { path, connection: std::sync::Arc::new(Mutex::new(connection)), reader: None, durability };
+        let store = Store {
+            path,
+            connection: std::sync::Arc::new(Mutex::new(connection)),
+            readers: None,
+            sessions_reader: None,
+            durability,
+        };
         store.migrate()?;
         Ok(store)
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Hold the writer's connection from another thread until the returned guard is dropped,
+    /// as a long commit or a stalled disk would: what needs the writer waits meanwhile, what
+    /// must not need it goes on.
+    #[cfg(test)]
+    pub(crate) fn hold_writer(self: &std::sync::Arc<Self>) -> HeldWriter {
+        let (locked, is_locked) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let store = self.clone();
+        let holder = std::thread::spawn(move || {
+            let _held = store.connection.lock().unwrap();
+            let _ = locked.send(());
+            let _ = released.recv();
+        });
+        is_locked.recv().unwrap();
+        HeldWriter { release: Some(release), holder: Some(holder) }
+    }
+
+    /// Whether the database is a file (it has read connections and a WAL to sync).
+    fn on_disk(&self) -> bool {
+        self.readers.is_some()
     }
 }
 
@@ -226,4 +268,21 @@ pub struct Pruned {
     pub dead_letters: u64,
     pub inbound: u64,
     pub outbound: u64,
+}
+
+/// The writer's connection held by another thread ([`Store::hold_writer`]); released on drop.
+#[cfg(test)]
+pub(crate) struct HeldWriter {
+    release: Option<std::sync::mpsc::Sender<()>>,
+    holder: Option<std::thread::JoinHandle<()>>,
+}
+
+#[cfg(test)]
+impl Drop for HeldWriter {
+    fn drop(&mut self) {
+        drop(self.release.take());
+        if let Some(holder) = self.holder.take() {
+            let _ = holder.join();
+        }
+    }
 }

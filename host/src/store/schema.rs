@@ -82,6 +82,9 @@ pub(super) const MIGRATIONS: &[&str] = &[
     DROP INDEX outbound_by_status;
     CREATE INDEX outbound_queued ON outbound (channel_instance, id) WHERE status = 'queued';
     CREATE INDEX outbound_failed ON outbound (channel_instance, id) WHERE status = 'failed';",
+    // 3 → 4: the session registry keeps only some sessions in memory and reads the rest from
+    // here: an adapter's listing of its instance's sessions by key prefix is an index range.
+    "CREATE INDEX sessions_by_channel ON sessions (channel_instance, key);",
 ];
 
 impl Store {

@@ -3,6 +3,7 @@ use rusqlite::params;
 use switchboard_plugin_api::PeerKind;
 
 use super::{schema::MIGRATIONS, *};
+use crate::session::Session;
 
 fn inbound(id: &str) -> Inbound {
     Inbound {
@@ -312,4 +313,115 @@ fn pruning_deletes_finished_rows_past_their_cut_off_and_keeps_pending_work() {
     assert_eq!(count("SELECT count(*) FROM outbound WHERE status = 'queued'"), 1, "queued replies stay");
     drop(connection);
     assert_eq!(store.prune(Some(1_000), Some(1_000), Some(1_000)).unwrap().dead_letters, 2);
+}
+
+fn session(key: &str, created_at_ms: i64) -> Session {
+    Session {
+        key: key.into(),
+        agent_id: "main".into(),
+        target: DeliveryTarget {
+            channel_instance: "mm".into(),
+            conversation_id: "c1".into(),
+            thread_root_id: "".into(),
+        },
+        created_at_ms,
+        last_active_ms: created_at_ms,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_write_runs_on_the_writer_thread_in_the_order_submitted() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(Store::open(dir.path(), Durability::Full).unwrap());
+    let writer = StoreWriter::start(store.clone(), Histogram::new([0.001]));
+    let batch = BatchRecord { inbound: vec![inbound("p1"), inbound("p2")], ..Default::default() };
+    let ids: Vec<i64> = writer.commit_batch("mm", batch, 1).await.unwrap().into_iter().map(Option::unwrap).collect();
+
+    // Submitted while the writer is held (a slow commit): all of it waits, in order.
+    let held = store.hold_writer();
+    let (stored_on, stored) = std::sync::mpsc::channel();
+    writer.insert_session(session("s", 1_000), move |outcome| {
+        let _ = stored_on.send((std::thread::current().name().map(String::from), outcome.is_ok()));
+    });
+    let turn = writer.finish(FinishedTurn { finished_at_ms: 5_000, ..turn_answering(ids[0], "s", "hi") });
+    let status = writer.set_inbound_status(ids[1], "no_agent");
+    let letter = DeadLetter {
+        channel_instance: "mm".into(),
+        generation: 1,
+        event_kind: "ws_frame".into(),
+        conversation_id: "c1".into(),
+        session_key: "s".into(),
+        payload: "{}".into(),
+        error: "panicked twice".into(),
+    };
+    let dead_letter = writer.add_dead_letter(letter.clone(), 6_000);
+    let state_before = writer.adapter_state("mm");
+    let saved =
+        writer.submit_batch("mm", BatchRecord { adapter_state: Some((1, "{}".into())), ..Default::default() }, 7);
+    let state_after = writer.adapter_state("mm");
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(stored.try_recv().is_err(), "nothing was written on the calling thread");
+    assert_eq!(store.session("s").unwrap(), None);
+    drop(held);
+
+    let reply_id = turn.await.unwrap().unwrap();
+    status.await.unwrap();
+    assert!(dead_letter.await.unwrap() > 0);
+    assert_eq!(state_before.await.unwrap(), None, "a read sees what was submitted before it, not after");
+    saved.await.unwrap();
+    assert_eq!(state_after.await.unwrap(), Some((1, "{}".into())));
+    let (thread, ok) = stored.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
+    assert_eq!((thread.as_deref(), ok), (Some(WRITER_THREAD), true));
+    // The turn found the session's row: stored before it, although submitted in one group.
+    assert_eq!(store.session("s").unwrap().unwrap().last_active_ms, 5_000);
+    assert_eq!(store.dead_letters().unwrap(), vec![letter]);
+
+    // A reply marked failed is gone from the queue for a read submitted after the mark.
+    assert_eq!(writer.queued_replies("mm").await.unwrap().len(), 1);
+    let held = store.hold_writer();
+    let failed = writer.mark_failed(reply_id as u64, "gave up", 8);
+    let queued = writer.queued_replies("mm");
+    drop(held);
+    failed.await.unwrap();
+    assert!(queued.await.unwrap().is_empty());
+    let counts = store.counts_async().await.unwrap();
+    assert_eq!((counts.inbound_pending, counts.outbound_failed, counts.dead_letters), (0, 1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_reads_do_not_wait_for_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(Store::open(dir.path(), Durability::Normal).unwrap());
+    let writer = StoreWriter::start(store.clone(), Histogram::new([0.001]));
+    let ids = writer.commit_batch("mm", BatchRecord { inbound: vec![inbound("p1")], ..Default::default() }, 1).await;
+    let id = ids.unwrap()[0].unwrap();
+    writer.finish(turn_answering(id, "s", "hi")).await.unwrap();
+    let _held = store.hold_writer();
+    let reads = async {
+        let history = store.history_async("s", 10).await.unwrap();
+        let waiting = store.waiting_inbound_async(id).await.unwrap();
+        let counts = store.counts_async().await.unwrap();
+        (history.len(), waiting.is_none(), counts.turns)
+    };
+    let read = tokio::time::timeout(std::time::Duration::from_secs(5), reads).await;
+    assert_eq!(read.expect("reads go on while the writer is held"), (1, true, 1));
+}
+
+#[test]
+fn sessions_are_read_by_key_and_listed_by_instance_and_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), Durability::Normal).unwrap();
+    let mut other = session("agent:main:other:channel:c1", 1);
+    other.target.channel_instance = "other".into();
+    let sessions =
+        [session("agent:main:mm:channel:c1", 1), session("agent:main:mm:dm:u1", 2), session("agent:ops:mm:dm:u1", 3)];
+    store.insert_sessions(&sessions).unwrap();
+    store.insert_session(&other).unwrap();
+    assert_eq!(store.session("agent:main:mm:dm:u1").unwrap(), Some(sessions[1].clone()));
+    assert_eq!(store.session("agent:main:mm:dm:u2").unwrap(), None);
+    assert_eq!(store.sessions_of("mm", "").unwrap(), sessions);
+    assert_eq!(store.sessions_of("mm", "agent:main:").unwrap(), sessions[..2]);
+    assert_eq!(store.sessions_of("other", "agent:main:").unwrap(), vec![other]);
+    assert_eq!(store.recent_sessions(2).unwrap().iter().map(|s| s.created_at_ms).collect::<Vec<_>>(), [3, 2]);
+    assert_eq!(store.session_count().unwrap(), 4);
 }

@@ -15,23 +15,8 @@ impl Store {
     pub fn insert_sessions(&self, sessions: &[Session]) -> Result<(), StoreError> {
         let mut connection = self.connection.lock().unwrap();
         let transaction = connection.transaction()?;
-        {
-            let mut statement = transaction.prepare_cached(
-                "INSERT OR IGNORE INTO sessions
-                 (key, agent_id, channel_instance, conversation_id, thread_root_id, created_at_ms, last_active_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?;
-            for session in sessions {
-                statement.execute(params![
-                    session.key,
-                    session.agent_id,
-                    session.target.channel_instance,
-                    session.target.conversation_id,
-                    session.target.thread_root_id,
-                    session.created_at_ms,
-                    session.last_active_ms
-                ])?;
-            }
+        for session in sessions {
+            write_session(&transaction, session)?;
         }
         transaction.commit()?;
         Ok(())
@@ -89,11 +74,7 @@ impl Store {
 
     /// Mark an inbound message as not going to be answered (e.g. its lane overflowed).
     pub fn set_inbound_status(&self, inbound_id: i64, status: &str) -> Result<(), StoreError> {
-        let connection = self.connection.lock().unwrap();
-        connection
-            .prepare_cached("UPDATE inbound SET status = ?2 WHERE id = ?1")?
-            .execute(params![inbound_id, status])?;
-        Ok(())
+        write_inbound_status(&self.connection.lock().unwrap(), inbound_id, status)
     }
 
     /// Delete finished rows older than their cut-off (ms since the epoch; `None` keeps them):
@@ -140,22 +121,7 @@ impl Store {
     }
 
     pub fn add_dead_letter(&self, letter: &DeadLetter, now_ms: i64) -> Result<i64, StoreError> {
-        let connection = self.connection.lock().unwrap();
-        connection.execute(
-            "INSERT INTO dead_letters (channel_instance, generation, event_kind, conversation_id, session_key, \
-             payload, error, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            rusqlite::params![
-                letter.channel_instance,
-                letter.generation as i64,
-                letter.event_kind,
-                letter.conversation_id,
-                letter.session_key,
-                letter.payload,
-                letter.error,
-                now_ms
-            ],
-        )?;
-        Ok(connection.last_insert_rowid())
+        write_dead_letter(&self.connection.lock().unwrap(), letter, now_ms)
     }
 }
 
@@ -262,4 +228,50 @@ pub(super) fn write_turn(transaction: &Connection, turn: &FinishedTurn) -> Resul
         .prepare_cached("UPDATE sessions SET last_active_ms = ?2 WHERE key = ?1")?
         .execute(params![turn.session_key, at_ms])?;
     Ok(reply_id)
+}
+
+/// A new session's row; a session stored before stays as it is (the first one wins, as in
+/// the registry).
+pub(super) fn write_session(transaction: &Connection, session: &Session) -> Result<(), StoreError> {
+    transaction
+        .prepare_cached(
+            "INSERT OR IGNORE INTO sessions
+             (key, agent_id, channel_instance, conversation_id, thread_root_id, created_at_ms, last_active_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?
+        .execute(params![
+            session.key,
+            session.agent_id,
+            session.target.channel_instance,
+            session.target.conversation_id,
+            session.target.thread_root_id,
+            session.created_at_ms,
+            session.last_active_ms
+        ])?;
+    Ok(())
+}
+
+pub(super) fn write_inbound_status(transaction: &Connection, inbound_id: i64, status: &str) -> Result<(), StoreError> {
+    transaction.prepare_cached("UPDATE inbound SET status = ?2 WHERE id = ?1")?.execute(params![inbound_id, status])?;
+    Ok(())
+}
+
+/// A dead letter's row; its id.
+pub(super) fn write_dead_letter(transaction: &Connection, letter: &DeadLetter, now_ms: i64) -> Result<i64, StoreError> {
+    transaction
+        .prepare_cached(
+            "INSERT INTO dead_letters (channel_instance, generation, event_kind, conversation_id, session_key, \
+             payload, error, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?
+        .execute(params![
+            letter.channel_instance,
+            letter.generation as i64,
+            letter.event_kind,
+            letter.conversation_id,
+            letter.session_key,
+            letter.payload,
+            letter.error,
+            now_ms
+        ])?;
+    Ok(transaction.last_insert_rowid())
 }
