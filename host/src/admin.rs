@@ -231,11 +231,8 @@ async fn metrics(State(state): State<AdminState>) -> Response {
 }
 
 async fn status(State(state): State<AdminState>) -> Json<serde_json::Value> {
-    let store = state.shared.router.store();
-    let counts = tokio::task::spawn_blocking(move || store.counts()).await;
-    let store = match counts {
-        Ok(Ok(counts)) => json!(counts),
-        Ok(Err(e)) => json!({"error": e.to_string()}),
+    let store = match state.shared.router.counts_async().await {
+        Ok(counts) => json!(counts),
         Err(e) => json!({"error": e.to_string()}),
     };
     let generations = state.shared.ledger.snapshot();

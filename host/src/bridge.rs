@@ -1,6 +1,9 @@
 //! The host handle an adapter generation holds: the session registry, secrets, the clock and
 //! the log bridge (a plugin's own `tracing` goes nowhere, ARCHITECTURE.md §3.8).
-//! Its methods run host code on the apartment thread; none blocks on I/O.
+//! Its methods run host code on the apartment thread; none waits for the store's writer or the
+//! disk's sync: a new session is queued to the writer thread and served from memory meanwhile.
+//! A session the registry's cache does not hold (and a listing) is read on the registry's own
+//! read connection, which under WAL waits for no writer.
 
 use std::sync::Arc;
 
@@ -74,5 +77,45 @@ impl HostApi for HostBridge {
             thread_root_id: target.thread_root_id.to_string(),
         };
         info(self.sessions.open(key.as_str(), agent_id.as_str(), &target))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use switchboard_plugin_api::{HostApi, ReplyTarget};
+
+    use super::*;
+    use crate::{
+        session::DurableSessions,
+        store::{Durability, Store, StoreWriter},
+    };
+
+    #[test]
+    fn open_session_on_the_apartment_does_not_wait_for_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), Durability::Full).unwrap());
+        let writer =
+            Arc::new(StoreWriter::start(store.clone(), prometheus_client::metrics::histogram::Histogram::new([0.001])));
+        let sessions: Arc<dyn SessionStore> = Arc::new(DurableSessions::with_writer(writer, 100).unwrap());
+        let bridge = HostBridge { channel_instance: "mm".into(), generation: 1, sessions };
+        // The writer's connection held, as by a commit stuck on the disk.
+        let held = store.hold_writer();
+        let (opened, done) = std::sync::mpsc::channel();
+        let apartment = std::thread::spawn(move || {
+            let key = "agent:main:mm:channel:c1";
+            let info = bridge.open_session(key.into(), "main".into(), ReplyTarget::new("c1", ""));
+            let found = bridge.session(key.into()).into_option().map(|s| s.key.to_string());
+            let listed = bridge.sessions("agent:main:".into()).len();
+            let _ = opened.send((info.key.to_string(), found, listed));
+        });
+        let (key, found, listed) =
+            done.recv_timeout(Duration::from_secs(5)).expect("the host calls return while the writer is held");
+        assert_eq!(found.as_deref(), Some(key.as_str()));
+        assert_eq!(listed, 1, "listed before it is stored");
+        assert_eq!(store.session(&key).unwrap(), None);
+        drop(held);
+        apartment.join().unwrap();
     }
 }

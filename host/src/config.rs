@@ -81,6 +81,9 @@ pub struct GatewayConfig {
     /// How long a channel instance may have no WebSocket up (after it had one) before
     /// `/readyz` says the gateway is not ready; reconnects within it go unnoticed.
     pub disconnected_grace: Duration,
+    /// How many stored sessions the session registry keeps in memory (least recently used
+    /// leave first; the store has them all). Takes effect at the next start.
+    pub session_cache_capacity: usize,
     /// Threads of the async runtime (sockets, HTTP, timers, session lanes); `None` picks
     /// [`GatewayConfig::io_threads`]'s default. Takes effect at the next start.
     pub io_threads: Option<usize>,
@@ -379,6 +382,7 @@ impl Reader<'_> {
                 "adapter_call_timeout_ms",
                 "disconnected_grace_ms",
                 "io_threads",
+                "session_cache_capacity",
             ],
         );
         let state_dir = self.path(table, "gateway", "state_dir", "state");
@@ -446,6 +450,12 @@ impl Reader<'_> {
             Duration::from_millis(self.positive_int(table, "gateway", "adapter_call_timeout_ms", 10_000));
         let disconnected_grace =
             Duration::from_millis(self.non_negative_int(table, "gateway", "disconnected_grace_ms", 30_000));
+        let session_cache_capacity = self.positive_int(
+            table,
+            "gateway",
+            "session_cache_capacity",
+            crate::session::DEFAULT_SESSION_CACHE_CAPACITY as u64,
+        ) as usize;
         let io_threads = table.contains_key("io_threads").then(|| self.positive_int(table, "gateway", "io_threads", 1));
         if io_threads.is_some_and(|n| n > MAX_IO_THREADS) {
             self.problem("gateway.io_threads", format!("at most {MAX_IO_THREADS}"));
@@ -467,6 +477,7 @@ impl Reader<'_> {
             adapter_restart_window,
             adapter_call_timeout,
             disconnected_grace,
+            session_cache_capacity,
             io_threads: io_threads.map(|n| n.min(MAX_IO_THREADS) as usize),
         }
     }
@@ -917,6 +928,18 @@ agent = "main"
     }
 
     #[test]
+    fn the_session_cache_capacity_defaults_and_must_be_positive() {
+        let default = Config::parse(SEED, Path::new(".")).unwrap();
+        assert_eq!(default.gateway.session_cache_capacity, crate::session::DEFAULT_SESSION_CACHE_CAPACITY);
+        let set = Config::parse(&SEED.replace("[gateway]", "[gateway]\nsession_cache_capacity = 10"), Path::new("."))
+            .unwrap();
+        assert_eq!(set.gateway.session_cache_capacity, 10);
+        let errors = Config::parse(&SEED.replace("[gateway]", "[gateway]\nsession_cache_capacity = 0"), Path::new("."))
+            .unwrap_err();
+        assert!(errors.iter().any(|e| e.key_path == "gateway.session_cache_capacity"), "{errors:?}");
+    }
+
+    #[test]
     fn every_problem_is_reported_with_its_key_path() {
         let text = r#"
 [gateway]
@@ -1029,6 +1052,7 @@ agent = "ghost"
             "gateway.lane_capacity",
             "gateway.durability",
             "gateway.io_threads",
+            "gateway.session_cache_capacity",
             "gateway.generation_budget",
             "gateway.ws_max_message_bytes",
             "plugins.dir",

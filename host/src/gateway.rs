@@ -30,7 +30,7 @@ use crate::{
     metrics::Metrics,
     routing::Router,
     session::DurableSessions,
-    store::{Store, StoreError},
+    store::{Store, StoreError, StoreWriter},
     watch::PluginWatch,
 };
 
@@ -219,31 +219,46 @@ impl Controller {
         let entries = resolve(&config, &mut catalog)
             .await
             .map_err(|errors| GatewayError::Config(ConfigErrors { file: config_path.clone(), errors }))?;
-        let store = Arc::new(Store::open(&config.gateway.state_dir, config.gateway.durability)?);
-        let sessions = DurableSessions::load(store.clone())?;
-        let counts = store.counts()?;
-        tracing::info!(
-            database = %store.path().display(),
-            sessions = counts.sessions,
-            turns = counts.turns,
-            inbound_pending = counts.inbound_pending,
-            outbound_queued = counts.outbound_queued,
-            "state loaded"
-        );
-        prune(&store, config.retention);
-        if let Err(e) = store.truncate_wal() {
-            tracing::warn!("cannot write the WAL back at start-up: {e}");
-        }
-        let retention = Arc::new(std::sync::RwLock::new(config.retention));
-        spawn_pruning(store.clone(), retention.clone());
         let metrics = Arc::new(Metrics::new());
+        // Opening, checking, pruning and warming the session cache read and write the disk:
+        // on a blocking thread, not an async worker.
+        let (state_dir, durability, retention) =
+            (config.gateway.state_dir.clone(), config.gateway.durability, config.retention);
+        let (cache_capacity, sync_seconds) =
+            (config.gateway.session_cache_capacity, metrics.store_wal_sync_seconds.clone());
+        let (writer, sessions) = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+            let store = Arc::new(Store::open(&state_dir, durability)?);
+            let counts = store.counts()?;
+            tracing::info!(
+                database = %store.path().display(),
+                sessions = counts.sessions,
+                turns = counts.turns,
+                inbound_pending = counts.inbound_pending,
+                outbound_queued = counts.outbound_queued,
+                "state loaded"
+            );
+            prune(&store, retention);
+            if let Err(e) = store.truncate_wal() {
+                tracing::warn!("cannot write the WAL back at start-up: {e}");
+            }
+            let writer = Arc::new(StoreWriter::start(store, sync_seconds));
+            let sessions = DurableSessions::with_writer(writer.clone(), cache_capacity)?;
+            Ok((writer, sessions))
+        })
+        .await
+        .map_err(|e| StoreError::Open {
+            path: config.gateway.state_dir.join(crate::store::DATABASE_FILE),
+            reason: format!("start-up thread: {e}"),
+        })??;
+        let retention = Arc::new(std::sync::RwLock::new(config.retention));
+        spawn_pruning(writer.store().clone(), retention.clone());
         let tls = crate::tls::client_config(&[]);
         let http = crate::tls::http_client(&tls).map_err(|e| GatewayError::StateDir {
             dir: config.gateway.state_dir.clone(),
             reason: format!("HTTP client: {e}"),
         })?;
         let tls = crate::tls::ChannelTls { http: http.clone(), ws: tls };
-        let router = Router::new(&config, Arc::new(sessions), store, metrics.clone(), http.clone());
+        let router = Router::new(&config, Arc::new(sessions), writer, metrics.clone(), http.clone());
         let shared = Arc::new(Shared {
             router,
             metrics,
@@ -451,6 +466,11 @@ impl Controller {
             (
                 "gateway.adapter_call_timeout_ms",
                 new.gateway.adapter_call_timeout != self.config.gateway.adapter_call_timeout,
+            ),
+            ("gateway.disconnected_grace_ms", new.gateway.disconnected_grace != self.config.gateway.disconnected_grace),
+            (
+                "gateway.session_cache_capacity",
+                new.gateway.session_cache_capacity != self.config.gateway.session_cache_capacity,
             ),
         ]
         .into_iter()
@@ -673,12 +693,23 @@ impl Controller {
                 "stop deadline reached with turns still running; they are answered after the next start"
             );
         }
-        let store = router.store();
         let channels: Vec<String> = self.channels.keys().cloned().collect();
-        let queued = || channels.iter().map(|c| store.queued_replies(c).map_or(0, |q| q.len())).sum::<usize>();
-        if !wait_until(deadline, || queued() == 0).await {
+        // Read in order through the writer: a confirmation already submitted counts.
+        let queued = || async {
+            let mut queued = 0;
+            for channel in &channels {
+                queued += router.queued_replies_async(channel).await.map_or(0, |q| q.len());
+            }
+            queued
+        };
+        let mut replies = queued().await;
+        while replies > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+            replies = queued().await;
+        }
+        if replies > 0 {
             tracing::warn!(
-                replies = queued(),
+                replies,
                 "stop deadline reached with replies still queued; they are sent after the next start"
             );
         }
@@ -691,7 +722,7 @@ impl Controller {
         let torn_down =
             || self.shared.ledger.snapshot().iter().all(|r| r.state != crate::ledger::GenerationState::Retiring);
         wait_until(end, torn_down).await;
-        match store.counts() {
+        match router.counts_async().await {
             Ok(counts) => tracing::info!(
                 sessions = counts.sessions,
                 inbound_pending = counts.inbound_pending,

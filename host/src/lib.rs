@@ -22,9 +22,12 @@
 //! - [`tls`]: the roots HTTPS and WSS trust (built-in public, system, a channel's `ca_file`).
 //! - [`bridge`]: the host handle adapters hold (sessions, secrets, clock, log bridge).
 //! - [`routing`]: inbound → binding → session key → lane → agent → reply delivery.
-//! - [`session`]: the session registry (a cache over the store) and the session key grammar.
+//! - [`session`]: the session registry (a bounded cache over the store, which has every
+//!   session) and the session key grammar.
 //! - [`store`]: the durable store (SQLite, WAL): sessions, transcripts, inbound ids, the
-//!   delivery queue and adapter state; the transactions that keep the ordering rules.
+//!   delivery queue and adapter state; the transactions that keep the ordering rules; the
+//!   writer thread every write goes through in submission order, so that neither an async
+//!   worker nor an adapter's thread waits for the disk.
 //! - [`lane`]: per-session ordered turns under a global concurrency cap.
 //! - [`agent`]: the agents (`echo`, `command`, `openai`, `http`).
 //! - [`upgrade`]: re-executing the binary at the start-up path (SIGUSR2, the generation

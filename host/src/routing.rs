@@ -24,7 +24,7 @@ use crate::{
     lane::Lanes,
     metrics::{self, Metrics},
     session::{now_ms, session_key, DeliveryTarget, Session, SessionStore},
-    store::{FinishedTurn, QueuedReply, Store, StoreWriter, Turn},
+    store::{DeadLetter, FinishedTurn, Pending, QueuedReply, Store, StoreError, StoreWriter, Turn},
 };
 
 /// The part of the config routing needs; replaced as a whole on reload.
@@ -47,7 +47,7 @@ pub struct Router {
     table: RwLock<Table>,
     sessions: Arc<dyn SessionStore>,
     store: Arc<Store>,
-    writer: StoreWriter,
+    writer: Arc<StoreWriter>,
     lanes: Lanes,
     instances: RwLock<HashMap<String, mpsc::UnboundedSender<Event>>>,
     metrics: Arc<Metrics>,
@@ -64,15 +64,15 @@ impl Router {
     pub fn new(
         config: &Config,
         sessions: Arc<dyn SessionStore>,
-        store: Arc<Store>,
+        writer: Arc<StoreWriter>,
         metrics: Arc<Metrics>,
         http: reqwest::Client,
     ) -> Arc<Self> {
         let router = Arc::new(Router {
             table: RwLock::new(Table::default()),
             sessions,
-            writer: StoreWriter::start(store.clone(), metrics.store_wal_sync_seconds.clone()),
-            store,
+            store: writer.store().clone(),
+            writer,
             lanes: Lanes::new(config.gateway.max_concurrent_turns, config.gateway.lane_capacity),
             instances: RwLock::new(HashMap::new()),
             metrics,
@@ -133,9 +133,23 @@ impl Router {
     }
 
     /// After a start: answer what was recorded but not answered, and send what was queued but
-    /// not confirmed, in their original order.
-    pub fn recover(self: &Arc<Self>, channel: &str) {
-        match self.store.pending_inbound(channel) {
+    /// not confirmed, in their original order. The reads go in order through the writer;
+    /// awaited before the instance handles a live event, what the last process left goes first.
+    pub async fn recover(self: &Arc<Self>, channel: &str) {
+        let pending = self.writer.pending_inbound(channel);
+        let queued = self.writer.queued_replies(channel);
+        let (pending, queued) = (pending.await, queued.await);
+        self.take_up(channel, pending, queued);
+    }
+
+    /// Route the unanswered messages and deliver the queued replies a start found.
+    fn take_up(
+        self: &Arc<Self>,
+        channel: &str,
+        pending: Result<Vec<(i64, Inbound)>, StoreError>,
+        queued: Result<Vec<QueuedReply>, StoreError>,
+    ) {
+        match pending {
             Ok(pending) => {
                 if !pending.is_empty() {
                     tracing::info!(channel, messages = pending.len(), "answering inbound recorded before the restart");
@@ -149,7 +163,7 @@ impl Router {
                 tracing::error!(channel, "cannot read unanswered inbound from the store: {e}");
             }
         }
-        match self.store.queued_replies(channel) {
+        match queued {
             Ok(queued) => {
                 if !queued.is_empty() {
                     tracing::info!(channel, replies = queued.len(), "sending replies queued before the restart");
@@ -167,6 +181,38 @@ impl Router {
                 tracing::error!(channel, "cannot read the delivery queue from the store: {e}");
             }
         }
+    }
+
+    /// The adapter state saved for `channel`, read in order after every batch submitted
+    /// before (a restarted instance resumes from its last stored state).
+    pub fn adapter_state_async(&self, channel: &str) -> Pending<Option<(u32, String)>> {
+        self.writer.adapter_state(channel)
+    }
+
+    /// Replies of `channel` queued and not yet confirmed, read in order after every batch
+    /// submitted before (with the confirmations it carried).
+    pub fn queued_replies_async(&self, channel: &str) -> Pending<Vec<QueuedReply>> {
+        self.writer.queued_replies(channel)
+    }
+
+    /// Keep an event an adapter failed on twice, in order with the instance's batches; the
+    /// dead letter's id once stored.
+    pub fn add_dead_letter(&self, letter: DeadLetter) -> Pending<i64> {
+        self.writer.add_dead_letter(letter, now_ms())
+    }
+
+    /// The sessions of `channel` whose key starts with `prefix`, listed on a blocking thread
+    /// (the listing reads the store).
+    pub async fn list_sessions_async(&self, channel: &str, prefix: &str) -> Vec<Session> {
+        let (sessions, channel, prefix) = (self.sessions.clone(), channel.to_string(), prefix.to_string());
+        // Cancelled only when the runtime stops; the listing just names sessions (a dead
+        // letter's), so none is better than a panic there.
+        tokio::task::spawn_blocking(move || sessions.list(&channel, &prefix)).await.unwrap_or_default()
+    }
+
+    /// The store's counts, read on a blocking thread.
+    pub async fn counts_async(&self) -> Result<crate::store::StoreCounts, StoreError> {
+        self.store.counts_async().await
     }
 
     /// Hand a queued reply to the channel instance that owns its target.
@@ -245,7 +291,7 @@ impl Router {
         let lane = key.clone();
         let turn = Box::pin(async move {
             router.clone().turn(session, agent, inbound_id, inbound, typing).await;
-            router.take_up_waiting(&lane);
+            router.take_up_waiting(&lane).await;
         });
         if self.lanes.submit(&key, turn).is_err() {
             let mut waiting = self.waiting.lock().unwrap();
@@ -268,34 +314,62 @@ impl Router {
     }
 
     /// A turn of `session_key` ended: hand its lane the next message that waited in the store.
-    fn take_up_waiting(self: &Arc<Self>, session_key: &str) {
-        let next = {
-            let mut waiting = self.waiting.lock().unwrap();
-            let Some(queue) = waiting.get_mut(session_key) else { return };
-            let next = queue.pop_front();
-            if queue.is_empty() {
-                waiting.remove(session_key);
+    async fn take_up_waiting(self: &Arc<Self>, session_key: &str) {
+        loop {
+            // Looked at, not taken, while it is read: a message arriving meanwhile still
+            // finds the queue and waits behind it.
+            let next = {
+                let mut waiting = self.waiting.lock().unwrap();
+                let Some(queue) = waiting.get(session_key) else { return };
+                let next = queue.front().copied();
+                if next.is_none() {
+                    waiting.remove(session_key);
+                }
+                next
+            };
+            let Some(inbound_id) = next else { return };
+            let read = self.store.waiting_inbound_async(inbound_id).await;
+            {
+                // Only this lane's turns take from its queue, one at a time: it is still first.
+                let mut waiting = self.waiting.lock().unwrap();
+                if let Some(queue) = waiting.get_mut(session_key) {
+                    if queue.front() == Some(&inbound_id) {
+                        queue.pop_front();
+                    }
+                    if queue.is_empty() {
+                        waiting.remove(session_key);
+                    }
+                }
             }
-            next
-        };
-        let Some(inbound_id) = next else { return };
-        match self.store.waiting_inbound(inbound_id) {
-            Ok(Some((channel, inbound))) => self.start_turn(&channel, inbound_id, inbound, true),
-            // Answered meanwhile (a restart took it up), or gone: the next one then.
-            Ok(None) => self.take_up_waiting(session_key),
-            Err(e) => {
-                self.metrics.store_errors.inc();
-                tracing::error!(inbound_id, "cannot read a waiting message; it is answered after the next start: {e}");
-                self.take_up_waiting(session_key);
+            match read {
+                Ok(Some((channel, inbound))) => return self.start_turn(&channel, inbound_id, inbound, true),
+                // Answered meanwhile (a restart took it up), or gone: the next one then.
+                Ok(None) => {}
+                Err(e) => {
+                    self.metrics.store_errors.inc();
+                    tracing::error!(
+                        inbound_id,
+                        "cannot read a waiting message; it is answered after the next start: {e}"
+                    );
+                }
             }
         }
     }
 
-    fn set_status(&self, inbound_id: i64, status: &str) {
-        if let Err(e) = self.store.set_inbound_status(inbound_id, status) {
-            self.metrics.store_errors.inc();
-            tracing::error!(inbound_id, "cannot store the inbound status {status}: {e}");
-        }
+    /// Store an inbound message's status through the writer, without waiting for it.
+    fn set_status(&self, inbound_id: i64, status: &'static str) {
+        let stored = self.writer.set_inbound_status(inbound_id, status);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // Outside the runtime (a tool): the writer logs a failure itself.
+            return stored.detach();
+        };
+        let metrics = self.metrics.clone();
+        runtime.spawn(async move {
+            if let Err(e) = stored.await {
+                metrics.store_errors.inc();
+                tracing::error!(inbound_id, "cannot store the inbound status {status}: {e}");
+            }
+        });
     }
 
     /// One agent turn for `session`, with a typing indicator while the agent works.
@@ -311,7 +385,7 @@ impl Router {
         // message came from.
         let target = ReplyTarget::new(&session.target.conversation_id, &inbound.thread_root_id);
         let stored = if agent.reads_history() {
-            self.store.history(&session.key, agent.config.history_limit)
+            self.store.history_async(&session.key, agent.config.history_limit).await
         } else {
             Ok(Vec::new())
         };

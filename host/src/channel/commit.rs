@@ -172,10 +172,8 @@ impl Instance {
                     self.shared.metrics.replies_failed.get_or_create(&metrics::channel(&self.id)).inc();
                     if retryable {
                         // Dead-lettered: stays in the store as failed, with the reason.
-                        let record = BatchRecord { failed: vec![(reply_id, error.clone())], ..Default::default() };
-                        if let Err(e) = self.shared.router.store().commit_batch(&self.id, &record, now_ms()) {
-                            tracing::error!(channel = %self.id, reply_id, "cannot mark the reply failed: {e}");
-                        }
+                        // Not awaited (this runs between batches); the writer logs a failure.
+                        self.shared.router.writer().mark_failed(reply_id, &error, now_ms()).detach();
                     }
                     tracing::error!(channel = %self.id, session, conversation, reply_id, retryable, "reply could not be delivered: {error}");
                 }

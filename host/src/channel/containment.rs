@@ -234,8 +234,8 @@ impl Instance {
         } else {
             self.shared
                 .router
-                .sessions()
-                .list(&self.id, "")
+                .list_sessions_async(&self.id, "")
+                .await
                 .into_iter()
                 .filter(|s| s.target.conversation_id == conversation)
                 .map(|s| s.key)
@@ -258,7 +258,7 @@ impl Instance {
             payload,
             error: error.to_string(),
         };
-        let stored = self.shared.router.store().add_dead_letter(&letter, now_ms());
+        let stored = self.shared.router.add_dead_letter(letter).await;
         if let Err(e) = &stored {
             self.shared.metrics.store_errors.inc();
             tracing::error!(channel = %self.id, "cannot store the dead letter: {e}");
@@ -266,9 +266,9 @@ impl Instance {
         if let Event::DeliverReply(reply) = event {
             self.pending_replies.remove(&reply.reply_id);
             self.shared.metrics.replies_failed.get_or_create(&metrics::channel(&self.id)).inc();
-            let record =
-                BatchRecord { failed: vec![(reply.reply_id, format!("dead-lettered: {error}"))], ..Default::default() };
-            if let Err(e) = self.shared.router.store().commit_batch(&self.id, &record, now_ms()) {
+            let marked =
+                self.shared.router.writer().mark_failed(reply.reply_id, &format!("dead-lettered: {error}"), now_ms());
+            if let Err(e) = marked.await {
                 tracing::error!(channel = %self.id, reply_id = reply.reply_id, "cannot mark the reply failed: {e}");
             }
         }

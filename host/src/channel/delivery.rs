@@ -41,7 +41,7 @@ impl Instance {
         let channel = self.id.clone();
         tokio::spawn(async move {
             tokio::time::sleep(wait).await;
-            match router.store().queued_replies(&channel) {
+            match router.queued_replies_async(&channel).await {
                 Ok(queued) => {
                     if let Some(reply) = queued.into_iter().find(|r| r.id as u64 == reply_id) {
                         router.deliver(reply);

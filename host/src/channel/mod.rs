@@ -272,7 +272,7 @@ pub async fn spawn(id: String, config: ChannelConfig, prepared: Prepared, shared
     shared.router.register_instance(&id, events_tx.clone());
     let tls = crate::tls::ChannelTls::for_channel(&id, config.ca_file.as_ref(), &shared.tls);
     let transport = Transport::new(&id, events_tx.clone(), tls, shared.ws_max_message_bytes);
-    let saved_state = match shared.router.store().adapter_state(&id) {
+    let saved_state = match shared.router.adapter_state_async(&id).await {
         Ok(saved) => saved.map(|(format_version, data)| StateBlob { format_version, data: data.into() }),
         Err(e) => {
             shared.metrics.store_errors.inc();
@@ -309,7 +309,7 @@ pub async fn spawn(id: String, config: ChannelConfig, prepared: Prepared, shared
     let (done, _) = oneshot::channel();
     instance.replace(prepared, config, done).await;
     // Before any live event is handled: what the last process left unanswered goes first.
-    instance.shared.router.recover(&id);
+    instance.shared.router.recover(&id).await;
     let supervisor = instance.shared.supervisor.clone();
     let channel = id.clone();
     tokio::spawn(async move {

@@ -132,7 +132,8 @@ fn shared(call_timeout: Duration) -> (Arc<Shared>, mpsc::Receiver<ControlMessage
     let metrics = Arc::new(Metrics::new());
     let tls = crate::tls::client_config(&[]);
     let http = crate::tls::http_client(&tls).expect("an HTTP client builds");
-    let router = Router::new(&config, Arc::new(MemorySessions::default()), store, metrics.clone(), http.clone());
+    let writer = Arc::new(crate::store::StoreWriter::start(store, metrics.store_wal_sync_seconds.clone()));
+    let router = Router::new(&config, Arc::new(MemorySessions::default()), writer, metrics.clone(), http.clone());
     let (supervisor, reports) = mpsc::channel(16);
     let shared = Shared {
         router,
