@@ -962,6 +962,25 @@ pub type AfterSync = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 /// The most requests one group commit takes.
 const GROUP_COMMIT_MAX: usize = 1024;
 
+/// Test builds only: `SWITCHBOARD_FAULT_STORE_SLOW_MS=<n>` makes every group commit sleep `n`
+/// ms before it is written — a slow disk — so a backlog through a slow store can be shown end
+/// to end (e2e `bounds`). Read once, when the writer thread starts; release builds ignore it.
+fn fault_slow_commit() -> impl Fn() {
+    #[cfg(debug_assertions)]
+    let delay = std::env::var("SWITCHBOARD_FAULT_STORE_SLOW_MS")
+        .ok()
+        .and_then(|ms| ms.parse::<u64>().ok())
+        .filter(|&ms| ms > 0)
+        .map(std::time::Duration::from_millis);
+    #[cfg(not(debug_assertions))]
+    let delay: Option<std::time::Duration> = None;
+    move || {
+        if let Some(delay) = delay {
+            std::thread::sleep(delay);
+        }
+    }
+}
+
 impl StoreWriter {
     /// Start the writer thread (and the WAL sync thread for a store on disk, which observes
     /// each sync's duration into `sync_seconds`); they end when the writer is dropped.
@@ -996,6 +1015,7 @@ impl StoreWriter {
         let nudge = syncs.clone();
         let (requests, incoming) = std::sync::mpsc::channel::<WriteRequest>();
         let spawned = std::thread::Builder::new().name("store-writer".into()).spawn(move || {
+            let slow_commit = fault_slow_commit();
             while let Ok(first) = incoming.recv() {
                 let mut group = vec![first];
                 while group.len() < GROUP_COMMIT_MAX {
@@ -1004,6 +1024,7 @@ impl StoreWriter {
                         Err(_) => break,
                     }
                 }
+                slow_commit();
                 store.write_group(group);
                 commits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 // The sync threads sleep when nothing is to be synced: wake one for this.
