@@ -5,6 +5,8 @@
 
 #[path = "e2e/admin.rs"]
 mod admin;
+#[path = "e2e/bounds.rs"]
+mod bounds;
 #[path = "e2e/durability.rs"]
 mod durability;
 #[path = "e2e/real_server.rs"]
