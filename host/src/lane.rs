@@ -16,7 +16,18 @@ use std::{
 
 use tokio::sync::{mpsc, Semaphore};
 
-pub type Turn = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// A turn as it waits in a lane: what builds its future, not the future. An agent turn's
+/// future is kilobytes before it first runs; the closure holds just the message and the
+/// session, so a full lane costs a tenth of the memory (e2e `bounds`).
+pub type Turn = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+/// A [`Turn`] that runs `make()`'s future once its lane gets to it.
+pub fn turn<F>(make: impl FnOnce() -> F + Send + 'static) -> Turn
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    Box::new(move || Box::pin(make()))
+}
 
 #[derive(Clone)]
 pub struct Lanes {
@@ -100,7 +111,7 @@ async fn run_lane(inner: Arc<LanesInner>, key: String, mut turns: mpsc::Receiver
             }
         };
         let Ok(_permit) = inner.permits.clone().acquire_owned().await else { return };
-        turn.await;
+        turn().await;
         inner.busy.fetch_sub(1, Ordering::SeqCst);
     }
 }
@@ -122,7 +133,7 @@ mod tests {
             let wait_for_b = if i == 0 { b_ran_rx.take() } else { None };
             let _ = lanes.submit(
                 "a",
-                Box::pin(async move {
+                turn(move || async move {
                     if let Some(b) = wait_for_b {
                         let _ = b.await;
                     }
@@ -134,13 +145,13 @@ mod tests {
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let _ = lanes.submit(
             "a",
-            Box::pin(async move {
+            turn(move || async move {
                 let _ = done_tx.send(());
             }),
         );
         let _ = lanes.submit(
             "b",
-            Box::pin(async move {
+            turn(move || async move {
                 let _ = b_ran_tx.send(());
             }),
         );
@@ -167,16 +178,16 @@ mod tests {
         // The first turn runs (and blocks), two wait, the fourth does not fit.
         let _ = lanes.submit(
             "a",
-            Box::pin(async move {
+            turn(move || async move {
                 let _ = hold.await;
             }),
         );
         tokio::task::yield_now().await;
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(lanes.submit("a", Box::pin(async {})).is_ok());
-        assert!(lanes.submit("a", Box::pin(async {})).is_ok());
-        assert!(lanes.submit("a", Box::pin(async {})).is_err());
-        assert!(lanes.submit("b", Box::pin(async {})).is_ok(), "other sessions are not affected");
+        assert!(lanes.submit("a", turn(|| async {})).is_ok());
+        assert!(lanes.submit("a", turn(|| async {})).is_ok());
+        assert!(lanes.submit("a", turn(|| async {})).is_err());
+        assert!(lanes.submit("b", turn(|| async {})).is_ok(), "other sessions are not affected");
         let _ = release.send(());
         assert_eventually_idle(&lanes).await;
     }

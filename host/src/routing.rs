@@ -289,7 +289,7 @@ impl Router {
         let router = self.clone();
         let message_id = inbound.message_id.clone();
         let lane = key.clone();
-        let turn = Box::pin(async move {
+        let turn = crate::lane::turn(move || async move {
             router.clone().turn(session, agent, inbound_id, inbound, typing).await;
             router.take_up_waiting(&lane).await;
         });

@@ -32,7 +32,7 @@ const STORE_SLOW_MS: &str = "20";
 const AGENT_BASE_MS: u64 = 20;
 const AGENT_SPREAD_MS: u64 = 31;
 /// The gateway's peak RSS (`VmHWM`) may not exceed this, in KiB (see the test's doc comment).
-const RSS_BOUND_KIB: u64 = 160 * 1024;
+const RSS_BOUND_KIB: u64 = 112 * 1024;
 
 /// An `http` agent that thinks for a while: `{"text": "echo: <text>"}` after 20–50 ms.
 struct SlowAgent {
@@ -111,21 +111,20 @@ struct Answers {
 /// through a slow store (every group commit sleeps 20 ms first) and a slow `http` agent
 /// (20–50 ms a turn), with the default `lane_capacity` (256) and `max_concurrent_turns` (64):
 /// every one is answered exactly once, in its own channel, and the gateway's peak RSS
-/// (`VmHWM`) stays under `RSS_BOUND_KIB`, 160 MiB.
+/// (`VmHWM`) stays under `RSS_BOUND_KIB`, 112 MiB.
 ///
-/// Measured (debug build, 2 shared cores): peak 140–145 MiB over seven runs, from 26–28 MiB
-/// at start; caught up in 97–185 s (the slow runs beside other builds); 0 lost, 0 duplicated.
-/// The bound is 10 % over the highest peak.
+/// Measured (debug build, 2 shared cores): peak 85–87 MiB, from 28 MiB at start; caught up
+/// in ~75 s; 0 lost, 0 duplicated. The bound leaves ~30 % for other machines' allocators.
 ///
 /// Most of the peak is the lanes, full from the first seconds until each session is down to
-/// its last 256 messages: 100 sessions × 256 queued turns, each a boxed turn future (2,768
-/// bytes in a debug build) with its message, ~3.4 KiB a turn, ~85 MiB in all; RSS falls as
-/// the lanes drain. With `lane_capacity = 16` the same backlog peaked at 64 MiB. The bound is
+/// its last 256 messages: 100 sessions × 256 queued turns. A queued turn is the closure that
+/// builds its future (the message and the session), not the future: built up front, each
+/// turn future was 2,768 bytes in a debug build and the peak was 140–145 MiB. The bound is
 /// for this shape: the gateway holds up to sessions × `lane_capacity` turns in memory, so a
 /// backlog spread over more sessions costs more. (Over 20 channels, 2,500 each, whose
-/// catch-up walks pages, the peak was 131–135 MiB: ~50 MiB of it in glibc malloc arenas —
-/// the adapter's and SQLite's allocator, not the gateway's mimalloc — grown during the
-/// catch-up and kept afterwards.)
+/// catch-up walks pages, the peak was 131–135 MiB before the same change: ~50 MiB of it in
+/// glibc malloc arenas — the adapter's and SQLite's allocator, not the gateway's mimalloc —
+/// grown during the catch-up and kept afterwards.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_50k_backlog_through_a_slow_store_and_a_slow_agent_is_answered_once_in_bounded_memory() -> Result<()> {
     let agent = SlowAgent::start().await?;
