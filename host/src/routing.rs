@@ -267,7 +267,13 @@ impl Router {
             conversation_id: inbound.peer_id.clone(),
             thread_root_id: if per_thread { inbound.thread_root_id.clone() } else { String::new() },
         };
-        let session = self.sessions.open(&key, &agent_id, &target);
+        // Routing runs on an async worker: a session not in memory is read from the store
+        // with the worker handed over to the others meanwhile (rare: the cache keeps the
+        // recently active ones).
+        let session = match self.sessions.in_memory(&key) {
+            Some(session) => session,
+            None => off_the_worker(|| self.sessions.open(&key, &agent_id, &target)),
+        };
         self.sessions.touch(&key, now_ms());
         if !resumed {
             self.metrics.inbound_messages.get_or_create(&metrics::channel(channel)).inc();
@@ -478,5 +484,14 @@ impl Router {
             Some(events) => events.send(event).is_ok(),
             None => false,
         }
+    }
+}
+
+/// Run blocking `work` from async code without holding up the worker's other tasks (on a
+/// runtime that can hand the worker over; elsewhere, as it is).
+fn off_the_worker<R>(work: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
     }
 }

@@ -34,6 +34,11 @@ pub struct Session {
 
 pub trait SessionStore: Send + Sync + 'static {
     fn get(&self, key: &str) -> Option<Session>;
+    /// The session under `key` if it is in memory; never reads the store. `None` says
+    /// nothing about the store: [`Self::open`] may still find it there.
+    fn in_memory(&self, key: &str) -> Option<Session> {
+        self.get(key)
+    }
     /// The session under `key`, created for `agent_id` and `target` when it does not exist.
     fn open(&self, key: &str, agent_id: &str, target: &DeliveryTarget) -> Session;
     fn touch(&self, key: &str, now_ms: i64);
@@ -248,6 +253,10 @@ impl DurableSessions {
 const MISS_READS: usize = 3;
 
 impl SessionStore for DurableSessions {
+    fn in_memory(&self, key: &str) -> Option<Session> {
+        self.cache.lock().unwrap().hit(key)
+    }
+
     fn get(&self, key: &str) -> Option<Session> {
         if let Some(session) = self.cache.lock().unwrap().hit(key) {
             return Some(session);
@@ -467,6 +476,9 @@ mod durable_tests {
         assert_eq!(sessions.len(), 6);
         assert!(sessions.cached() <= 2);
         assert_eq!(sessions.list("mm", "agent:main:mm:"), first);
+        // What routing asks first, on an async worker: memory only, no store read.
+        let evicted = first.iter().filter(|s| sessions.in_memory(&s.key).is_none()).count();
+        assert!(evicted >= 4, "only what fits is in memory ({evicted} of 6 are not)");
     }
 
     #[tokio::test]
