@@ -10,14 +10,17 @@
 //!   budget (graceful re-exec before the process runs out of TLS keys) and shutdown.
 //! - [`watch`]: the plugin directory watch (debounce, settle, ignore temporary files).
 //! - [`config`]: the TOML config and its validation (all errors at once, with key paths).
-//! - [`catalog`]: adapter files in the plugin directory, found by manifest name; probing and
-//!   config validation in a child process (`switchboard check-plugin`).
+//! - [`catalog`]: adapter files in the plugin directory, found by manifest name; a private
+//!   snapshot of each file, probed and its configs validated in a child process (`switchboard
+//!   check-plugin`) and staged from, so what loads is what was checked.
 //! - [`loader`]: staging a unique copy per generation, `dlopen`, the fresh layout check,
 //!   the ABI handshake, and the "is it still mapped" check.
-//! - [`apartment`]: one thread per adapter generation that runs all of its code.
+//! - [`apartment`]: one thread per adapter generation that runs all of its code, every call
+//!   with a deadline (a hung apartment is abandoned, never joined).
 //! - [`channel`]: a channel instance: its event queue, transport and current generation;
-//!   the generation swap; panic containment (restart from the last good state, retry once,
-//!   dead letter, restart budget).
+//!   the generation swap; containment (restart from the last good state, retry once, dead
+//!   letter, restart budget, the watchdog); the write-ahead commit pipeline; the delivery
+//!   window.
 //! - [`transport`]: WebSocket, HTTP and timers carried out for adapters.
 //! - [`tls`]: the roots HTTPS and WSS trust (built-in public, system, a channel's `ca_file`).
 //! - [`bridge`]: the host handle adapters hold (sessions, secrets, clock, log bridge).
