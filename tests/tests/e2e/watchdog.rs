@@ -52,6 +52,8 @@ async fn an_adapter_that_hangs_on_one_message_is_abandoned_and_the_others_are_an
     );
     let status = gateway.status().await?;
     assert_eq!(status["generations_abandoned"], 1, "{status}");
+    // The abandoned library stays loaded and counts against gateway.generation_budget.
+    assert_eq!(status["libraries_opened"], 2, "the first build and its restart: {status}");
     assert_eq!(status["store"]["dead_letters"], 1, "the message it hung on is dead-lettered: {status}");
     assert_eq!(rig.sim.ws_connections_opened(), 1, "the WebSocket stayed up: the host owns it");
 
