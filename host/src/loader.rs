@@ -170,7 +170,7 @@ pub fn stage(
     let extension = file.extension().and_then(|e| e.to_str()).unwrap_or("so");
     let copy = generations_dir.join(format!("{instance}.{generation}.{}.{extension}", checked.short()));
     let partial = copy.with_extension("partial");
-    let copied = copy_privately(file, generations_dir, &partial)?;
+    let copied = copy_privately(file, generations_dir, &partial, Sync::ToDisk)?;
     if copied != *checked {
         let _ = fs::remove_file(&partial);
         return Err(LoadError::ChangedSinceChecked {
@@ -189,16 +189,24 @@ pub fn stage(
 pub fn snapshot(file: &Path, dir: &Path) -> Result<(PathBuf, FileDigest), LoadError> {
     static PARTIALS: AtomicU64 = AtomicU64::new(0);
     let partial = dir.join(format!(".{}.{}.partial", std::process::id(), PARTIALS.fetch_add(1, Ordering::Relaxed)));
-    let digest = copy_privately(file, dir, &partial)?;
+    // A snapshot lives as long as its catalog: the page cache is all it needs.
+    let digest = copy_privately(file, dir, &partial, Sync::PageCacheOnly)?;
     let extension = file.extension().and_then(|e| e.to_str()).unwrap_or("so");
     let copy = dir.join(format!("{}.{extension}", digest.sha256_hex));
     finish_copy(file, &partial, &copy)?;
     Ok((copy, digest))
 }
 
+/// Whether a copy is synced to disk before it is used.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sync {
+    ToDisk,
+    PageCacheOnly,
+}
+
 /// Open `file` once without following a symlink, check its owner and mode on the open file,
 /// and copy it to `partial` (mode 0600, in `dir`, made private), hashing what was copied.
-fn copy_privately(file: &Path, dir: &Path, partial: &Path) -> Result<FileDigest, LoadError> {
+fn copy_privately(file: &Path, dir: &Path, partial: &Path, sync: Sync) -> Result<FileDigest, LoadError> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let unreadable = |e: io::Error| LoadError::Unreadable { file: file.to_path_buf(), reason: e.to_string() };
     let failed = |e: io::Error| LoadError::Stage { file: file.to_path_buf(), reason: e.to_string() };
@@ -220,7 +228,9 @@ fn copy_privately(file: &Path, dir: &Path, partial: &Path) -> Result<FileDigest,
             std::io::Write::write_all(&mut target, &buffer[..n])?;
             len += n as u64;
         }
-        target.sync_data()?;
+        if sync == Sync::ToDisk {
+            target.sync_data()?;
+        }
         let sha256_hex: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
         io::Result::Ok(FileDigest { sha256_hex, len })
     })();
