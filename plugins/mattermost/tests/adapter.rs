@@ -666,3 +666,269 @@ fn a_state_saved_before_its_first_hello_makes_the_first_hello_after_a_restart_a_
     let actions = fresh.feed(Event::WsFrame { conn, text: hello.to_string().into() }).unwrap();
     assert!(gets(&actions, "/users/me/teams").is_empty());
 }
+
+/// c1 as the server holds it, oldest first: posts from before the gap, `p0` (the last one the
+/// adapter saw, at 1_000_000), then the gap's posts `g00000`… ten ms apart.
+struct Channel {
+    posts: Vec<Value>,
+}
+
+impl Channel {
+    fn with_gap(gap_posts: usize) -> Self {
+        let mut posts: Vec<Value> =
+            (0..300).map(|i| post_json(&format!("old{i:03}"), "alice", "c1", "before", 990_000 + i)).collect();
+        posts.push(post_json("p0", "alice", "c1", "seen", 1_000_000));
+        posts.extend((0..gap_posts).map(|i| gap_post(i, "x")));
+        Self { posts }
+    }
+
+    /// Answers as store/sqlstore/post_store.go does: `since` filters on UpdateAt and returns
+    /// at most 1000 rows (the oldest here: not the newest ones), pages go newest first.
+    fn answer(&self, url: &str) -> Value {
+        let query = url.split_once('?').map(|(_, q)| q).unwrap_or_default();
+        let param = |name: &str| {
+            query.split('&').find_map(|kv| kv.strip_prefix(&format!("{name}="))).map(|v| v.parse::<i64>().unwrap())
+        };
+        let chosen: Vec<&Value> = match param("since") {
+            Some(since) => self.posts.iter().filter(|p| p["update_at"].as_i64().unwrap() > since).take(1000).collect(),
+            None => {
+                let (page, per_page) = (param("page").unwrap() as usize, param("per_page").unwrap() as usize);
+                self.posts.iter().rev().skip(page * per_page).take(per_page).collect()
+            }
+        };
+        let order: Vec<&str> = chosen.iter().map(|p| p["id"].as_str().unwrap()).collect();
+        let posts: serde_json::Map<String, Value> =
+            chosen.iter().map(|p| (p["id"].as_str().unwrap().to_string(), (*p).clone())).collect();
+        json!({"order": order, "posts": posts})
+    }
+}
+
+fn gap_post(i: usize, message: &str) -> Value {
+    post_json(&format!("g{i:05}"), "alice", "c1", message, 1_000_000 + 10 * (i as i64 + 1))
+}
+
+/// c1's catch-up requests not answered yet, and the ids of the messages handed to the host.
+#[derive(Default)]
+struct Run {
+    pending: std::collections::VecDeque<(u64, String)>,
+    handed: Vec<String>,
+}
+
+impl Run {
+    fn absorb(&mut self, actions: &[Action]) {
+        self.pending.extend(gets(actions, "/channels/c1/posts?"));
+        self.handed.extend(actions.iter().filter_map(|a| match a {
+            Action::Inbound(m) => Some(m.message_id.to_string()),
+            _ => None,
+        }));
+    }
+
+    /// Answer the oldest request; false when none is left.
+    fn step(&mut self, harness: &mut Harness, channel: &Channel) -> bool {
+        let Some((request, url)) = self.pending.pop_front() else { return false };
+        let actions = answer(harness, request, 200, channel.answer(&url));
+        self.absorb(&actions);
+        true
+    }
+
+    fn finish(&mut self, harness: &mut Harness, channel: &Channel) {
+        while self.step(harness, channel) {}
+    }
+}
+
+/// Generation 2 of an adapter that saw `p0` in c1, restarted cold and told by a new connection
+/// id that it missed what was posted meanwhile: c1's catch-up has been asked for.
+fn catching_up() -> (Harness, u64, Run) {
+    let mut first = signed_in("onmessage");
+    first.feed(live_post(&post_json("p0", "alice", "c1", "seen", 1_000_000), "O", 1)).unwrap();
+    let host = first.host.clone();
+    let (state, _) = first.hand_over().unwrap();
+    let (mut second, started) = restart_cold(state, host);
+    let conn = opened_connections(&started)[0].conn;
+    let hello = json!({"event": "hello", "data": {"connection_id": "conn2"}, "broadcast": {"user_id": BOT}, "seq": 0});
+    let actions = second.feed(Event::WsFrame { conn, text: hello.to_string().into() }).unwrap();
+    let (teams, _) = gets(&actions, "/users/me/teams").pop().unwrap();
+    let actions = answer(&mut second, teams, 200, json!([]));
+    let (mine, _) = gets(&actions, "/users/me/channels").pop().unwrap();
+    let listing = json!([{"id": "c1", "type": "O", "name": "c", "last_post_at": 9_000_000}]);
+    let mut run = Run::default();
+    run.absorb(&answer(&mut second, mine, 200, listing));
+    assert!(run.pending.front().is_some_and(|(_, url)| url.ends_with("since=995000")), "{:?}", run.pending);
+    (second, conn, run)
+}
+
+fn expected_ids(gap_posts: usize) -> Vec<String> {
+    (0..gap_posts).map(|i| format!("g{i:05}")).collect()
+}
+
+/// The state is exported after every batch: what a catch-up fetched stays out of it.
+#[test]
+fn the_state_exported_mid_catch_up_stays_small() {
+    let channel = Channel::with_gap(5000);
+    let (mut second, _, mut run) = catching_up();
+    // The `since` rows, then 25 pages of 200 back to the gap's start.
+    for _ in 0..26 {
+        assert!(run.step(&mut second, &channel));
+    }
+    assert!(run.pending.front().is_some_and(|(_, url)| url.contains("page=25")), "{:?}", run.pending);
+    assert!(run.handed.is_empty(), "nothing is handed before every page is in");
+    let (state, _) = second.hand_over().unwrap();
+    println!("state exported with 5,000 posts collected: {} bytes", state.data.len());
+    assert!(state.data.len() < 16 * 1024, "{} bytes", state.data.len());
+    let saved: Value = serde_json::from_str(state.data.as_str()).unwrap();
+    let catch_up = &saved["catch_ups"]["c1"];
+    assert_eq!(catch_up["floor"], 995_000, "the progress is saved: {catch_up}");
+    assert_eq!(catch_up["collected"], json!({}), "an empty map, which builds before this one can still read");
+}
+
+/// A gap's posts fetched but not yet handed when the state was saved are fetched again by
+/// the next generation, after a crash (no `hello`: the connection resumes) or a swap (the
+/// answer to the old generation's page request comes after it): each is handed once, in
+/// order, and a live post held meanwhile too.
+#[test]
+fn a_catch_up_restored_from_a_saved_state_hands_every_post_of_the_gap_once() {
+    for warm in [false, true] {
+        let mut channel = Channel::with_gap(1500);
+        let (mut second, conn, mut run) = catching_up();
+        for _ in 0..3 {
+            assert!(run.step(&mut second, &channel)); // since, pages 0 and 1
+        }
+        // A live post while c1 is being caught up: held, then saved with the state.
+        let live = post_json("live1", "alice", "c1", "live", 1_100_000);
+        channel.posts.push(live.clone());
+        let frame = json!({"event": "posted", "data": {"post": live.to_string(), "channel_type": "O",
+            "sender_name": "@alice"}, "broadcast": {}, "seq": 1});
+        run.absorb(&second.feed(Event::WsFrame { conn, text: frame.to_string().into() }).unwrap());
+        assert!(run.handed.is_empty(), "nothing handed before the catch-up is complete");
+        let host = second.host.clone();
+        let (state, _) = second.hand_over().unwrap();
+        let (mut third, started) = if warm {
+            let handover = Handover {
+                generation: 3,
+                previous_state: Some(state).into(),
+                connections: vec![switchboard_plugin_api::OpenConnection { conn, url: "ws://x".into() }].into(),
+                cold: false,
+            };
+            Harness::start_with::<MattermostAdapter>(host, &config("onmessage"), handover).unwrap()
+        } else {
+            run.pending.clear(); // the crashed process's requests are gone
+            restart_cold(state, host)
+        };
+        assert_eq!(opened_connections(&started).len(), usize::from(!warm), "resumed or adopted, not a new gap");
+        let fresh = gets(&started, "/channels/c1/posts?");
+        assert!(fresh.len() == 1 && fresh[0].1.ends_with("since=995000"), "from the same floor again: {fresh:?}");
+        run.absorb(&started);
+        run.finish(&mut third, &channel);
+        let mut expected = expected_ids(1500);
+        expected.push("live1".into());
+        assert_eq!(run.handed, expected, "warm: {warm}");
+    }
+}
+
+/// A state saved by a build that kept the fetched posts in it still loads: those posts are
+/// ignored and the catch-up starts again from its floor.
+#[test]
+fn a_state_of_a_build_that_saved_the_fetched_posts_still_loads() {
+    let channel = Channel::with_gap(1500);
+    let (mut second, _, mut run) = catching_up();
+    for _ in 0..3 {
+        assert!(run.step(&mut second, &channel));
+    }
+    let host = second.host.clone();
+    let (mut state, _) = second.hand_over().unwrap();
+    // As that build wrote it: the posts of the `since` rows and of pages 0 and 1.
+    let mut saved: Value = serde_json::from_str(state.data.as_str()).unwrap();
+    let collected: serde_json::Map<String, Value> = (0..999)
+        .chain(1100..1500)
+        .map(|i| (format!("g{i:05}"), gap_post(i, "x")))
+        .chain([("p0".to_string(), post_json("p0", "alice", "c1", "seen", 1_000_000))])
+        .collect();
+    saved["catch_ups"]["c1"]["collected"] = Value::Object(collected);
+    assert_eq!(saved["catch_ups"]["c1"]["page"], 2, "pages 0 and 1 are in");
+    state.data = saved.to_string().into();
+    assert!(state.data.len() > 200_000, "{} bytes", state.data.len());
+    run.pending.clear();
+    let (mut third, started) = restart_cold(state, host);
+    assert!(logs(&started).iter().all(|l| !l.contains("unreadable")), "{:?}", logs(&started));
+    let url = opened_connections(&started)[0].url.to_string();
+    assert!(url.contains("connection_id=conn2"), "the saved state was read: {url}");
+    let fresh = gets(&started, "/channels/c1/posts?");
+    assert!(fresh.len() == 1 && fresh[0].1.ends_with("since=995000"), "started again: {fresh:?}");
+    run.absorb(&started);
+    run.finish(&mut third, &channel);
+    assert_eq!(run.handed, expected_ids(1500));
+    let (state, _) = third.hand_over().unwrap();
+    assert!(state.data.len() < 16 * 1024, "and it is saved small again: {} bytes", state.data.len());
+}
+
+/// A restart while the gap's conversations are being listed lists them again at once (the
+/// connection may resume), from the gap's start; a second gap before they are found keeps
+/// that start, and answers to listings asked for before it are not waited for.
+#[test]
+fn a_restart_while_the_gaps_conversations_are_listed_lists_them_again_from_the_same_start() {
+    let mut first = signed_in("onmessage");
+    first.feed(live_post(&post_json("p0", "alice", "c1", "seen", 1_000_000), "O", 1)).unwrap();
+    let host = first.host.clone();
+    let (state, _) = first.hand_over().unwrap();
+    let (mut second, started) = restart_cold(state, host.clone());
+    let conn = opened_connections(&started)[0].conn;
+    let hello = json!({"event": "hello", "data": {"connection_id": "conn2"}, "broadcast": {"user_id": BOT}, "seq": 0});
+    let actions = second.feed(Event::WsFrame { conn, text: hello.to_string().into() }).unwrap();
+    assert_eq!(gets(&actions, "/users/me/teams").len(), 1);
+    // A live post waits for the gap's conversations to be found.
+    let live = post_json("live1", "alice", "c1", "live", 1_100_000);
+    let frame = json!({"event": "posted", "data": {"post": live.to_string(), "channel_type": "O",
+        "sender_name": "@alice"}, "broadcast": {}, "seq": 1});
+    assert!(inbound(&second.feed(Event::WsFrame { conn, text: frame.to_string().into() }).unwrap()).is_empty());
+    let (state, _) = second.hand_over().unwrap();
+
+    let (mut third, started) = restart_cold(state, host);
+    assert!(inbound(&started).is_empty(), "the held post still waits");
+    let (stale, _) = gets(&started, "/users/me/teams").pop().expect("listed again at once");
+    // The server's clock moves on (a ping answer), then the connection cannot resume either.
+    let conn = opened_connections(&started)[0].conn;
+    let opened = third.feed(Event::WsOpened { conn }).unwrap();
+    let ping = sent_frames(&opened).into_iter().find(|f| f["action"] == "ping").unwrap();
+    let pong = json!({"status": "OK", "seq_reply": ping["seq"], "data": {"server_time": 2_000_000}});
+    third.feed(Event::WsFrame { conn, text: pong.to_string().into() }).unwrap();
+    let hello = json!({"event": "hello", "data": {"connection_id": "conn3"}, "broadcast": {"user_id": BOT}, "seq": 0});
+    let actions = third.feed(Event::WsFrame { conn, text: hello.to_string().into() }).unwrap();
+    let (teams, _) = gets(&actions, "/users/me/teams").pop().expect("listed again after the second gap");
+    let actions = answer(&mut third, stale, 200, json!([{"id": "t1"}]));
+    assert!(actions.iter().all(|a| !matches!(a, Action::HttpRequest { .. })), "not waited for: {actions:?}");
+    let actions = answer(&mut third, teams, 200, json!([]));
+    let (mine, _) = gets(&actions, "/users/me/channels").pop().unwrap();
+    let listing = json!([{"id": "c1", "type": "O", "name": "c", "last_post_at": 1_100_000},
+                         {"id": "d9", "type": "D", "name": "bot__carol", "last_post_at": 1_500_000}]);
+    let actions = answer(&mut third, mine, 200, listing);
+    let fetches = gets(&actions, "/posts?since=");
+    assert_eq!(fetches.len(), 2, "{fetches:?}");
+    assert!(fetches.iter().all(|(_, url)| url.ends_with("since=995000")), "from the first gap's start: {fetches:?}");
+    let (c1, _) = fetches.iter().find(|(_, url)| url.contains("/channels/c1/")).cloned().unwrap();
+    let both = json!({"order": ["live1", "p0"], "posts": {"live1": live, "p0": post_json("p0", "alice", "c1", "seen", 1_000_000)}});
+    let texts: Vec<String> = inbound(&answer(&mut third, c1, 200, both)).into_iter().map(|(t, ..)| t).collect();
+    assert_eq!(texts, ["live"], "fetched and held, handed once");
+}
+
+/// A frame the host gave up on while the gap's conversations are being found does not move
+/// where its conversation's catch-up starts: posts before it are not handed yet.
+#[test]
+fn a_frame_given_up_on_during_a_gap_does_not_move_where_the_catch_up_starts() {
+    let mut first = signed_in("onmessage");
+    first.feed(live_post(&post_json("p0", "alice", "c1", "seen", 1_000_000), "O", 1)).unwrap();
+    let host = first.host.clone();
+    let (state, _) = first.hand_over().unwrap();
+    let (mut second, started) = restart_cold(state, host);
+    let conn = opened_connections(&started)[0].conn;
+    let hello = json!({"event": "hello", "data": {"connection_id": "conn2"}, "broadcast": {"user_id": BOT}, "seq": 0});
+    let actions = second.feed(Event::WsFrame { conn, text: hello.to_string().into() }).unwrap();
+    let (teams, _) = gets(&actions, "/users/me/teams").pop().unwrap();
+    let skipped = json!({"event": "posted", "data": {"post": post_json("p5", "alice", "c1", "poison", 1_050_000).to_string(),
+        "channel_type": "O", "sender_name": "@alice"}, "broadcast": {}, "seq": 1});
+    second.feed(Event::WsFrameSkipped { conn, text: skipped.to_string().into() }).unwrap();
+    let actions = answer(&mut second, teams, 200, json!([]));
+    let (mine, _) = gets(&actions, "/users/me/channels").pop().unwrap();
+    let listing = json!([{"id": "c1", "type": "O", "name": "c", "last_post_at": 1_050_000}]);
+    let (_, url) = gets(&answer(&mut second, mine, 200, listing), "/channels/c1/posts?").pop().unwrap();
+    assert!(url.ends_with("since=995000"), "from the last post handed, less the margin: {url}");
+}

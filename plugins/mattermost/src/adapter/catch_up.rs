@@ -15,10 +15,20 @@
 //! page, newest first, down to the gap's start. Posts are then handled in creation order,
 //! after their senders' usernames are known, and live posts of that conversation wait until
 //! then.
+//!
+//! What is saved of a catch-up is its progress, never the posts it fetched: the state is
+//! exported after every batch, and up to [`MAX_COLLECTED`] posts per conversation made it
+//! megabytes. Nothing of a gap is handed to the host before its conversation's catch-up is
+//! complete (pages come newest first, posts go oldest first), so the only point a catch-up can
+//! resume from is its start: a restored adapter (a swap, a restart, a crash) fetches each
+//! conversation again from the same floor, and a gap's discovery again from the same start.
+//! The floors never move past a post not yet handed (a conversation's newest known post
+//! moves only as its posts are handled, and held posts are not handled), and what comes twice
+//! is recognised by its id, here and by the host.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, Serializer};
 use serde_json::{json, Map, Value};
 use switchboard_plugin_api::LogLevel;
 
@@ -78,10 +88,18 @@ pub(super) struct CatchUp {
     attempts: u32,
     channel_type: String,
     channel_name: String,
-    /// New posts found so far, by id.
+    /// New posts found so far, by id: bulk, not progress, so never saved. Written as `{}`, so
+    /// a build from before this one can still read the state (its format stays the same).
+    /// Posts in a state saved by such a build are read and ignored: that catch-up starts again
+    /// like any other restored one ([`Adapter::restart_catch_ups`]).
+    #[serde(default, serialize_with = "unsaved")]
     collected: BTreeMap<String, Value>,
     /// Every page is in; waiting for the senders' usernames.
     complete: bool,
+}
+
+fn unsaved<S: Serializer>(_: &BTreeMap<String, Value>, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_map(std::iter::empty::<(String, Value)>())
 }
 
 /// Finding the conversations a gap touched.
@@ -100,11 +118,88 @@ impl Adapter {
         // No server time known yet: the host's clock when the restored state was saved.
         let gap_floor =
             if self.state.server_clock_ms > 0 { self.state.server_clock_ms } else { self.restored_clock_ms };
+        // A gap while the last one's conversations are still being found: those posted in
+        // either are found from the earlier start.
+        let earlier = self.state.discovering.as_ref().map_or(0, |d| d.gap_floor);
+        let gap_floor = match (gap_floor > 0, earlier > 0) {
+            (true, true) => gap_floor.min(earlier),
+            (true, false) => gap_floor,
+            (false, _) => earlier,
+        };
         if gap_floor <= 0 {
             return; // nothing was known before: there is no gap to fill
         }
+        self.restart_discovery(gap_floor);
+    }
+
+    /// List the bot's conversations from the beginning. Answers to listings asked for before
+    /// are not waited for: they may predate posts of the gap, and one of them arriving after
+    /// the new discovery began would otherwise end it before its own listings are in.
+    fn restart_discovery(&mut self, gap_floor: i64) {
+        let listing = |p: &Pending| matches!(p, Pending::Teams | Pending::TeamChannels(_) | Pending::MyChannels);
+        self.state.requests.retain(|_, p| !listing(p));
+        self.state.queue.retain(|p| !listing(p));
+        self.state.timers.retain(|_, t| !matches!(t, TimerPurpose::Retry(p) if listing(p)));
         self.state.discovering = Some(Discovery { gap_floor, ..Default::default() });
         self.request(Pending::Teams);
+    }
+
+    /// A restored state has each catch-up's progress but not the posts it had fetched: start
+    /// each again from its floor. Requests and timers of the previous generation that are
+    /// still on their way (a swap keeps them) are not waited for: their answers belong to the
+    /// old progress. The requests go out once the generation has started.
+    pub(super) fn restart_catch_ups(&mut self) {
+        let channels: BTreeSet<String> = self.state.catch_ups.keys().cloned().collect();
+        let of_a_catch_up = |p: &Pending| matches!(p, Pending::CatchUp(c) if channels.contains(c));
+        self.state.requests.retain(|_, p| !of_a_catch_up(p));
+        self.state.queue.retain(|p| !of_a_catch_up(p));
+        self.state.timers.retain(|_, t| match t {
+            TimerPurpose::RetryCatchUp(c) => !channels.contains(c),
+            TimerPurpose::Retry(p) => !of_a_catch_up(p),
+            _ => true,
+        });
+        for catch_up in self.state.catch_ups.values_mut() {
+            *catch_up = CatchUp {
+                floor: catch_up.floor,
+                channel_type: std::mem::take(&mut catch_up.channel_type),
+                channel_name: std::mem::take(&mut catch_up.channel_name),
+                ..Default::default()
+            };
+        }
+    }
+
+    /// Once a restored generation has started: send what the restored catch-ups and discovery
+    /// wait for, unless a request or a timer of theirs is still on its way (a swap).
+    pub(super) fn resume_catch_ups(&mut self) {
+        let waiting: Vec<String> = self
+            .state
+            .catch_ups
+            .iter()
+            .filter(|(channel_id, catch_up)| {
+                !catch_up.complete && !self.on_its_way(|p| p == &Pending::CatchUp(channel_id.to_string()))
+            })
+            .map(|(channel_id, _)| channel_id.clone())
+            .collect();
+        for channel_id in waiting {
+            self.request(Pending::CatchUp(channel_id));
+        }
+        if let Some(gap_floor) = self.state.discovering.as_ref().map(|d| d.gap_floor) {
+            if !self.on_its_way(|p| matches!(p, Pending::Teams | Pending::TeamChannels(_) | Pending::MyChannels)) {
+                self.restart_discovery(gap_floor);
+            }
+        }
+        self.release_held();
+    }
+
+    /// Whether a request `is` is in flight, queued, or waits for its retry timer.
+    fn on_its_way(&self, is: impl Fn(&Pending) -> bool) -> bool {
+        self.state.requests.values().any(&is)
+            || self.state.queue.iter().any(&is)
+            || self.state.timers.values().any(|t| match t {
+                TimerPurpose::Retry(p) => is(p),
+                TimerPurpose::RetryCatchUp(c) => is(&Pending::CatchUp(c.clone())),
+                _ => false,
+            })
     }
 
     pub(super) fn teams_answered(&mut self, status: u16, body: &str) {
@@ -355,7 +450,7 @@ impl Adapter {
     }
 
     /// Live posts that waited: those of conversations no longer being caught up go now.
-    fn release_held(&mut self) {
+    pub(super) fn release_held(&mut self) {
         if self.state.discovering.is_some() {
             return;
         }

@@ -214,7 +214,11 @@ impl Adapter {
                 let field = |name: &str| post[name].as_str().unwrap_or_default().to_string();
                 let (post_id, channel_id) = (field("id"), field("channel_id"));
                 if !post_id.is_empty() && !channel_id.is_empty() {
-                    self.remember(&channel_id, data, number(&post["create_at"]), &field("user_id"));
+                    // Posts before it there may not be handed yet (held, or still to be caught
+                    // up): the newest post known there is where a catch-up would start.
+                    if !self.must_hold(Some(&channel_id)) {
+                        self.remember(&channel_id, data, number(&post["create_at"]), &field("user_id"));
+                    }
                     self.remember_post(&post_id);
                 }
                 self.log(LogLevel::Warn, format!("post {post_id} skipped: the host dead-lettered it"));

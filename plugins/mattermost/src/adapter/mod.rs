@@ -200,6 +200,7 @@ impl Adapter {
                         if handover.cold {
                             adapter.forget_the_old_process();
                         }
+                        adapter.restart_catch_ups();
                     }
                     Err(e) => adapter.log(LogLevel::Warn, format!("previous state unreadable ({e}); starting fresh")),
                 }
@@ -231,13 +232,9 @@ impl Adapter {
         state.reconnect_attempts = 0;
         state.conn_proven = false;
         state.user_lookups.clear();
-        state.discovering = None;
-        // The gap is found again once the connection says hello with a new id; posts the old
-        // catch-ups had collected come back then.
-        state.catch_ups.clear();
-        // Held posts were never processed and their catch-up is gone: process them.
-        let held = std::mem::take(&mut state.held);
-        state.buffered.extend(held);
+        // Catch-ups and a discovery in progress start again once this generation has started,
+        // not when a `hello` says there was a gap: the connection may well resume, and what
+        // was missed before would then be lost. Their held posts wait for them as before.
         for delivery in state.deliveries.values_mut() {
             delivery.forget_the_old_process();
         }
@@ -256,6 +253,8 @@ impl Adapter {
         }
     }
 
+    /// The catch-ups' fetched posts are left out (see [`catch_up`]): this is written after
+    /// every batch.
     pub fn export_state(&self) -> StateBlob {
         // Exported after every batch: sized like the last one, it is written without regrowing.
         let mut json = Vec::with_capacity(self.exported_size.get() + 1024);
@@ -369,6 +368,7 @@ impl Adapter {
             }
         }
         self.send_idle_deliveries();
+        self.resume_catch_ups();
         self.pump();
     }
 
