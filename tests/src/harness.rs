@@ -88,7 +88,7 @@ pub fn mattermost_file_name() -> String {
 
 /// The cargo target directory this test binary was built into (`target/<profile>/deps/<exe>`
 /// or `target/<profile>/<exe>`).
-fn target_dir() -> Result<PathBuf> {
+pub(crate) fn target_dir() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
         return Ok(PathBuf::from(dir));
     }

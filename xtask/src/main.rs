@@ -5,7 +5,9 @@
 //! - `fixtures`: the adapter libraries the host's tests load by name (builds broken on purpose,
 //!   a second tagged build), from `tests/fixtures/` (a cargo workspace of its own, built into
 //!   `target/fixtures/build/`), installed as `target/fixtures/<name>.so`;
-//! - `test`: `build` + `fixtures`, then the whole test suite;
+//! - `real-servers [synapse]`: the real chat servers some tests run against, installed under
+//!   `target/real-servers/` (Synapse: a Python venv with a pinned `matrix-synapse`); idempotent;
+//! - `test`: `build` + `fixtures` + `real-servers`, then the whole test suite;
 //! - `ci`: what `.ci/run` calls: `test`, then `bench --quick`;
 //! - `demo`: `build`, then the simulator, the gateway and a short scripted conversation;
 //! - `bench [--quick] [--only parts]`: release builds, then the benchmark (`tests/src/bin/bench.rs`).
@@ -17,6 +19,8 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+
+mod real_servers;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "switchboard project automation")]
@@ -34,6 +38,12 @@ enum Task {
     },
     /// Build the fixture adapters the tests load (tests/fixtures/), into target/fixtures/.
     Fixtures,
+    /// Install the real chat servers tests run against into target/real-servers/ (all when none
+    /// is named); quick when they are installed already.
+    RealServers {
+        #[arg(value_enum)]
+        servers: Vec<real_servers::RealServer>,
+    },
     /// Build everything the tests need, then run the test suite (extra args go to cargo test).
     Test {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -81,6 +91,7 @@ fn main() -> Result<()> {
     match cli.command {
         Task::Build { release } => build(&root, release).map(|_| ()),
         Task::Fixtures => fixtures(&root),
+        Task::RealServers { servers } => real_servers::install(&target_dir(&root), &servers),
         Task::Test { cargo_test_args } => test(&root, &cargo_test_args),
         Task::Ci => test(&root, &[]).and_then(|()| bench(&root, true, &[])),
         Task::Demo { release } => demo(&root, release),
@@ -223,6 +234,7 @@ fn bench(root: &Path, quick: bool, only: &[String]) -> Result<()> {
 }
 
 fn test(root: &Path, extra: &[String]) -> Result<()> {
+    real_servers::install(&target_dir(root), &[])?;
     fixtures(root)?;
     build(root, false)?;
     let mut args: Vec<&str> = vec!["test", "--workspace"];
