@@ -10,7 +10,13 @@ use abi_stable::{
 use crate::{action::LogLevel, ReplyTarget};
 
 /// A session as the registry knows it. Keys follow
-/// `agent:<agent>:<channel instance>:<channel|group|dm>:<peer id>[:thread:<root id>]`.
+/// `agent:<agent>:<channel instance>:<channel|group|dm>:<peer id>[:thread:<root id>]`, where
+/// each `<…>` is its value with `%` written `%25` and `:` written `%3A` (upper case) and
+/// nothing else escaped; any other `%` sequence makes the string no key. So a Matrix DM with
+/// `@alice:example.org` is `agent:main:matrix:dm:@alice%3Aexample.org`, while values with
+/// neither character (every Mattermost id) appear as they are. An empty thread root means no
+/// thread: there is no `:thread:` part then. The host's `switchboard::session` module builds
+/// and parses keys (`session_key`, `SessionKey::parse`).
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone, PartialEq, Eq)]
 pub struct SessionInfo {
@@ -38,7 +44,12 @@ pub trait HostApi: Send + Sync {
     /// Look up a session by key.
     fn session(&self, key: RStr<'_>) -> ROption<SessionInfo>;
 
-    /// Every session of this adapter's channel instance whose key starts with `key_prefix`.
+    /// Every session of this adapter's channel instance whose key starts with `key_prefix`
+    /// (bytes, not parts). End the prefix at a part boundary, i.e. with `:` after escaped
+    /// parts, or it matches longer values too: `agent:main:matrix:dm:@alice%3Aexample.org`
+    /// also starts the keys of `@alice:example.org.evil`. A peer's threads are under
+    /// `…:dm:<peer>:`; its session without a thread is the exact key (see [`Self::session`]).
+    /// `""` lists them all.
     fn sessions(&self, key_prefix: RStr<'_>) -> RVec<SessionInfo>;
 
     /// Look up a session, creating it for `agent_id` with `target` when it does not exist.
