@@ -252,6 +252,9 @@ fn insert_entry(text: &str, (open, close): (usize, usize), member: &str) -> Resu
 /// with the workspace (abi_stable, serde) are not built again.
 pub fn check_template(root: &Path, target: &Path) -> Result<()> {
     let started = Instant::now();
+    // The nested cargo runs in the scratch directory: a relative CARGO_TARGET_DIR would mean a
+    // fresh target directory there, and every dependency built from scratch.
+    let target = &std::path::absolute(target).context("cannot resolve the target directory")?;
     // A fixed place under the target directory: the generated crate keeps one package id from
     // run to run, so its dependencies' builds are found again, and nothing is left in /tmp.
     let scratch = target.join("template-check");
