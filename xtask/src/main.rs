@@ -7,10 +7,14 @@
 //!   `target/fixtures/build/`), installed as `target/fixtures/<name>.so`;
 //! - `real-servers [synapse]`: the real chat servers some tests run against, installed under
 //!   `target/real-servers/` (Synapse: a Python venv with a pinned `matrix-synapse`); idempotent;
-//! - `test`: `build` + `fixtures` + `real-servers`, then the whole test suite;
+//! - `test`: `build` + `fixtures` + `real-servers` + `check-template`, then the whole test suite;
 //! - `ci`: what `.ci/run` calls: `test`, then `bench --quick`;
 //! - `demo`: `build`, then the simulator, the gateway and a short scripted conversation;
-//! - `bench [--quick] [--only parts]`: release builds, then the benchmark (`tests/src/bin/bench.rs`).
+//! - `bench [--quick] [--only parts]`: release builds, then the benchmark (`tests/src/bin/bench.rs`);
+//! - `new-plugin <name>`: a new adapter crate in `plugins/<name>/` from `xtask/templates/plugin/`,
+//!   added to the workspace (see `docs/plugin-guide.md`);
+//! - `check-template`: generate a plugin into a scratch workspace and run its tests and clippy
+//!   there (part of `test`), so the template keeps compiling against the current ABI.
 
 use std::{
     path::{Path, PathBuf},
@@ -20,6 +24,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod new_plugin;
 mod real_servers;
 
 #[derive(Parser)]
@@ -67,6 +72,11 @@ enum Task {
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
+    /// Create an adapter crate in plugins/<name>/ (lower-case letters, digits, hyphens) from the
+    /// template, with passing conformance tests, and add it to the workspace.
+    NewPlugin { name: String },
+    /// Generate a plugin from the template into a scratch workspace and run its tests there.
+    CheckTemplate,
 }
 
 /// Plugin crates: (package, library file stem without the `lib` prefix).
@@ -96,6 +106,8 @@ fn main() -> Result<()> {
         Task::Ci => test(&root, &[]).and_then(|()| bench(&root, true, &[])),
         Task::Demo { release } => demo(&root, release),
         Task::Bench { quick, only } => bench(&root, quick, &only),
+        Task::NewPlugin { name } => new_plugin::new_plugin(&root, &name),
+        Task::CheckTemplate => new_plugin::check_template(&root, &target_dir(&root)),
     }
 }
 
@@ -235,6 +247,7 @@ fn bench(root: &Path, quick: bool, only: &[String]) -> Result<()> {
 
 fn test(root: &Path, extra: &[String]) -> Result<()> {
     real_servers::install(&target_dir(root), &[])?;
+    new_plugin::check_template(root, &target_dir(root))?;
     fixtures(root)?;
     build(root, false)?;
     let mut args: Vec<&str> = vec!["test", "--workspace"];
