@@ -722,6 +722,13 @@ impl Controller {
         let torn_down =
             || self.shared.ledger.snapshot().iter().all(|r| r.state != crate::ledger::GenerationState::Retiring);
         wait_until(end, torn_down).await;
+        // Writes nobody waits for (a session insert, a reply marked failed) go before the
+        // process does: the writer thread is not joined at exit.
+        match tokio::time::timeout_at(end, router.writer().flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!("the store's last writes failed: {e}"),
+            Err(_) => tracing::warn!("stop deadline reached with store writes still queued"),
+        }
         match router.counts_async().await {
             Ok(counts) => tracing::info!(
                 sessions = counts.sessions,

@@ -14,6 +14,8 @@
 //! - [`action`]: what an adapter asks of the host (open/send/close a WebSocket, HTTP request,
 //!   timers, inbound messages for routing, reply outcomes, state to save, log records).
 //! - [`host`]: the host handle an adapter holds: session registry, secrets, clock, log bridge.
+//! - [`key`]: the session key grammar (escaping, parsing, prefixes that end at a part
+//!   boundary), shared by the host and adapters.
 //! - [`adapter`]: the adapter trait object and [`PluginError`].
 //! - [`export`]: [`AdapterPlugin`], the plain-Rust trait plugin authors implement, and
 //!   [`export_adapter!`], which exports it with every entry point behind `catch_unwind`.
@@ -31,6 +33,7 @@ pub mod conformance;
 pub mod event;
 pub mod export;
 pub mod host;
+pub mod key;
 pub mod module;
 
 pub use abi_stable;

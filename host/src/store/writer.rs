@@ -310,6 +310,12 @@ impl StoreWriter {
         self.read_in_order(move |connection| queries::queued_replies(connection, &channel))
     }
 
+    /// Resolves once every write submitted before it is stored (also the fire-and-forget
+    /// ones): the last thing a graceful stop waits for.
+    pub fn flush(&self) -> Pending<()> {
+        self.read_in_order(|_| Ok(()))
+    }
+
     /// Inbound messages of `channel` recorded but not answered yet, oldest first, after every
     /// write submitted before is stored.
     pub fn pending_inbound(&self, channel: &str) -> Pending<Vec<(i64, Inbound)>> {
