@@ -145,10 +145,12 @@ impl Harness {
         Ok(found.into_option().map(|c| c.into_string()))
     }
 
-    /// Shut this generation down as for a replacement and export its state.
+    /// Hand this generation over as the host does for a replacement: its state is exported
+    /// first (the host keeps the old generation untold until the new one is built from it),
+    /// then it is told it was replaced.
     pub fn hand_over(mut self) -> Result<(StateBlob, Vec<Action>), PluginError> {
-        let actions = self.feed(Event::Shutdown { reason: ShutdownReason::Replaced })?;
         let state = self.adapter.export_state().into_result()?;
+        let actions = self.feed(Event::Shutdown { reason: ShutdownReason::Replaced })?;
         Ok((state, actions))
     }
 }
@@ -164,11 +166,20 @@ pub fn opened_connections(actions: &[Action]) -> Vec<OpenConnection> {
         .collect()
 }
 
+/// HTTP requests a list of actions makes, by request id.
+fn requested(actions: &[Action]) -> Vec<u64> {
+    actions
+        .iter()
+        .filter_map(|a| if let Action::HttpRequest { request, .. } = a { Some(*request) } else { None })
+        .collect()
+}
+
 /// Check the contract every adapter must keep:
 /// - the manifest names the adapter, a version and this crate's ABI version;
 /// - `valid_config` validates clean; each `(config, key_path)` in `invalid_configs` yields a
 ///   problem at that key path;
-/// - garbage frames and unknown ids neither panic nor stop the adapter;
+/// - garbage frames, garbage HTTP answers (to its own requests and to unknown ones) and
+///   unknown ids neither panic nor stop the adapter — WebSocket and HTTP-only adapters alike;
 /// - a replacement generation built from the exported state and the open connections adopts
 ///   them: it opens no new WebSocket, and the old one closes none on `Replaced`.
 ///
@@ -209,6 +220,46 @@ pub fn check_contract<A: AdapterPlugin>(
         }
     };
     let connections = opened_connections(&started);
+    let mut feed = |harness: &mut Harness, event: Event| {
+        let shown = format!("{event:?}");
+        match harness.feed(event) {
+            Ok(actions) => actions,
+            Err(e) => {
+                violations.push(format!("handle({shown}) failed: {e}"));
+                Vec::new()
+            }
+        }
+    };
+    // Ids nobody issued, whatever kind of adapter this is.
+    for event in [
+        Event::HttpResponse { request: u64::MAX, status: 200, headers: RVec::new(), body: "{}".into() },
+        Event::HttpFailed { request: u64::MAX, error: "unknown request".into() },
+        Event::TimerFired { timer: u64::MAX },
+        Event::WsFrame { conn: u64::MAX, text: "{}".into() },
+        Event::ReplyMayHaveGoneOut { reply_id: u64::MAX },
+    ] {
+        feed(&mut first, event);
+    }
+    // Its own requests answered with garbage, an error status or a failure, in turn; what
+    // it asks for in answer gets the next kind of garbage (a bounded number of rounds).
+    let mut pending = requested(&started);
+    for round in 0..3 {
+        let mut next = Vec::new();
+        for request in std::mem::take(&mut pending) {
+            let event = match round {
+                0 => Event::HttpResponse {
+                    request,
+                    status: 200,
+                    headers: RVec::new(),
+                    body: "this is not json \u{0} {".into(),
+                },
+                1 => Event::HttpResponse { request, status: 500, headers: RVec::new(), body: "".into() },
+                _ => Event::HttpFailed { request, error: "connection refused".into() },
+            };
+            next.extend(requested(&feed(&mut first, event)));
+        }
+        pending = next;
+    }
     for conn in &connections {
         let events = [
             Event::WsOpened { conn: conn.conn },
@@ -219,10 +270,7 @@ pub fn check_contract<A: AdapterPlugin>(
             Event::TimerFired { timer: u64::MAX },
         ];
         for event in events {
-            let shown = format!("{event:?}");
-            if let Err(e) = first.feed(event) {
-                violations.push(format!("handle({shown}) failed: {e}"));
-            }
+            feed(&mut first, event);
         }
     }
     match first.hand_over() {
@@ -255,5 +303,66 @@ pub fn check_contract<A: AdapterPlugin>(
         Ok(())
     } else {
         Err(violations)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{module::ConfigProblem, Manifest};
+
+    /// An HTTP-only adapter that trusts what the server says: it polls once when started
+    /// and takes the answer's body for a number without looking.
+    struct Trusting;
+
+    impl AdapterPlugin for Trusting {
+        fn manifest() -> Manifest {
+            Manifest {
+                adapter_name: "trusting".into(),
+                adapter_version: "0".into(),
+                abi_version: ABI_VERSION,
+                build: "t".into(),
+            }
+        }
+
+        fn validate_config(_config_json: &str) -> Vec<ConfigProblem> {
+            Vec::new()
+        }
+
+        fn new(_host: HostHandle, _config_json: &str, _handover: Handover) -> Result<Self, String> {
+            Ok(Trusting)
+        }
+
+        fn handle(&mut self, event: Event) -> Vec<Action> {
+            match event {
+                Event::Started { .. } => vec![Action::HttpRequest {
+                    request: 1,
+                    method: "GET".into(),
+                    url: "http://127.0.0.1:1/poll".into(),
+                    headers: RVec::new(),
+                    body: "".into(),
+                    timeout_ms: 1000,
+                }],
+                Event::HttpResponse { request: 1, body, .. } => {
+                    let cursor: u64 = body.as_str().parse().expect("the server sends a number");
+                    let _ = cursor;
+                    Vec::new()
+                }
+                _ => Vec::new(),
+            }
+        }
+
+        fn export_state(&mut self) -> StateBlob {
+            StateBlob { format_version: 1, data: "{}".into() }
+        }
+    }
+
+    #[test]
+    fn an_http_only_adapter_that_panics_on_a_garbage_answer_fails_the_contract() {
+        let violations = check_contract::<Trusting>(TestHost::new("t"), "{}", &[]).expect_err("a violation");
+        assert!(
+            violations.iter().any(|v| v.contains("HttpResponse") && v.contains("request: 1")),
+            "the garbage answer to its own request is named: {violations:?}"
+        );
     }
 }
