@@ -21,6 +21,15 @@ use anyhow::{bail, Context, Result};
 /// The Synapse release the tests run against (pinned exactly; a bump is a deliberate change).
 pub const SYNAPSE_VERSION: &str = "1.163.2";
 
+/// Synapse's dependencies as tested, pinned (`pip install -c`): what PyPI resolves on another
+/// day could differ.
+const SYNAPSE_CONSTRAINTS: &str = include_str!("../real-servers/synapse-constraints.txt");
+
+/// Where the venv keeps the constraints it was installed with (a change reinstalls).
+fn constraints_stamp(venv: &Path) -> PathBuf {
+    venv.join("switchboard-constraints.txt")
+}
+
 /// Oldest Python the pinned Synapse supports (its wheel is `cp310-abi3`).
 const MIN_PYTHON: (u32, u32) = (3, 10);
 
@@ -58,7 +67,10 @@ fn install_synapse(target: &Path) -> Result<()> {
     let python = venv_python(&venv);
     if python.exists() {
         match installed_synapse(&python) {
-            Ok(Some(version)) if version == SYNAPSE_VERSION => {
+            Ok(Some(version))
+                if version == SYNAPSE_VERSION
+                    && std::fs::read_to_string(constraints_stamp(&venv)).is_ok_and(|c| c == SYNAPSE_CONSTRAINTS) =>
+            {
                 eprintln!(
                     "xtask: Synapse {version} already installed in {} (checked in {} ms)",
                     venv.display(),
@@ -66,9 +78,10 @@ fn install_synapse(target: &Path) -> Result<()> {
                 );
                 return Ok(());
             }
-            Ok(Some(version)) => {
-                eprintln!("xtask: {} has Synapse {version}; installing {SYNAPSE_VERSION}", venv.display())
-            }
+            Ok(Some(version)) => eprintln!(
+                "xtask: {} has Synapse {version} (or other pinned dependencies); installing {SYNAPSE_VERSION}",
+                venv.display()
+            ),
             Ok(None) => eprintln!("xtask: {} has no Synapse yet; installing {SYNAPSE_VERSION}", venv.display()),
             Err(error) => {
                 // A venv whose interpreter no longer runs (its base Python moved or was
@@ -87,8 +100,13 @@ fn install_synapse(target: &Path) -> Result<()> {
     }
     let requirement = format!("matrix-synapse=={SYNAPSE_VERSION}");
     eprintln!("xtask: pip install {requirement} into {}", venv.display());
+    let constraints = venv.join("constraints-to-install.txt");
+    std::fs::write(&constraints, SYNAPSE_CONSTRAINTS)
+        .with_context(|| format!("cannot write {}", constraints.display()))?;
     let status = Command::new(&python)
         .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--only-binary", ":all:"])
+        .arg("-c")
+        .arg(&constraints)
         .arg(&requirement)
         .status()
         .with_context(|| format!("cannot run {}", python.display()))?;
@@ -96,7 +114,10 @@ fn install_synapse(target: &Path) -> Result<()> {
         bail!("pip install {requirement} failed ({status}); is PyPI reachable?");
     }
     match installed_synapse(&python)? {
-        Some(version) if version == SYNAPSE_VERSION => {}
+        Some(version) if version == SYNAPSE_VERSION => {
+            std::fs::write(constraints_stamp(&venv), SYNAPSE_CONSTRAINTS)
+                .with_context(|| format!("cannot write {}", constraints_stamp(&venv).display()))?;
+        }
         other => bail!("after pip install, {} reports Synapse {other:?}, not {SYNAPSE_VERSION}", venv.display()),
     }
     eprintln!(
