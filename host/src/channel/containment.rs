@@ -102,6 +102,18 @@ impl Instance {
                         *trial = Some(format!("{during} did not return within {after:?}"));
                         return;
                     }
+                    if self.stop_by.is_some() {
+                        // Out of time because the instance is stopping, not necessarily hung
+                        // for good: nothing is dead-lettered. The batch was not stored, so the
+                        // next start resumes before it.
+                        tracing::warn!(channel = %self.id, generation = number, event = during, "the adapter did not finish by the stop deadline; left behind, its events come again after the next start");
+                        if let Some(late) = self.current.take() {
+                            self.tear_down_later(late.number, late.apartment, GenerationState::Abandoned);
+                        }
+                        self.parked
+                            .extend(batch.into_iter().enumerate().filter(|(i, _)| !dead.contains(i)).map(|(_, e)| e));
+                        return;
+                    }
                     let error = format!("the adapter did not return within {after:?} from {during}");
                     return self.abandon_hung(number, batch, dead, index, &error).await;
                 }

@@ -19,7 +19,7 @@ async fn an_adapter_that_hangs_on_one_message_is_abandoned_and_the_others_are_an
     let rig = Rig::with_gateway_keys(
         "onmessage",
         "kind = \"echo\"",
-        "adapter_call_timeout_ms = 1000\nstop_deadline_ms = 3000",
+        "adapter_call_timeout_ms = 2000\nstop_deadline_ms = 3000",
     )
     .await?;
     rig.drop_build(&rig.artifacts.fixture("hang-on-message")?)?;
