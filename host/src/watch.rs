@@ -1,7 +1,7 @@
 //! The plugin directory watch: new adapter builds are picked up by themselves.
 //!
 //! File events come from the OS (inotify through `notify`: nothing polls, so an idle gateway
-//! is not woken by the watch) and are gathered for [`DEBOUNCE`]; hidden and temporary files are ignored
+//! is not woken by the watch) and are gathered for `DEBOUNCE`; hidden and temporary files are ignored
 //! (deployers copy to a temporary name and rename it into place), and a changed library must
 //! hold its size and mtime still for `plugins.settle_ms` before anything is loaded, so a slow
 //! `cp` straight into the directory is not loaded half-written. Then the watch sends one

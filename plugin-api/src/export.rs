@@ -82,7 +82,7 @@ pub fn guard<T>(work: impl FnOnce() -> T) -> RResult<T, PluginError> {
     }
 }
 
-/// The root module for adapter `A`; called by the code [`export_adapter!`] generates.
+/// The root module for adapter `A`; called by the code [`export_adapter!`](crate::export_adapter) generates.
 pub fn root_module<A: AdapterPlugin>() -> AdapterModuleRef {
     install_quiet_panic_hook();
     AdapterModule {

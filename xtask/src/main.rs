@@ -8,7 +8,7 @@
 //! - `real-servers [synapse]`: the real chat servers some tests run against, installed under
 //!   `target/real-servers/` (Synapse: a Python venv with a pinned `matrix-synapse`); idempotent;
 //! - `test`: `build` + `fixtures` + `real-servers` + `check-template`, then the whole test suite;
-//! - `ci`: what `.ci/run` calls: `test`, then `bench --quick`;
+//! - `ci`: what `.ci/run` calls: `test`, `cargo doc` with warnings as errors, then `bench --quick`;
 //! - `demo`: `build`, then the simulator, the gateway and a short scripted conversation;
 //! - `bench [--quick] [--only parts]`: release builds, then the benchmark (`tests/src/bin/bench.rs`);
 //! - `new-plugin <name>`: a new adapter crate in `plugins/<name>/` from `xtask/templates/plugin/`,
@@ -36,7 +36,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Build the gateway binary and the adapter plugins into target/plugins/<profile>/.
+    /// Build the gateway binary and the adapter plugins into `target/plugins/<profile>/`.
     Build {
         #[arg(long)]
         release: bool,
@@ -54,7 +54,7 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         cargo_test_args: Vec<String>,
     },
-    /// What CI runs: the test task, then the quick benchmark.
+    /// What CI runs: the test task, the API docs (warnings as errors), then the quick benchmark.
     Ci,
     /// Start the simulator and the gateway and play a short conversation, with a chatmode
     /// reload (SIGUSR1) in the middle.
@@ -72,7 +72,7 @@ enum Task {
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
-    /// Create an adapter crate in plugins/<name>/ (lower-case letters, digits, hyphens) from the
+    /// Create an adapter crate in `plugins/<name>/` (lower-case letters, digits, hyphens) from the
     /// template, with passing conformance tests, and add it to the workspace.
     NewPlugin { name: String },
     /// Generate a plugin from the template into a scratch workspace and run its tests there.
@@ -103,7 +103,7 @@ fn main() -> Result<()> {
         Task::Fixtures => fixtures(&root),
         Task::RealServers { servers } => real_servers::install(&target_dir(&root), &servers),
         Task::Test { cargo_test_args } => test(&root, &cargo_test_args),
-        Task::Ci => test(&root, &[]).and_then(|()| bench(&root, true, &[])),
+        Task::Ci => test(&root, &[]).and_then(|()| docs(&root)).and_then(|()| bench(&root, true, &[])),
         Task::Demo { release } => demo(&root, release),
         Task::Bench { quick, only } => bench(&root, quick, &only),
         Task::NewPlugin { name } => new_plugin::new_plugin(&root, &name),
@@ -241,6 +241,23 @@ fn bench(root: &Path, quick: bool, only: &[String]) -> Result<()> {
     let status = command.status().context("cannot run the bench program")?;
     if !status.success() {
         bail!("the bench failed ({status})");
+    }
+    Ok(())
+}
+
+/// The API docs of every crate, warnings as errors: a broken link or a doc comment that names
+/// a private item fails CI instead of rotting.
+fn docs(root: &Path) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("xtask: cargo doc --workspace --no-deps (RUSTDOCFLAGS=-D warnings)");
+    let status = Command::new(&cargo)
+        .args(["doc", "--workspace", "--no-deps", "--quiet"])
+        .env("RUSTDOCFLAGS", "-D warnings")
+        .current_dir(root)
+        .status()
+        .with_context(|| format!("cannot run {cargo}"))?;
+    if !status.success() {
+        bail!("cargo doc found broken docs ({status})");
     }
     Ok(())
 }

@@ -8,14 +8,14 @@
 //!
 //! Modules, by concern (all are `impl Instance` blocks over the state defined here):
 //! - this root: the instance's state, its task and event loop, and the graceful stop;
-//! - [`swap`]: replacing a generation (export, construct, cut over, roll back on a failed
+//! - `swap`: replacing a generation (export, construct, cut over, roll back on a failed
 //!   first batch), refusing one, retiring and tearing down apartments;
-//! - [`containment`]: a batch into the apartment whole or not at all — restart from the last
+//! - `containment`: a batch into the apartment whole or not at all — restart from the last
 //!   good state after a panic, dead letters, the restart budget and halting, the watchdog
 //!   that abandons an adapter call which does not return;
-//! - [`commit`]: the write-ahead pipeline — a handled batch is stored before what it asked
+//! - `commit`: the write-ahead pipeline — a handled batch is stored before what it asked
 //!   for is carried out, and carrying it out (transport, reply outcomes, health);
-//! - [`delivery`]: the delivery window, replies held back beyond it, host-side redelivery.
+//! - `delivery`: the delivery window, replies held back beyond it, host-side redelivery.
 
 mod commit;
 mod containment;

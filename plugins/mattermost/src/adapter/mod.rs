@@ -1,16 +1,16 @@
 //! The adapter state machine, by concern:
-//! - [`connection`]: the WebSocket lifecycle — connect, `hello`, seq tracking, keepalive,
+//! - `connection`: the WebSocket lifecycle — connect, `hello`, seq tracking, keepalive,
 //!   resume, reconnect backoff (reset once a connection is proven good), a refused token;
-//! - [`requests`]: every REST request goes through one queue that honours `Retry-After` and
+//! - `requests`: every REST request goes through one queue that honours `Retry-After` and
 //!   bounds the concurrency of background requests (catch-up, look-ups);
-//! - [`catch_up`]: after a gap the server could not resume — which conversations missed
+//! - `catch_up`: after a gap the server could not resume — which conversations missed
 //!   posts (including ones never seen before: a first DM) and which posts are new;
-//! - [`policy`]: whether a post is answered (own posts, bots and webhooks, post types,
+//! - `policy`: whether a post is answered (own posts, bots and webhooks, post types,
 //!   chatmode, DM/group policies, channel allowlist) and as what inbound message;
-//! - [`delivery`]: replies — splitting, one at a time per conversation and thread, retries,
+//! - `delivery`: replies — splitting, one at a time per conversation and thread, retries,
 //!   looking for parts already posted before sending them again.
 //!
-//! Everything that must survive a generation change is in [`State`], which is exported on
+//! Everything that must survive a generation change is in `State`, which is exported on
 //! `Shutdown(Replaced)` and restored by the next generation; the host keeps the socket, the
 //! in-flight HTTP requests and the timers, so their results reach whichever generation runs.
 //! The host also stores the state after batches, so a restarted gateway (a *cold* handover)
@@ -253,7 +253,7 @@ impl Adapter {
         }
     }
 
-    /// The catch-ups' fetched posts are left out (see [`catch_up`]): this is written after
+    /// The catch-ups' fetched posts are left out (see the `catch_up` module): this is written after
     /// every batch.
     pub fn export_state(&self) -> StateBlob {
         // Exported after every batch: sized like the last one, it is written without regrowing.
