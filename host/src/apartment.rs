@@ -27,11 +27,14 @@ use std::{
 
 use abi_stable::std_types::RStr;
 use switchboard_plugin_api::{
-    Action, AdapterBox, AdapterModuleRef, Event, Handover, HostHandle, LogLevel, Manifest, PeerKind, PluginError,
+    Action, AdapterBox, AdapterModuleRef, Event, Handover, HostHandle, InboundMessage, LogLevel, Manifest, PeerKind,
+    PluginError, ResponseBody,
 };
+#[cfg(test)]
+use switchboard_plugin_api::{BuildFlags, ABI_MINOR};
 use tokio::sync::oneshot;
 
-use crate::loader::{self, LoadError, OpenedAdapter};
+use crate::loader::{self, BuildOf, LoadError, OpenedAdapter};
 
 type Job = Box<dyn FnOnce(&mut Resident) + Send>;
 
@@ -39,6 +42,9 @@ type Job = Box<dyn FnOnce(&mut Resident) + Send>;
 pub struct Resident {
     module: AdapterModuleRef,
     adapter: Option<AdapterBox>,
+    /// The ABI minor the library was built against: events of later minors are turned into
+    /// what it knows (or skipped) before they reach it.
+    abi_minor: u32,
 }
 
 /// The host's end of an apartment. Dropping it tears the apartment down (blocking).
@@ -47,6 +53,8 @@ pub struct Apartment {
     thread: Option<thread::JoinHandle<Option<abi_stable::library::RawLibrary>>>,
     copy_path: PathBuf,
     pub manifest: Manifest,
+    /// The ABI minor and build flags the library reported.
+    pub build: BuildOf,
     /// How long one call may take before the apartment counts as hung.
     call_timeout: Duration,
     /// A call did not return in time: no more jobs, and tear-down abandons the thread.
@@ -90,13 +98,22 @@ pub enum Command {
         code: u16,
         reason: String,
     },
+    WsSendBinary {
+        conn: u64,
+        data: Vec<u8>,
+    },
+    /// `HttpRequest` (v1.0) and `HttpCall` (v1.1) alike.
     Http {
         request: u64,
         method: String,
         url: String,
         headers: Vec<(String, String)>,
-        body: String,
+        body: Vec<u8>,
         timeout_ms: u64,
+        /// 0: the host's default.
+        max_response_bytes: u64,
+        /// Answer with `HttpBytesResponse` instead of text.
+        bytes: bool,
     },
     SetTimer {
         timer: u64,
@@ -114,6 +131,8 @@ pub enum Command {
         reply_id: u64,
         error: String,
         retryable: bool,
+        /// When to hand the reply back (0: the host's back-off).
+        retry_after_ms: u64,
     },
     SaveState {
         format_version: u32,
@@ -134,13 +153,35 @@ pub enum Command {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Inbound {
     pub message_id: String,
-    pub peer_kind: PeerKind,
+    /// The session key's `<kind>` part: `channel`, `group`, `dm`, or a kind the adapter named
+    /// (v1.1). Only `dm` is keyed by the sender.
+    pub peer_kind: String,
     pub peer_id: String,
     pub thread_root_id: String,
     pub sender_id: String,
     pub sender_name: String,
     pub text: String,
     pub created_at_ms: i64,
+}
+
+impl Inbound {
+    fn copy_of(message: &InboundMessage, kind: &str) -> Self {
+        Inbound {
+            message_id: message.message_id.as_str().to_owned(),
+            peer_kind: kind.to_owned(),
+            peer_id: message.peer_id.as_str().to_owned(),
+            thread_root_id: message.thread_root_id.as_str().to_owned(),
+            sender_id: message.sender_id.as_str().to_owned(),
+            sender_name: message.sender_name.as_str().to_owned(),
+            text: message.text.as_str().to_owned(),
+            created_at_ms: message.created_at_ms,
+        }
+    }
+
+    /// Whether the session is the sender's (a DM) rather than the conversation's.
+    pub fn is_dm(&self) -> bool {
+        self.peer_kind == PeerKind::Dm.as_str()
+    }
 }
 
 /// The result of handing one event to the adapter.
@@ -151,10 +192,10 @@ impl Apartment {
     /// `spawn_blocking` in async code.
     pub fn open(copy_path: &Path, thread_name: String, call_timeout: Duration) -> Result<Apartment, LoadError> {
         let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<Manifest, LoadError>>();
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<(Manifest, BuildOf), LoadError>>();
         let path = copy_path.to_path_buf();
         let spawned = thread::Builder::new().name(thread_name).spawn(move || {
-            let OpenedAdapter { library, module, manifest } = match loader::open_adapter(&path) {
+            let OpenedAdapter { library, module, manifest, build } = match loader::open_adapter(&path) {
                 Ok(opened) => opened,
                 Err((error, library)) => {
                     let _ = ready_tx.send(Err(error));
@@ -163,9 +204,9 @@ impl Apartment {
             };
             // Strings the plugin made carry its vtable: hand the host a copy made here, so
             // nothing that outlives the library points into it.
-            let _ = ready_tx.send(Ok(host_copy(&manifest)));
+            let _ = ready_tx.send(Ok((host_copy(&manifest), build)));
             drop(manifest);
-            serve(Resident { module, adapter: None }, jobs_rx);
+            serve(Resident { module, adapter: None, abi_minor: build.abi_minor }, jobs_rx);
             Some(library)
         });
         let thread = spawned.map_err(|e| LoadError::Stage {
@@ -187,12 +228,14 @@ impl Apartment {
             thread: Some(thread),
             copy_path: copy_path.to_path_buf(),
             manifest: placeholder_manifest(),
+            build: BuildOf { abi_minor: 0, flags: None },
             call_timeout,
             hung: AtomicBool::new(hung),
         };
         match outcome {
-            Ok(manifest) => {
+            Ok((manifest, build)) => {
                 apartment.manifest = manifest;
+                apartment.build = build;
                 Ok(apartment)
             }
             Err(error) => {
@@ -212,7 +255,7 @@ impl Apartment {
         let thread = thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
-                serve(Resident { module, adapter: None }, jobs_rx);
+                serve(Resident { module, adapter: None, abi_minor: ABI_MINOR }, jobs_rx);
                 None
             })
             .expect("a test can start a thread");
@@ -221,6 +264,7 @@ impl Apartment {
             thread: Some(thread),
             copy_path: PathBuf::from(format!("/nonexistent/in-process/{name}")),
             manifest,
+            build: BuildOf { abi_minor: ABI_MINOR, flags: Some(BuildFlags::of_this_build()) },
             call_timeout,
             hung: AtomicBool::new(false),
         }
@@ -362,6 +406,10 @@ impl Resident {
         let mut handled = Vec::with_capacity(events.len());
         for (index, event) in events.into_iter().enumerate() {
             reached.store(index, Ordering::SeqCst);
+            let Some(event) = known_to(self.abi_minor, event) else {
+                handled.push(Ok(Vec::new()));
+                continue;
+            };
             match adapter.handle(event.into_ne()).into_result() {
                 // `actions` is plugin-made: copy it into host types, then drop it here.
                 Ok(actions) => handled.push(Ok(actions
@@ -410,6 +458,27 @@ impl Resident {
     }
 }
 
+/// `event` as an adapter of ABI minor `minor` can take it: v1.1 events become their v1.0
+/// counterparts for a v1.0 adapter, or nothing (`None`: skipped, it never asked for them).
+fn known_to(minor: u32, event: Event) -> Option<Event> {
+    if minor >= 1 {
+        return Some(event);
+    }
+    match event {
+        // A v1.0 adapter never had binary frames (the host dropped them before v1.1).
+        Event::WsBinaryFrame { .. } => None,
+        Event::HttpResponseSkipped { request, status, .. } => Some(Event::HttpFailed {
+            request,
+            error: format!("the response (HTTP {status}) was dead-lettered: the adapter failed on it twice").into(),
+        }),
+        // Only an answer to a v1.1 `HttpCall`, which a v1.0 adapter cannot ask for.
+        Event::HttpBytesResponse { request, .. } => {
+            Some(Event::HttpFailed { request, error: "a bytes response for an adapter of ABI v1.0".into() })
+        }
+        event => Some(event),
+    }
+}
+
 fn pairs(headers: &[switchboard_plugin_api::Header]) -> Vec<(String, String)> {
     headers.iter().map(|h| (h.name.as_str().to_owned(), h.value.as_str().to_owned())).collect()
 }
@@ -429,28 +498,54 @@ impl Command {
                 method: method.as_str().to_owned(),
                 url: url.as_str().to_owned(),
                 headers: pairs(headers),
-                body: body.as_str().to_owned(),
+                body: body.as_bytes().to_vec(),
                 timeout_ms: *timeout_ms,
+                max_response_bytes: 0,
+                bytes: false,
             },
+            Action::HttpCall(call) => Command::Http {
+                request: call.request,
+                method: call.method.as_str().to_owned(),
+                url: call.url.as_str().to_owned(),
+                headers: pairs(&call.headers),
+                body: call.body.to_vec(),
+                timeout_ms: call.timeout_ms,
+                max_response_bytes: call.max_response_bytes,
+                bytes: call.response_body == ResponseBody::BYTES,
+            },
+            Action::WsSendBinary { conn, data } => Command::WsSendBinary { conn: *conn, data: data.to_vec() },
             Action::SetTimer { timer, after_ms } => Command::SetTimer { timer: *timer, after_ms: *after_ms },
             Action::CancelTimer { timer } => Command::CancelTimer { timer: *timer },
-            Action::Inbound(message) => Command::Inbound(Inbound {
-                message_id: message.message_id.as_str().to_owned(),
-                peer_kind: message.peer_kind,
-                peer_id: message.peer_id.as_str().to_owned(),
-                thread_root_id: message.thread_root_id.as_str().to_owned(),
-                sender_id: message.sender_id.as_str().to_owned(),
-                sender_name: message.sender_name.as_str().to_owned(),
-                text: message.text.as_str().to_owned(),
-                created_at_ms: message.created_at_ms,
-            }),
+            Action::Inbound(message) => Command::Inbound(Inbound::copy_of(message, message.peer_kind.as_str())),
+            Action::InboundOfKind { message, kind } if kind.is_valid() => {
+                Command::Inbound(Inbound::copy_of(message, kind.0.as_str()))
+            }
+            Action::InboundOfKind { message, kind } => Command::Log {
+                level: LogLevel::Error,
+                message: format!(
+                    "the adapter named the conversation kind {:?} (not 1-32 of a-z, 0-9, _ starting with a letter) \
+                     for message {} in conversation {}; the message is not answered",
+                    kind.0.as_str(),
+                    message.message_id.as_str(),
+                    message.peer_id.as_str()
+                ),
+            },
             Action::ReplyDelivered { reply_id, platform_message_id } => Command::ReplyDelivered {
                 reply_id: *reply_id,
                 platform_message_id: platform_message_id.as_str().to_owned(),
             },
-            Action::ReplyFailed { reply_id, error, retryable } => {
-                Command::ReplyFailed { reply_id: *reply_id, error: error.as_str().to_owned(), retryable: *retryable }
-            }
+            Action::ReplyFailed { reply_id, error, retryable } => Command::ReplyFailed {
+                reply_id: *reply_id,
+                error: error.as_str().to_owned(),
+                retryable: *retryable,
+                retry_after_ms: 0,
+            },
+            Action::ReplyFailedWith { reply_id, error, kind, retry_after_ms } => Command::ReplyFailed {
+                reply_id: *reply_id,
+                error: format!("{} ({})", error.as_str(), kind.as_str()),
+                retryable: kind.is_retryable(),
+                retry_after_ms: *retry_after_ms,
+            },
             Action::SaveState { state } => {
                 Command::SaveState { format_version: state.format_version, data: state.data.as_str().to_owned() }
             }

@@ -11,7 +11,7 @@ use abi_stable::{
     sabi_trait::TD_Opaque,
     std_types::{RArc, ROption, RStr, RString, RVec},
 };
-use switchboard_plugin_api::{HostApi, HostApi_TO, HostHandle, LogLevel, ReplyTarget, SessionInfo};
+use switchboard_plugin_api::{HostApi, HostApi_TO, HostHandle, LogLevel, OpenResource, ReplyTarget, SessionInfo};
 
 use crate::session::{now_ms, DeliveryTarget, Session, SessionStore};
 
@@ -19,6 +19,8 @@ pub struct HostBridge {
     pub channel_instance: String,
     pub generation: u64,
     pub sessions: Arc<dyn SessionStore>,
+    /// What the generation inherits (listed at its handover; empty when cold).
+    pub handed_over: Vec<OpenResource>,
 }
 
 impl HostBridge {
@@ -78,6 +80,10 @@ impl HostApi for HostBridge {
         };
         info(self.sessions.open(key.as_str(), agent_id.as_str(), &target))
     }
+
+    fn handed_over(&self) -> ROption<RVec<OpenResource>> {
+        ROption::RSome(self.handed_over.iter().cloned().collect())
+    }
 }
 
 #[cfg(test)]
@@ -99,7 +105,7 @@ mod tests {
         let writer =
             Arc::new(StoreWriter::start(store.clone(), prometheus_client::metrics::histogram::Histogram::new([0.001])));
         let sessions: Arc<dyn SessionStore> = Arc::new(DurableSessions::with_writer(writer, 100).unwrap());
-        let bridge = HostBridge { channel_instance: "mm".into(), generation: 1, sessions };
+        let bridge = HostBridge { channel_instance: "mm".into(), generation: 1, sessions, handed_over: Vec::new() };
         // The writer's connection held, as by a commit stuck on the disk.
         let held = store.hold_writer();
         let (opened, done) = std::sync::mpsc::channel();

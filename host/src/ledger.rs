@@ -35,6 +35,8 @@ pub struct GenerationRecord {
     pub adapter_name: String,
     pub adapter_version: String,
     pub build: String,
+    /// The ABI minor the library was built against (0: v1.0, which could not say).
+    pub abi_minor: u32,
     pub source: PathBuf,
     pub sha256: String,
     pub copy: PathBuf,

@@ -19,10 +19,11 @@ use std::{
 use abi_stable::{
     abi_stability::abi_checking::{check_layout_compatibility_with_globals, CheckingGlobals},
     library::{lib_header_from_raw_library, LibraryError, RawLibrary},
+    type_layout::TypeLayout,
     StableAbi,
 };
 use sha2::{Digest, Sha256};
-use switchboard_plugin_api::{AdapterModuleRef, Manifest, ABI_VERSION};
+use switchboard_plugin_api::{AdapterModuleRef, BuildFlags, Manifest, ABI_VERSION};
 
 /// Why a plugin file was refused. Every variant names the file and says why in words an
 /// operator can act on; none carries a pointer into the refused library.
@@ -44,6 +45,8 @@ pub enum LoadError {
     IncompatibleLayout { file: PathBuf, reason: String },
     #[error("{file} speaks adapter ABI v{found}; this gateway speaks v{expected}")]
     AbiVersion { file: PathBuf, found: u32, expected: u32 },
+    #[error("{file} was built with panic = \"abort\": a panic in it would end the gateway; build it with panic = \"unwind\" (the default)")]
+    PanicAbort { file: PathBuf },
     #[error("{file}: the adapter's root module failed to initialise: {reason}")]
     InitFailed { file: PathBuf, reason: String },
     #[error("{file}: the adapter's manifest could not be read: {reason}")]
@@ -263,6 +266,7 @@ pub struct OpenedAdapter {
     pub library: RawLibrary,
     pub module: AdapterModuleRef,
     pub manifest: Manifest,
+    pub build: BuildOf,
 }
 
 /// Open, check and initialise the adapter at `path`. On failure the library (when it was
@@ -272,12 +276,12 @@ pub fn open_adapter(path: &Path) -> Result<OpenedAdapter, (LoadError, Option<Raw
     let library = RawLibrary::load_at(path).map_err(|e| (classify(&file, e), None))?;
     LIBRARIES_OPENED.fetch_add(1, Ordering::Relaxed);
     match initialise(&file, &library) {
-        Ok((module, manifest)) => Ok(OpenedAdapter { library, module, manifest }),
+        Ok((module, manifest, build)) => Ok(OpenedAdapter { library, module, manifest, build }),
         Err(e) => Err((e, Some(library))),
     }
 }
 
-fn initialise(file: &Path, library: &RawLibrary) -> Result<(AdapterModuleRef, Manifest), LoadError> {
+fn initialise(file: &Path, library: &RawLibrary) -> Result<(AdapterModuleRef, Manifest, BuildOf), LoadError> {
     // SAFETY: the header is only used while `library` is open (it is dropped after the
     // apartment thread, which owns every value derived from it, has exited).
     let header = unsafe { lib_header_from_raw_library(library) }.map_err(|e| classify(file, e))?;
@@ -285,8 +289,8 @@ fn initialise(file: &Path, library: &RawLibrary) -> Result<(AdapterModuleRef, Ma
         file: file.to_path_buf(),
         reason: "the library exports no layout information to check".into(),
     })?;
-    check_layout_compatibility_with_globals(<AdapterModuleRef as StableAbi>::LAYOUT, layout, &CheckingGlobals::new())
-        .map_err(|errors| LoadError::IncompatibleLayout { file: file.to_path_buf(), reason: errors.to_string() })?;
+    check_layout_both_ways(layout)
+        .map_err(|reason| LoadError::IncompatibleLayout { file: file.to_path_buf(), reason })?;
     // SAFETY: the layout was checked just above, against fresh checking globals.
     let module = unsafe { header.init_root_module_with_unchecked_layout::<AdapterModuleRef>() }
         .map_err(|e| classify(file, e))?;
@@ -300,7 +304,48 @@ fn initialise(file: &Path, library: &RawLibrary) -> Result<(AdapterModuleRef, Ma
             expected: ABI_VERSION,
         });
     }
-    Ok((module, manifest))
+    let build = BuildOf::module(&module);
+    if build.flags.is_some_and(BuildFlags::panic_abort) {
+        return Err(LoadError::PanicAbort { file: file.to_path_buf() });
+    }
+    Ok((module, manifest, build))
+}
+
+/// The ABI minor and build flags a library reports (v1.1 fields of its root module).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BuildOf {
+    /// 0 for a library built before the field existed (v1.0).
+    pub abi_minor: u32,
+    /// `None` for a library built before the field existed: a v1.0 library cannot say how it
+    /// handles panics (it is taken to unwind, as v1.0 plugins were required to).
+    pub flags: Option<BuildFlags>,
+}
+
+impl BuildOf {
+    fn module(module: &AdapterModuleRef) -> Self {
+        Self {
+            abi_minor: module.abi_minor().map_or(0, |minor| minor()),
+            flags: module.build_flags().map(|flags| flags()),
+        }
+    }
+}
+
+/// A library whose interface is the host's or a later minor's passes abi_stable's check as it
+/// is (the library's types may be larger); one built against an earlier minor passes it the
+/// other way round (the host's types are the larger). Either is safe under the evolution rules
+/// (docs/abi-evolution.md): optional module fields are read through the library's own field
+/// bits, appended trait methods fall back to their default bodies, and the host never sends an
+/// older library a variant it does not know. Anything else is refused with the forward
+/// check's explanation (the host's view, which is what an operator compares).
+fn check_layout_both_ways(library: &'static TypeLayout) -> Result<(), String> {
+    let host = <AdapterModuleRef as StableAbi>::LAYOUT;
+    match check_layout_compatibility_with_globals(host, library, &CheckingGlobals::new()) {
+        Ok(()) => Ok(()),
+        Err(forward) => match check_layout_compatibility_with_globals(library, host, &CheckingGlobals::new()) {
+            Ok(()) => Ok(()),
+            Err(_) => Err(forward.to_string()),
+        },
+    }
 }
 
 /// Turn abi_stable's error into ours, formatting it to an owned string right away: its

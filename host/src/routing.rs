@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use switchboard_plugin_api::{Event, OutboundReply, PeerKind, ReplyTarget};
+use switchboard_plugin_api::{Event, OutboundReply, ReplyTarget};
 use tokio::sync::mpsc;
 
 use crate::{
@@ -256,12 +256,9 @@ impl Router {
         let typing = table.typing;
         drop(table);
 
-        let peer = match inbound.peer_kind {
-            PeerKind::Dm => inbound.sender_id.as_str(),
-            PeerKind::Channel | PeerKind::Group => inbound.peer_id.as_str(),
-        };
+        let peer = if inbound.is_dm() { inbound.sender_id.as_str() } else { inbound.peer_id.as_str() };
         let thread = per_thread.then_some(inbound.thread_root_id.as_str());
-        let key = session_key(&agent_id, channel, inbound.peer_kind, peer, thread);
+        let key = session_key(&agent_id, channel, inbound.peer_kind.as_str(), peer, thread);
         let target = DeliveryTarget {
             channel_instance: channel.to_string(),
             conversation_id: inbound.peer_id.clone(),

@@ -5,16 +5,16 @@
 //! generation the same open sockets, so the chat server never sees a reconnect.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     time::Duration,
 };
 
 use futures_util::{SinkExt, StreamExt};
-use switchboard_plugin_api::{Event, Header, OpenConnection};
+use switchboard_plugin_api::{Event, Header, OpenConnection, OpenResource, ResourceKind};
 use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_tungstenite::{
     tungstenite::{
@@ -28,8 +28,11 @@ use tokio_tungstenite::{
 
 use crate::tls::{self, ChannelTls};
 
-/// The largest HTTP response body handed to an adapter.
-const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+/// The largest HTTP response body handed to an adapter that sets no limit of its own.
+const DEFAULT_MAX_BODY_BYTES: u64 = 8 * 1024 * 1024;
+
+/// The largest limit an adapter may set (a body is held in memory whole).
+const CEILING_MAX_BODY_BYTES: u64 = 256 * 1024 * 1024;
 
 /// Frames an instance holds read but not yet handled (its queue, or parked while it has no
 /// running adapter), at most: then its sockets stop reading instead of its memory growing.
@@ -40,7 +43,22 @@ const WRITE_COALESCE: usize = 64;
 
 enum Outgoing {
     Text(String),
+    Binary(Vec<u8>),
     Close(u16, String),
+}
+
+/// An HTTP request an adapter asked for (`HttpRequest` or `HttpCall`).
+pub struct HttpRequest {
+    pub request: u64,
+    pub method: String,
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub timeout_ms: u64,
+    /// 0: [`DEFAULT_MAX_BODY_BYTES`].
+    pub max_response_bytes: u64,
+    /// Answer with `HttpBytesResponse` instead of `HttpResponse`.
+    pub bytes: bool,
 }
 
 struct Socket {
@@ -59,8 +77,8 @@ pub struct Transport {
     /// Frames read and not yet handled by an adapter: sockets stop reading at the bound (the
     /// server then holds or drops the connection; a resume or catch-up brings the rest).
     frames: Arc<tokio::sync::Semaphore>,
-    /// HTTP requests sent and not yet answered to the adapter.
-    http_in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    /// HTTP requests sent and not yet answered to the adapter, by id, with their URL (no query).
+    http_in_flight: Arc<Mutex<BTreeMap<u64, String>>>,
 }
 
 impl Transport {
@@ -74,13 +92,13 @@ impl Transport {
             timers: HashMap::new(),
             max_message_bytes,
             frames: Arc::new(tokio::sync::Semaphore::new(FRAMES_QUEUED_MAX)),
-            http_in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            http_in_flight: Arc::new(Mutex::new(BTreeMap::new())),
         }
     }
 
     /// HTTP requests whose answer has not reached the instance's queue yet.
     pub fn http_in_flight(&self) -> usize {
-        self.http_in_flight.load(std::sync::atomic::Ordering::SeqCst)
+        self.http_in_flight.lock().unwrap().len()
     }
 
     /// `count` frames were handled (or given up on): their sockets may read that many more.
@@ -109,6 +127,25 @@ impl Transport {
         open
     }
 
+    /// Everything a new generation inherits, of every kind (ABI v1.1 `HostApi::handed_over`).
+    pub fn open_resources(&self) -> Vec<OpenResource> {
+        let mut open: Vec<OpenResource> = self
+            .open_connections()
+            .into_iter()
+            .map(|c| OpenResource { kind: ResourceKind::WEBSOCKET, id: c.conn, detail: c.url })
+            .collect();
+        open.extend(self.http_in_flight.lock().unwrap().iter().map(|(request, url)| OpenResource {
+            kind: ResourceKind::HTTP_REQUEST,
+            id: *request,
+            detail: url.as_str().into(),
+        }));
+        let mut timers: Vec<u64> =
+            self.timers.iter().filter(|(_, task)| !task.is_finished()).map(|(timer, _)| *timer).collect();
+        timers.sort_unstable();
+        open.extend(timers.into_iter().map(|id| OpenResource { kind: ResourceKind::TIMER, id, detail: "".into() }));
+        open
+    }
+
     pub fn ws_open(&mut self, conn: u64, url: String, headers: Vec<(String, String)>) {
         if let Some(old) = self.sockets.remove(&conn) {
             old.task.abort();
@@ -133,6 +170,15 @@ impl Transport {
         }
     }
 
+    pub fn ws_send_binary(&mut self, conn: u64, data: Vec<u8>) {
+        match self.sockets.get(&conn) {
+            Some(socket) => {
+                let _ = socket.outgoing.send(Outgoing::Binary(data));
+            }
+            None => tracing::debug!(conn, "adapter sent on a connection that is not open; dropped"),
+        }
+    }
+
     pub fn ws_close(&mut self, conn: u64, code: u16, reason: String) {
         if let Some(socket) = self.sockets.get(&conn) {
             let _ = socket.outgoing.send(Outgoing::Close(code, reason));
@@ -148,15 +194,12 @@ impl Transport {
         }
     }
 
-    pub fn http(
-        &mut self,
-        request: u64,
-        method: String,
-        url: String,
-        headers: Vec<(String, String)>,
-        body: String,
-        timeout_ms: u64,
-    ) {
+    pub fn http(&mut self, call: HttpRequest) {
+        let HttpRequest { request, method, url, headers, body, timeout_ms, max_response_bytes, bytes } = call;
+        let limit = match max_response_bytes {
+            0 => DEFAULT_MAX_BODY_BYTES,
+            limit => limit.min(CEILING_MAX_BODY_BYTES),
+        };
         let events = self.events.clone();
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap_or(reqwest::Method::GET);
         let mut builder = self.tls.http.request(method, &url);
@@ -171,10 +214,11 @@ impl Transport {
         }
         let tls_log = self.tls_log.clone();
         let in_flight = self.http_in_flight.clone();
-        in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let without_query = url.split(['?', '#']).next().unwrap_or_default().to_string();
+        in_flight.lock().unwrap().insert(request, without_query);
         tokio::spawn(async move {
             let event = match builder.send().await {
-                Ok(response) => read_response(request, response).await,
+                Ok(response) => read_response(request, response, limit, bytes).await,
                 // Never include the URL: it may carry credentials in a query string.
                 Err(e) => {
                     let host = e.url().and_then(|u| u.host_str()).unwrap_or("?").to_string();
@@ -186,7 +230,7 @@ impl Transport {
                 }
             };
             let _ = events.send(event);
-            in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            in_flight.lock().unwrap().remove(&request);
         });
     }
 
@@ -229,7 +273,7 @@ impl Drop for Transport {
     }
 }
 
-async fn read_response(request: u64, response: reqwest::Response) -> Event {
+async fn read_response(request: u64, response: reqwest::Response, limit: u64, bytes: bool) -> Event {
     let status = response.status().as_u16();
     let headers = response
         .headers()
@@ -241,15 +285,15 @@ async fn read_response(request: u64, response: reqwest::Response) -> Event {
     loop {
         match response.chunk().await {
             Ok(None) => break,
-            Ok(Some(chunk)) if body.len() + chunk.len() <= MAX_BODY_BYTES => body.extend_from_slice(&chunk),
+            Ok(Some(chunk)) if (body.len() + chunk.len()) as u64 <= limit => body.extend_from_slice(&chunk),
             Ok(Some(_)) => {
-                return Event::HttpFailed {
-                    request,
-                    error: format!("response body larger than {MAX_BODY_BYTES} bytes").into(),
-                }
+                return Event::HttpFailed { request, error: format!("response body larger than {limit} bytes").into() }
             }
             Err(e) => return Event::HttpFailed { request, error: tls::describe(&e.without_url()).into() },
         }
+    }
+    if bytes {
+        return Event::HttpBytesResponse { request, status, headers, body: body.into() };
     }
     Event::HttpResponse { request, status, headers, body: String::from_utf8_lossy(&body).into_owned().into() }
 }
@@ -361,11 +405,15 @@ async fn run_socket(
             // The instance holds as many unhandled frames as it takes: wait for room.
             room = frames.acquire(), if frames.available_permits() == 0 => drop(room),
             incoming = socket.next(), if frames.available_permits() > 0 => match incoming {
-                Some(Ok(Message::Text(text))) => {
+                Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
                     if let Ok(permit) = frames.try_acquire() {
                         permit.forget();
                     }
-                    if events.send(Event::WsFrame { conn, text: text.as_str().into() }).is_err() {
+                    let event = match message {
+                        Message::Text(text) => Event::WsFrame { conn, text: text.as_str().into() },
+                        other => Event::WsBinaryFrame { conn, data: other.into_data().to_vec().into() },
+                    };
+                    if events.send(event).is_err() {
                         break (1001, "gateway stopping".to_string());
                     }
                 }
@@ -378,7 +426,7 @@ async fn run_socket(
                 Some(Ok(Message::Close(frame))) => {
                     break frame.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
                 }
-                Some(Ok(_binary_or_pong)) => {}
+                Some(Ok(_pong_or_raw_frame)) => {}
                 Some(Err(e)) => break (1006, format!("read failed: {e}")),
                 None => break (1006, "connection closed without a close frame".to_string()),
             },
@@ -391,6 +439,11 @@ async fn run_socket(
                     match next {
                         Some(Outgoing::Text(text)) => {
                             if let Err(e) = socket.feed(Message::Text(text.into())).await {
+                                break Some((1006, format!("write failed: {e}")));
+                            }
+                        }
+                        Some(Outgoing::Binary(data)) => {
+                            if let Err(e) = socket.feed(Message::Binary(data.into())).await {
                                 break Some((1006, format!("write failed: {e}")));
                             }
                         }

@@ -120,6 +120,141 @@ pub enum Action {
         healthy: bool,
         detail: RString,
     },
+    // ---- v1.1 (ABI minor 1): a host of minor 0 ignores these (logged as unknown). ----
+    /// Send a binary WebSocket message.
+    WsSendBinary {
+        conn: u64,
+        data: RVec<u8>,
+    },
+    /// An HTTP request with a bytes body, the adapter's own response size limit and the
+    /// body's form in the answer ([`HttpCall`]).
+    HttpCall(HttpCall),
+    /// An inbound message whose conversation kind is named by the adapter ([`PeerKindName`]),
+    /// for kinds beyond [`PeerKind`]'s three; `message.peer_kind` is then ignored.
+    InboundOfKind {
+        message: InboundMessage,
+        kind: PeerKindName,
+    },
+    /// Like [`Action::ReplyFailed`], with what kind of failure it was ([`ErrorKind`]) and,
+    /// when the platform said so, how long to wait before the host hands the reply back
+    /// (`0`: the host's own back-off).
+    ReplyFailedWith {
+        reply_id: u64,
+        error: RString,
+        kind: ErrorKind,
+        retry_after_ms: u64,
+    },
+}
+
+/// How the body of an HTTP response reaches the adapter.
+#[repr(transparent)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ResponseBody(pub u8);
+
+impl ResponseBody {
+    /// As text in [`crate::Event::HttpResponse`] (invalid UTF-8 replaced by U+FFFD).
+    pub const TEXT: Self = Self(0);
+    /// As bytes in [`crate::Event::HttpBytesResponse`].
+    pub const BYTES: Self = Self(1);
+}
+
+/// An HTTP request (v1.1). The answer is [`crate::Event::HttpResponse`] or
+/// [`crate::Event::HttpBytesResponse`] as `response_body` says, or
+/// [`crate::Event::HttpFailed`] (no response, or a body larger than `max_response_bytes`).
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, PartialEq, Eq)]
+pub struct HttpCall {
+    pub request: u64,
+    pub method: RString,
+    pub url: RString,
+    pub headers: RVec<Header>,
+    pub body: RVec<u8>,
+    /// `0`: no timeout of the request's own (the host's connect timeout still applies).
+    pub timeout_ms: u64,
+    /// The largest body the adapter takes; a larger one fails the request. `0`: the host's
+    /// default (8 MiB). The host caps it at 256 MiB.
+    pub max_response_bytes: u64,
+    pub response_body: ResponseBody,
+}
+
+impl HttpCall {
+    /// A request with a text body (empty: none), answered as text, default size limit.
+    pub fn text(request: u64, method: &str, url: &str, headers: Vec<Header>, body: &str, timeout_ms: u64) -> Self {
+        Self {
+            request,
+            method: method.into(),
+            url: url.into(),
+            headers: headers.into(),
+            body: body.as_bytes().to_vec().into(),
+            timeout_ms,
+            max_response_bytes: 0,
+            response_body: ResponseBody::TEXT,
+        }
+    }
+}
+
+/// A conversation kind named by the adapter: `channel`, `group` and `dm` mean what
+/// [`PeerKind`] says; any other name (1–32 of `a-z`, `0-9`, `_`, starting with a letter) is a
+/// kind of the adapter's own, keyed by conversation like a channel. It becomes the `<kind>`
+/// part of the session key. A name outside that grammar makes the host refuse the message
+/// (dead letter, logged).
+#[repr(transparent)]
+#[derive(StableAbi, Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PeerKindName(pub RString);
+
+impl PeerKindName {
+    pub fn new(name: &str) -> Self {
+        Self(name.into())
+    }
+
+    pub fn is_valid(&self) -> bool {
+        let name = self.0.as_str();
+        let mut chars = name.chars();
+        chars.next().is_some_and(|c| c.is_ascii_lowercase())
+            && name.len() <= 32
+            && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    }
+}
+
+impl From<PeerKind> for PeerKindName {
+    fn from(kind: PeerKind) -> Self {
+        Self::new(kind.as_str())
+    }
+}
+
+/// What kind of failure an adapter reports. Codes this host does not know count as
+/// [`ErrorKind::TRANSIENT`]: a newer adapter's finer kind never loses a reply.
+#[repr(transparent)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ErrorKind(pub u8);
+
+impl ErrorKind {
+    /// Worth trying again (connection lost, server error).
+    pub const TRANSIENT: Self = Self(0);
+    /// Trying again cannot help (the request is wrong, the content refused).
+    pub const PERMANENT: Self = Self(1);
+    /// The platform asked to slow down; try again after `retry_after_ms`.
+    pub const RATE_LIMITED: Self = Self(2);
+    /// The credentials were refused; an operator has to act. Tried again later.
+    pub const UNAUTHORIZED: Self = Self(3);
+    /// The conversation or thread is gone; trying again cannot help.
+    pub const NOT_FOUND: Self = Self(4);
+
+    /// Whether the host should hand the reply back to the adapter later.
+    pub fn is_retryable(self) -> bool {
+        !matches!(self, Self::PERMANENT | Self::NOT_FOUND)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::TRANSIENT => "transient",
+            Self::PERMANENT => "permanent",
+            Self::RATE_LIMITED => "rate_limited",
+            Self::UNAUTHORIZED => "unauthorized",
+            Self::NOT_FOUND => "not_found",
+            _ => "unknown",
+        }
+    }
 }
 
 impl Action {

@@ -86,6 +86,30 @@ pub enum Event {
     ReplyMayHaveGoneOut {
         reply_id: u64,
     },
+    // ---- v1.1 (ABI minor 1): only ever sent to adapters that report `abi_minor >= 1`. ----
+    /// A binary WebSocket message (text ones are [`Event::WsFrame`]).
+    WsBinaryFrame {
+        conn: u64,
+        data: RVec<u8>,
+    },
+    /// The answer to an [`crate::Action::HttpCall`] that asked for
+    /// [`crate::ResponseBody::BYTES`]: the body exactly as received.
+    HttpBytesResponse {
+        request: u64,
+        status: u16,
+        headers: RVec<Header>,
+        body: RVec<u8>,
+    },
+    /// Instead of an HTTP response the adapter failed on twice (the host dead-lettered it):
+    /// take from it only what moves a cursor (a sync token, a page mark) without acting on
+    /// its content, so the next request does not bring the same content back. Adapters of
+    /// ABI minor 0 get [`Event::HttpFailed`] instead.
+    HttpResponseSkipped {
+        request: u64,
+        status: u16,
+        headers: RVec<Header>,
+        body: RVec<u8>,
+    },
 }
 
 impl Event {

@@ -20,7 +20,7 @@ use crate::{
     adapter::{Adapter, AdapterBox, Adapter_TO, PluginError},
     event::{Event, Event_NE},
     host::HostHandle,
-    module::{AdapterModule, AdapterModuleRef, ConfigProblem, Handover, Manifest, StateBlob},
+    module::{AdapterModule, AdapterModuleRef, BuildFlags, ConfigProblem, Handover, Manifest, StateBlob},
 };
 
 /// An adapter, written as plain Rust. Each method is called from one thread at a time (the
@@ -82,15 +82,34 @@ pub fn guard<T>(work: impl FnOnce() -> T) -> RResult<T, PluginError> {
     }
 }
 
-/// The root module for adapter `A`; called by the code [`export_adapter!`](crate::export_adapter) generates.
+/// The root module for adapter `A`, reporting the build flags of this crate's build (use
+/// [`export_adapter!`](crate::export_adapter), whose code reports the plugin crate's own).
 pub fn root_module<A: AdapterPlugin>() -> AdapterModuleRef {
+    root_module_with_flags::<A>(build_flags_entry)
+}
+
+/// The root module for adapter `A`; called by the code [`export_adapter!`](crate::export_adapter)
+/// generates, with a `build_flags` function compiled in the plugin crate: `cfg!(panic = …)`
+/// is the strategy of the crate it is compiled in, which is the plugin's when only the final
+/// crate was built with `-C panic=abort`.
+pub fn root_module_with_flags<A: AdapterPlugin>(build_flags: extern "C" fn() -> BuildFlags) -> AdapterModuleRef {
     install_quiet_panic_hook();
     AdapterModule {
         manifest: manifest_entry::<A>,
         validate_config: validate_config_entry::<A>,
         new_adapter: new_adapter_entry::<A>,
+        abi_minor: abi_minor_entry,
+        build_flags,
     }
     .leak_into_prefix()
+}
+
+extern "C" fn abi_minor_entry() -> u32 {
+    crate::ABI_MINOR
+}
+
+extern "C" fn build_flags_entry() -> BuildFlags {
+    BuildFlags::of_this_build()
 }
 
 extern "C" fn manifest_entry<A: AdapterPlugin>() -> RResult<Manifest, PluginError> {
@@ -155,7 +174,10 @@ macro_rules! export_adapter {
         /// The root module of this adapter library.
         #[::abi_stable::export_root_module]
         pub fn switchboard_adapter_root_module() -> $crate::AdapterModuleRef {
-            $crate::export::root_module::<$adapter>()
+            extern "C" fn build_flags() -> $crate::BuildFlags {
+                $crate::BuildFlags(if cfg!(panic = "abort") { $crate::BuildFlags::PANIC_ABORT } else { 0 })
+            }
+            $crate::export::root_module_with_flags::<$adapter>(build_flags)
         }
     };
 }

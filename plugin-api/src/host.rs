@@ -3,7 +3,7 @@
 
 use abi_stable::{
     sabi_trait,
-    std_types::{RArc, ROption, RStr, RString, RVec},
+    std_types::{RArc, RNone, ROption, RStr, RString, RVec},
     StableAbi,
 };
 
@@ -55,6 +55,37 @@ pub trait HostApi: Send + Sync {
     /// Look up a session, creating it for `agent_id` with `target` when it does not exist.
     #[sabi(last_prefix_field)]
     fn open_session(&self, key: RStr<'_>, agent_id: RStr<'_>, target: ReplyTarget) -> SessionInfo;
+
+    /// v1.1: everything the previous generation left open that this one inherits, of every
+    /// kind ([`OpenResource`]): WebSockets (as in [`crate::Handover::connections`]), HTTP
+    /// requests whose answer will reach this generation, armed timers. Fixed at the
+    /// handover; empty on a cold start. `None` from a host of ABI minor 0, which tells only
+    /// the WebSockets, in the handover.
+    fn handed_over(&self) -> ROption<RVec<OpenResource>> {
+        RNone
+    }
+}
+
+/// The kind of an [`OpenResource`]. Kinds this plugin does not know are to be ignored.
+#[repr(transparent)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ResourceKind(pub u8);
+
+impl ResourceKind {
+    pub const WEBSOCKET: Self = Self(0);
+    pub const HTTP_REQUEST: Self = Self(1);
+    pub const TIMER: Self = Self(2);
+}
+
+/// One thing the host holds open for a channel instance across a handover, by the id the
+/// adapter gave it (`conn`, `request` or `timer`). `detail` is the URL for connections and
+/// requests (no query string: it may carry credentials), empty for timers.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, PartialEq, Eq)]
+pub struct OpenResource {
+    pub kind: ResourceKind,
+    pub id: u64,
+    pub detail: RString,
 }
 
 /// The host handle as handed to an adapter (host-made, cheap to clone).

@@ -10,7 +10,8 @@
 //! ```text
 //! key   = "agent:" part ":" part ":" kind ":" part [ ":thread:" root ]
 //!         ; agent id, channel instance id, kind, peer, thread root id
-//! kind  = "channel" / "group" / "dm"
+//! kind  = "channel" / "group" / "dm" / name
+//! name  = lower *31( lower / digit / "_" )     ; a kind an adapter named (ABI v1.1)
 //! part  = *( any char but ":" and "%" / "%25" / "%3A" )
 //! root  = 1*( any char but ":" and "%" / "%25" / "%3A" )
 //! ```
@@ -32,7 +33,37 @@
 
 use std::{borrow::Cow, fmt, str::FromStr};
 
-use crate::PeerKind;
+use crate::{PeerKind, PeerKindName};
+
+/// A conversation kind as the key's `<kind>` part: a [`PeerKind`], a [`PeerKindName`] or its
+/// text (which the caller has checked with [`PeerKindName::is_valid`]).
+pub trait KindPart {
+    fn kind_part(&self) -> &str;
+}
+
+impl KindPart for PeerKind {
+    fn kind_part(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl KindPart for PeerKindName {
+    fn kind_part(&self) -> &str {
+        self.0.as_str()
+    }
+}
+
+impl KindPart for &PeerKindName {
+    fn kind_part(&self) -> &str {
+        self.0.as_str()
+    }
+}
+
+impl KindPart for &str {
+    fn kind_part(&self) -> &str {
+        self
+    }
+}
 
 /// The session key for a conversation. In DMs the peer is the person, so a DM session follows
 /// them; elsewhere it is the conversation. Every part is escaped (see the module docs); an
@@ -40,7 +71,7 @@ use crate::PeerKind;
 pub fn session_key(
     agent: &str,
     channel_instance: &str,
-    kind: PeerKind,
+    kind: impl KindPart,
     peer: &str,
     thread_root: Option<&str>,
 ) -> String {
@@ -58,9 +89,9 @@ pub fn session_key(
 /// With `peer`: that peer's thread sessions only — its session without a thread is the exact
 /// key `session_key(.., peer, None)`, which is not a safe prefix (it is also a prefix of the
 /// keys of every peer whose id merely starts with `peer`).
-pub fn session_key_prefix(agent: &str, channel_instance: &str, kind: PeerKind, peer: Option<&str>) -> String {
+pub fn session_key_prefix(agent: &str, channel_instance: &str, kind: impl KindPart, peer: Option<&str>) -> String {
     let mut prefix =
-        format!("agent:{}:{}:{}:", escape_key_part(agent), escape_key_part(channel_instance), kind.as_str());
+        format!("agent:{}:{}:{}:", escape_key_part(agent), escape_key_part(channel_instance), kind.kind_part());
     if let Some(peer) = peer {
         prefix.push_str(&escape_key_part(peer));
         prefix.push(':');
@@ -112,7 +143,7 @@ fn unescape_key_part(part: &str) -> Result<String, KeyError> {
 pub struct SessionKey {
     pub agent: String,
     pub channel_instance: String,
-    pub kind: PeerKind,
+    pub kind: PeerKindName,
     pub peer: String,
     /// `None` for a session without a thread; never `Some("")`.
     pub thread_root: Option<String>,
@@ -125,7 +156,7 @@ pub enum KeyError {
     NotAgent,
     #[error("a session key has 5 parts, or 7 with a thread; this one has {0}")]
     Parts(usize),
-    #[error("unknown conversation kind `{0}` (channel, group or dm)")]
+    #[error("`{0}` is no conversation kind (channel, group, dm, or 1-32 of a-z, 0-9, _ starting with a letter)")]
     Kind(String),
     #[error("the sixth part of a session key is `thread`, not `{0}`")]
     NotThread(String),
@@ -152,12 +183,10 @@ impl SessionKey {
             7 => return Err(KeyError::NotThread(parts[5].to_string())),
             n => return Err(KeyError::Parts(n)),
         };
-        let kind = match parts[3] {
-            "channel" => PeerKind::Channel,
-            "group" => PeerKind::Group,
-            "dm" => PeerKind::Dm,
-            other => return Err(KeyError::Kind(other.to_string())),
-        };
+        let kind = PeerKindName::new(parts[3]);
+        if !kind.is_valid() {
+            return Err(KeyError::Kind(parts[3].to_string()));
+        }
         Ok(Self {
             agent: unescape_key_part(parts[1])?,
             channel_instance: unescape_key_part(parts[2])?,
@@ -181,7 +210,7 @@ impl fmt::Display for SessionKey {
         f.write_str(&session_key(
             &self.agent,
             &self.channel_instance,
-            self.kind,
+            &self.kind,
             &self.peer,
             self.thread_root.as_deref(),
         ))
@@ -231,7 +260,7 @@ mod tests {
             SessionKey {
                 agent: "main".into(),
                 channel_instance: "matrix".into(),
-                kind: PeerKind::Dm,
+                kind: PeerKind::Dm.into(),
                 peer: "@alice:example.org".into(),
                 thread_root: None,
             }
@@ -245,6 +274,11 @@ mod tests {
             ("!abc:example.org", Some("$ev:example.org"))
         );
         assert_eq!(parsed.to_string(), key);
+
+        // A kind an adapter named (v1.1) is a key part like the three of PeerKind.
+        let key = session_key("main", "irc", PeerKindName::new("server_notice"), "libera", None);
+        assert_eq!(key, "agent:main:irc:server_notice:libera");
+        assert_eq!(SessionKey::parse(&key).unwrap().kind, PeerKindName::new("server_notice"));
 
         // A value that looks escaped already is escaped again, so it comes back as it was.
         let key = session_key("a:b", "in%st", PeerKind::Channel, "x%3Ay", Some("%25"));
@@ -269,7 +303,8 @@ mod tests {
             ("agent:main:mm:dm", KeyError::Parts(4)),
             ("agent:main:mm:dm:@alice:example.org", KeyError::Parts(6)),
             ("agent:main:mm:dm:u1:thread:r1:x", KeyError::Parts(8)),
-            ("agent:main:mm:room:u1", KeyError::Kind("room".into())),
+            ("agent:main:mm:Room:u1", KeyError::Kind("Room".into())),
+            ("agent:main:mm:1on1:u1", KeyError::Kind("1on1".into())),
             ("agent:main:mm:dm:u1:reply:r1", KeyError::NotThread("reply".into())),
             ("agent:main:mm:dm:u1:thread:", KeyError::EmptyThreadRoot),
             ("agent:main:mm:dm:a%3ab", KeyError::Escape("a%3ab".into())),
@@ -310,7 +345,7 @@ mod tests {
                 let root = root.filter(|r| !r.is_empty());
                 prop_assert_eq!(
                     &parsed,
-                    &SessionKey { agent, channel_instance: instance, kind, peer, thread_root: root }
+                    &SessionKey { agent, channel_instance: instance, kind: kind.into(), peer, thread_root: root }
                 );
                 prop_assert_eq!(parsed.to_string(), key);
             }

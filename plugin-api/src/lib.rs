@@ -22,9 +22,16 @@
 //! - [`conformance`]: a harness that drives any [`AdapterPlugin`] in-process and checks the
 //!   contract; every adapter crate runs it in its own tests.
 //!
-//! Evolution rules (ARCHITECTURE.md §3.9): fields are only appended to prefix types after
-//! `last_prefix_field`; [`Event`] and [`Action`] are non-exhaustive and may gain variants
-//! without breaking plugins built against an older version of this crate. Host and plugins
+//! ## Versions
+//! This crate's version *is* the ABI version: major [`ABI_VERSION`], minor [`ABI_MINOR`]
+//! (it does not follow the workspace's version). A host loads a plugin of the same major
+//! built against any minor, older or newer: a newer plugin falls back to defaults for what an
+//! older host lacks, an older plugin is never sent what it cannot know. The rules that keep it
+//! so (what may change in a minor, what needs a major) are in `docs/abi-evolution.md`: in
+//! short, fields are only appended to prefix types after `last_prefix_field` and read as
+//! optional; trait methods are only appended, with a default body; [`Event`] and [`Action`]
+//! only gain variants at the end; by-value structs and closed enums never change, and kinds
+//! that must grow are `#[repr(transparent)]` codes or names with constants. Host and plugins
 //! must use the same `abi_stable` 0.11 line; this crate re-exports it.
 
 pub mod action;
@@ -38,16 +45,25 @@ pub mod module;
 
 pub use abi_stable;
 
-pub use action::{Action, Action_NE, InboundMessage, LogLevel, PeerKind};
+pub use action::{
+    Action, Action_NE, ErrorKind, HttpCall, InboundMessage, LogLevel, PeerKind, PeerKindName, ResponseBody,
+};
 pub use adapter::{Adapter, AdapterBox, Adapter_TO, PluginError};
 pub use event::{Event, Event_NE, OutboundReply, ShutdownReason};
 pub use export::AdapterPlugin;
-pub use host::{HostApi, HostApi_TO, HostHandle, SessionInfo};
-pub use module::{AdapterModule, AdapterModuleRef, ConfigProblem, Handover, Manifest, OpenConnection, StateBlob};
+pub use host::{HostApi, HostApi_TO, HostHandle, OpenResource, ResourceKind, SessionInfo};
+pub use module::{
+    AdapterModule, AdapterModuleRef, BuildFlags, ConfigProblem, Handover, Manifest, OpenConnection, StateBlob,
+};
 
-/// The version of the adapter contract. A plugin whose manifest names another version is
-/// refused by the host even when its layout happens to check out.
+/// The major version of the adapter contract. A plugin whose manifest names another major
+/// is refused by the host even when its layout happens to check out.
 pub const ABI_VERSION: u32 = 1;
+
+/// The minor version of the adapter contract: what this crate adds to v1.0 (reported by the
+/// root module's `abi_minor`). 1: bytes bodies and frames, response size limits, named peer
+/// kinds, error kinds, the generalised handover, the build flags.
+pub const ABI_MINOR: u32 = 1;
 
 use abi_stable::{std_types::RString, StableAbi};
 
@@ -77,5 +93,16 @@ pub struct ReplyTarget {
 impl ReplyTarget {
     pub fn new(conversation_id: &str, thread_root_id: &str) -> Self {
         Self { conversation_id: conversation_id.into(), thread_root_id: thread_root_id.into() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The package version and the ABI constants tell the same story (abi_stable checks the
+    /// package version; the host reads the constants).
+    #[test]
+    fn the_crate_version_is_the_abi_version() {
+        let version = env!("CARGO_PKG_VERSION");
+        assert_eq!(version, format!("{}.{}.0", super::ABI_VERSION, super::ABI_MINOR));
     }
 }

@@ -86,6 +86,35 @@ pub struct AdapterModule {
     #[sabi(last_prefix_field)]
     pub new_adapter:
         extern "C" fn(host: HostHandle, config_json: RStr<'_>, handover: Handover) -> RResult<AdapterBox, PluginError>,
+    // ---- v1.1: fields after the prefix are optional; a library built before them reads as
+    // `None`, which the host takes for ABI minor 0 and unknown build flags. ----
+    /// The ABI minor version the library was built against ([`crate::ABI_MINOR`] of its
+    /// plugin-api). The host sends events of a minor only to libraries of that minor or later.
+    #[sabi(missing_field(option))]
+    pub abi_minor: extern "C" fn() -> u32,
+    /// How the library was built ([`BuildFlags`]).
+    #[sabi(missing_field(option))]
+    pub build_flags: extern "C" fn() -> BuildFlags,
+}
+
+/// How an adapter library was built, as far as the host must know.
+#[repr(transparent)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BuildFlags(pub u64);
+
+impl BuildFlags {
+    /// Built with `panic = "abort"`: a panic would end the host process, so the host refuses
+    /// the library (`catch_unwind` at the ABI edge needs unwinding).
+    pub const PANIC_ABORT: u64 = 1;
+
+    /// The flags of the code calling this: `export_adapter!` reports them for the plugin.
+    pub fn of_this_build() -> Self {
+        Self(if cfg!(panic = "abort") { Self::PANIC_ABORT } else { 0 })
+    }
+
+    pub fn panic_abort(self) -> bool {
+        self.0 & Self::PANIC_ABORT != 0
+    }
 }
 
 impl RootModule for AdapterModuleRef {

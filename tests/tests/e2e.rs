@@ -3,6 +3,8 @@
 //!
 //! Build first with `cargo xtask test` (it builds the binary, the plugin and the fixtures).
 
+#[path = "e2e/abi.rs"]
+mod abi;
 #[path = "e2e/admin.rs"]
 mod admin;
 #[path = "e2e/bounds.rs"]

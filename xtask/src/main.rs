@@ -203,12 +203,45 @@ fn fixture_library(name: &str) -> String {
 fn fixtures(root: &Path) -> Result<()> {
     let built = build_fixtures(root, false, FIXTURES)?;
     let fixture_dir = target_dir(root).join("fixtures");
+    let installed = |name: &str| fixture_dir.join(format!("{name}{}", std::env::consts::DLL_SUFFIX));
     for name in FIXTURES {
-        install(
-            &built.join(fixture_library(name)),
-            &fixture_dir.join(format!("{name}{}", std::env::consts::DLL_SUFFIX)),
-        )?;
+        install(&built.join(fixture_library(name)), &installed(name))?;
     }
+    // Built with the `panic-abort` profile: the plugin and all it links abort on a panic.
+    let fixture_target = target_dir(root).join("fixtures").join("build");
+    let fixture_manifest = root.join("tests").join("fixtures").join("Cargo.toml");
+    cargo(
+        root,
+        &[
+            "build",
+            "--manifest-path",
+            fixture_manifest.to_str().context("the fixture manifest path is not UTF-8")?,
+            "--target-dir",
+            fixture_target.to_str().context("the target directory path is not UTF-8")?,
+            "--package",
+            "switchboard-fixture-panic-abort",
+            "--profile",
+            "panic-abort",
+        ],
+    )?;
+    install(&fixture_target.join("panic-abort").join(fixture_library("panic-abort")), &installed("panic-abort"))?;
+    // The frozen v1.0 interface is a workspace of its own (a second `switchboard-plugin-api`).
+    let v1_0_target = target_dir(root).join("fixtures").join("abi-v1_0");
+    let v1_0_manifest = root.join("tests").join("fixtures").join("abi-v1_0").join("Cargo.toml");
+    cargo(
+        root,
+        &[
+            "build",
+            "--manifest-path",
+            v1_0_manifest.to_str().context("the fixture manifest path is not UTF-8")?,
+            "--target-dir",
+            v1_0_target.to_str().context("the target directory path is not UTF-8")?,
+        ],
+    )?;
+    install(
+        &v1_0_target.join("debug").join(dylib_name("switchboard_fixture_abi_v1_0_echo")),
+        &installed("abi-v1_0-echo"),
+    )?;
     eprintln!("xtask: fixtures in {}", fixture_dir.display());
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! carried out once it is stored, in order.
 
 use super::*;
+use crate::transport::HttpRequest;
 
 impl Instance {
     /// Carry out what a stored batch asked for.
@@ -68,7 +69,7 @@ impl Instance {
                 Command::ReplyDelivered { reply_id, platform_message_id } => {
                     record.delivered.push((*reply_id, platform_message_id.clone()))
                 }
-                Command::ReplyFailed { reply_id, error, retryable: false } => {
+                Command::ReplyFailed { reply_id, error, retryable: false, .. } => {
                     record.failed.push((*reply_id, error.clone()))
                 }
                 Command::SaveState { format_version, data } if record.adapter_state.is_none() => {
@@ -134,9 +135,12 @@ impl Instance {
                 self.transport.ws_open(conn, url, headers);
             }
             Command::WsSend { conn, text } => self.transport.ws_send(conn, text),
+            Command::WsSendBinary { conn, data } => self.transport.ws_send_binary(conn, data),
             Command::WsClose { conn, code, reason } => self.transport.ws_close(conn, code, reason),
-            Command::Http { request, method, url, headers, body, timeout_ms } => {
-                self.transport.http(request, method, url, headers, body, timeout_ms)
+            Command::Http { request, method, url, headers, body, timeout_ms, max_response_bytes, bytes } => {
+                let request =
+                    HttpRequest { request, method, url, headers, body, timeout_ms, max_response_bytes, bytes };
+                self.transport.http(request)
             }
             Command::SetTimer { timer, after_ms } => self.transport.set_timer(timer, after_ms),
             Command::CancelTimer { timer } => self.transport.cancel_timer(timer),
@@ -157,14 +161,18 @@ impl Instance {
                     }
                 }
             }
-            Command::ReplyFailed { reply_id, error, retryable } => {
+            Command::ReplyFailed { reply_id, error, retryable, retry_after_ms } => {
                 let reply = self.pending_replies.remove(&reply_id);
                 let session = reply.as_ref().map_or("", |r| r.session_key.as_str());
                 let conversation = reply.as_ref().map_or("", |r| r.conversation_id.as_str());
                 let round = self.host_retries.entry(reply_id).or_insert(0);
                 *round += 1;
                 if retryable && *round <= HOST_DELIVERY_ROUNDS {
-                    let wait = HOST_RETRY_AFTER * *round;
+                    // The platform's own word on when (a rate limit) over the host's back-off.
+                    let wait = match retry_after_ms {
+                        0 => HOST_RETRY_AFTER * *round,
+                        ms => Duration::from_millis(ms),
+                    };
                     tracing::warn!(channel = %self.id, session, conversation, reply_id, round = *round, "reply not delivered yet ({error}); handing it to the adapter again in {wait:?}");
                     self.retry_delivery_later(reply_id, wait);
                 } else {

@@ -61,8 +61,9 @@ impl Instance {
             let number = running.number;
             let live: Vec<usize> = (0..batch.len()).filter(|i| !dead.contains(i)).collect();
             let events: Vec<Event> = live.iter().map(|&i| batch[i].clone()).collect();
-            let rebuild =
-                restart.take().map(|handover| (self.host_handle(number), self.config.adapter_config_json(), handover));
+            let rebuild = restart
+                .take()
+                .map(|handover| (self.host_handle(number, handover.cold), self.config.adapter_config_json(), handover));
             let restarted = rebuild.is_some();
             let reached = Arc::new(AtomicUsize::new(NOT_IN_AN_EVENT));
             let noted = reached.clone();
@@ -159,7 +160,7 @@ impl Instance {
                             self.dead_letter(number, &batch[index], &error).await;
                             // Where the adapter tracks a cursor, it is told to move past the
                             // event instead of acting on it (else a resume brings it back).
-                            match stand_in(&batch[index], &error) {
+                            match stand_in(&batch[index]) {
                                 Some(stand_in) => {
                                     batch[index] = stand_in;
                                     substituted.push(index);
@@ -193,7 +194,12 @@ impl Instance {
         self.handled_at = Some(Instant::now());
         // These frames are handled (or dead-lettered): their socket may read as many more.
         self.transport.frames_handled(
-            batch.iter().filter(|e| matches!(e, Event::WsFrame { .. } | Event::WsFrameSkipped { .. })).count(),
+            batch
+                .iter()
+                .filter(|e| {
+                    matches!(e, Event::WsFrame { .. } | Event::WsFrameSkipped { .. } | Event::WsBinaryFrame { .. })
+                })
+                .count(),
         );
         let count = handled.len() as u64;
         if let Some(running) = self.current.as_mut() {
@@ -257,6 +263,12 @@ impl Instance {
         let payload = match event {
             Event::WsFrame { text, .. } => text.to_string(),
             Event::HttpResponse { body, status, .. } => format!("HTTP {status}: {body}"),
+            Event::HttpBytesResponse { body, status, .. } => {
+                format!("HTTP {status} ({} bytes): {}", body.len(), String::from_utf8_lossy(body))
+            }
+            Event::WsBinaryFrame { data, .. } => {
+                format!("binary frame ({} bytes): {}", data.len(), String::from_utf8_lossy(data))
+            }
             Event::DeliverReply(reply) => reply.text.to_string(),
             other => format!("{other:?}"),
         };
@@ -317,7 +329,7 @@ impl Instance {
         );
         if let Some(index) = hung_on {
             self.dead_letter(number, &batch[index], error).await;
-            match stand_in(&batch[index], error) {
+            match stand_in(&batch[index]) {
                 Some(stand_in) => batch[index] = stand_in,
                 None => dead.push(index),
             }
@@ -365,13 +377,23 @@ impl Instance {
 }
 
 /// What the adapter gets instead of an event it failed on twice, where it must learn that
-/// the event is gone: a skipped frame (move the sequence past it), a failed request.
-pub(super) fn stand_in(event: &Event, error: &str) -> Option<Event> {
+/// the event is gone: a skipped frame or response (move the sequence or sync token past it).
+/// An adapter of ABI v1.0 gets a failed request for a skipped response (the apartment turns
+/// it so), and nothing for a binary frame (it never got those).
+pub(super) fn stand_in(event: &Event) -> Option<Event> {
     match event {
         Event::WsFrame { conn, text } => Some(Event::WsFrameSkipped { conn: *conn, text: text.clone() }),
-        Event::HttpResponse { request, .. } => Some(Event::HttpFailed {
+        Event::HttpResponse { request, status, headers, body } => Some(Event::HttpResponseSkipped {
             request: *request,
-            error: format!("the response was dead-lettered (the adapter failed on it twice: {error})").into(),
+            status: *status,
+            headers: headers.clone(),
+            body: body.as_bytes().to_vec().into(),
+        }),
+        Event::HttpBytesResponse { request, status, headers, body } => Some(Event::HttpResponseSkipped {
+            request: *request,
+            status: *status,
+            headers: headers.clone(),
+            body: body.clone(),
         }),
         _ => None,
     }

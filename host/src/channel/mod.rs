@@ -399,9 +399,15 @@ impl Instance {
         }
     }
 
-    fn host_handle(&self, generation: u64) -> switchboard_plugin_api::HostHandle {
-        HostBridge { channel_instance: self.id.clone(), generation, sessions: self.shared.router.sessions() }
-            .into_handle()
+    /// The host handle of generation `generation`; a warm one lists what it inherits.
+    fn host_handle(&self, generation: u64, cold: bool) -> switchboard_plugin_api::HostHandle {
+        HostBridge {
+            channel_instance: self.id.clone(),
+            generation,
+            sessions: self.shared.router.sessions(),
+            handed_over: if cold { Vec::new() } else { self.transport.open_resources() },
+        }
+        .into_handle()
     }
 
     async fn stop(&mut self, stop_by: tokio::time::Instant) {
@@ -499,6 +505,9 @@ fn event_kind(event: &Event) -> &'static str {
         Event::Shutdown { .. } => "shutdown",
         Event::WsFrameSkipped { .. } => "ws_frame_skipped",
         Event::ReplyMayHaveGoneOut { .. } => "reply_may_have_gone_out",
+        Event::WsBinaryFrame { .. } => "ws_binary_frame",
+        Event::HttpBytesResponse { .. } => "http_bytes_response",
+        Event::HttpResponseSkipped { .. } => "http_response_skipped",
         _ => "unknown",
     }
 }

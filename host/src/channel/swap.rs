@@ -25,6 +25,7 @@ impl Instance {
             adapter_name: manifest.adapter_name.to_string(),
             adapter_version: manifest.adapter_version.to_string(),
             build: manifest.build.to_string(),
+            abi_minor: apartment.build.abi_minor,
             source: source.clone(),
             sha256: digest.sha256_hex.clone(),
             copy: apartment.copy_path().to_path_buf(),
@@ -78,7 +79,7 @@ impl Instance {
             connections: self.transport.open_connections().into(),
             cold: self.cold,
         };
-        let host = self.host_handle(number);
+        let host = self.host_handle(number, self.cold);
         let config_json = config.adapter_config_json();
         match apartment.run(move |resident| resident.construct(host, &config_json, handover)).await {
             Ok(Ok(())) => {}

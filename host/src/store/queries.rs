@@ -13,7 +13,6 @@ use std::{
 };
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
-use switchboard_plugin_api::PeerKind;
 
 use super::{DeadLetter, QueuedReply, Store, StoreCounts, StoreError, Turn};
 use crate::{
@@ -355,11 +354,7 @@ fn inbound_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Inbound> {
     let kind: String = row.get(2)?;
     Ok(Inbound {
         message_id: row.get(1)?,
-        peer_kind: match kind.as_str() {
-            "dm" => PeerKind::Dm,
-            "group" => PeerKind::Group,
-            _ => PeerKind::Channel,
-        },
+        peer_kind: kind,
         peer_id: row.get(3)?,
         thread_root_id: row.get(4)?,
         sender_id: row.get(5)?,

@@ -1,6 +1,5 @@
 use prometheus_client::metrics::histogram::Histogram;
 use rusqlite::params;
-use switchboard_plugin_api::PeerKind;
 
 use super::{schema::MIGRATIONS, *};
 use crate::session::Session;
@@ -8,7 +7,7 @@ use crate::session::Session;
 fn inbound(id: &str) -> Inbound {
     Inbound {
         message_id: id.into(),
-        peer_kind: PeerKind::Channel,
+        peer_kind: "channel".into(),
         peer_id: "c1".into(),
         thread_root_id: String::new(),
         sender_id: "u1".into(),
