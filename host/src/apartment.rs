@@ -557,3 +557,93 @@ impl Command {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use switchboard_plugin_api::{ErrorKind, HttpCall, InboundMessage, PeerKind, PeerKindName};
+
+    use super::*;
+
+    fn message() -> InboundMessage {
+        InboundMessage {
+            message_id: "m1".into(),
+            peer_kind: PeerKind::Channel,
+            peer_id: "c1".into(),
+            thread_root_id: "".into(),
+            sender_id: "u1".into(),
+            sender_name: "alice".into(),
+            text: "hi".into(),
+            created_at_ms: 1,
+        }
+    }
+
+    #[test]
+    fn a_v1_0_adapter_is_sent_only_events_it_knows() {
+        let binary = Event::WsBinaryFrame { conn: 1, data: vec![1, 2].into() };
+        assert_eq!(known_to(1, binary.clone()), Some(binary.clone()));
+        assert_eq!(known_to(0, binary), None, "v1.0 never had binary frames");
+        let skipped = Event::HttpResponseSkipped {
+            request: 9,
+            status: 200,
+            headers: Vec::new().into(),
+            body: b"{}".to_vec().into(),
+        };
+        match known_to(0, skipped) {
+            Some(Event::HttpFailed { request: 9, error }) => assert!(error.contains("dead-lettered"), "{error}"),
+            other => panic!("a v1.0 adapter learns its request failed: {other:?}"),
+        }
+        let frame = Event::WsFrame { conn: 1, text: "x".into() };
+        assert_eq!(known_to(0, frame.clone()), Some(frame), "v1.0 events pass as they are");
+    }
+
+    #[test]
+    fn v1_1_actions_become_host_commands() {
+        let named = Action::InboundOfKind { message: message(), kind: PeerKindName::new("forum_topic") };
+        match Command::from_action(&named) {
+            Command::Inbound(inbound) => {
+                assert_eq!(inbound.peer_kind, "forum_topic");
+                assert!(!inbound.is_dm());
+            }
+            other => panic!("a named kind is routed: {other:?}"),
+        }
+        let dm = Action::InboundOfKind { message: message(), kind: PeerKind::Dm.into() };
+        assert!(matches!(Command::from_action(&dm), Command::Inbound(inbound) if inbound.is_dm()));
+        let bad = Action::InboundOfKind { message: message(), kind: PeerKindName::new("Has:Colon") };
+        match Command::from_action(&bad) {
+            Command::Log { level: LogLevel::Error, message } => assert!(message.contains("m1"), "{message}"),
+            other => panic!("an invalid kind is refused, loudly: {other:?}"),
+        }
+
+        let limited = Action::ReplyFailedWith {
+            reply_id: 3,
+            error: "slow down".into(),
+            kind: ErrorKind::RATE_LIMITED,
+            retry_after_ms: 1500,
+        };
+        assert!(matches!(
+            Command::from_action(&limited),
+            Command::ReplyFailed { reply_id: 3, retryable: true, retry_after_ms: 1500, .. }
+        ));
+        let gone = Action::ReplyFailedWith {
+            reply_id: 4,
+            error: "no room".into(),
+            kind: ErrorKind::NOT_FOUND,
+            retry_after_ms: 0,
+        };
+        assert!(matches!(Command::from_action(&gone), Command::ReplyFailed { retryable: false, .. }));
+        let future =
+            Action::ReplyFailedWith { reply_id: 5, error: "?".into(), kind: ErrorKind(200), retry_after_ms: 0 };
+        assert!(
+            matches!(Command::from_action(&future), Command::ReplyFailed { retryable: true, .. }),
+            "an unknown kind never loses a reply"
+        );
+
+        let mut call = HttpCall::text(8, "PUT", "http://x/y", Vec::new(), "body", 1000);
+        call.max_response_bytes = 64;
+        call.response_body = ResponseBody::BYTES;
+        assert!(matches!(
+            Command::from_action(&Action::HttpCall(call)),
+            Command::Http { request: 8, max_response_bytes: 64, bytes: true, ref body, .. } if body == b"body"
+        ));
+    }
+}

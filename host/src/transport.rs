@@ -55,7 +55,7 @@ pub struct HttpRequest {
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
     pub timeout_ms: u64,
-    /// 0: [`DEFAULT_MAX_BODY_BYTES`].
+    /// 0: the host default (8 MiB).
     pub max_response_bytes: u64,
     /// Answer with `HttpBytesResponse` instead of `HttpResponse`.
     pub bytes: bool,
@@ -473,4 +473,146 @@ async fn run_socket(
         }
     };
     let _ = events.send(closed(code, reason));
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use axum::{
+        extract::ws::{Message as AxumMessage, WebSocketUpgrade},
+        routing::get,
+        Router,
+    };
+    use tokio::sync::mpsc;
+
+    use super::*;
+
+    /// A loopback server: `/bytes/<n>` answers n bytes that are not UTF-8, `/slow` answers
+    /// after a second, `/ws` sends one binary message and echoes binary ones back, reversed.
+    async fn serve() -> String {
+        let app = Router::new()
+            .route(
+                "/bytes/{n}",
+                get(|axum::extract::Path(n): axum::extract::Path<usize>| async move { vec![0xffu8; n] }),
+            )
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    "late"
+                }),
+            )
+            .route(
+                "/ws",
+                get(|upgrade: WebSocketUpgrade| async move {
+                    upgrade.on_upgrade(|mut socket| async move {
+                        let _ = socket.send(AxumMessage::Binary(vec![0u8, 159, 146, 150].into())).await;
+                        while let Some(Ok(AxumMessage::Binary(data))) = socket.recv().await {
+                            let reversed: Vec<u8> = data.iter().rev().copied().collect();
+                            let _ = socket.send(AxumMessage::Binary(reversed.into())).await;
+                        }
+                    })
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("127.0.0.1:{}", address.port())
+    }
+
+    fn transport() -> (Transport, mpsc::UnboundedReceiver<Event>) {
+        let ws = crate::tls::client_config(&[]);
+        let http = crate::tls::http_client(&ws).unwrap();
+        let (events, received) = mpsc::unbounded_channel();
+        (Transport::new("test", events, crate::tls::ChannelTls { http, ws }, 1 << 20), received)
+    }
+
+    fn call(request: u64, url: String, max_response_bytes: u64, bytes: bool) -> HttpRequest {
+        HttpRequest {
+            request,
+            method: "GET".into(),
+            url,
+            headers: Vec::new(),
+            body: Vec::new(),
+            timeout_ms: 5_000,
+            max_response_bytes,
+            bytes,
+        }
+    }
+
+    async fn next(received: &mut mpsc::UnboundedReceiver<Event>) -> Event {
+        tokio::time::timeout(Duration::from_secs(10), received.recv()).await.unwrap().unwrap()
+    }
+
+    #[tokio::test]
+    async fn bodies_come_as_bytes_or_text_as_asked_within_the_adapters_limit() {
+        let server = serve().await;
+        let (mut transport, mut received) = transport();
+
+        transport.http(call(1, format!("http://{server}/bytes/500"), 1_000, true));
+        match next(&mut received).await {
+            Event::HttpBytesResponse { request: 1, status: 200, body, .. } => {
+                assert_eq!(body.to_vec(), vec![0xff; 500])
+            }
+            other => panic!("a bytes response: {other:?}"),
+        }
+
+        transport.http(call(2, format!("http://{server}/bytes/2000"), 1_000, true));
+        match next(&mut received).await {
+            Event::HttpFailed { request: 2, error } => {
+                assert!(error.contains("larger than 1000 bytes"), "{error}")
+            }
+            other => panic!("over the adapter's limit: {other:?}"),
+        }
+
+        // Past the 8 MiB default, within a limit the adapter raised.
+        let large = 9 * 1024 * 1024;
+        transport.http(call(3, format!("http://{server}/bytes/{large}"), 0, false));
+        assert!(matches!(next(&mut received).await, Event::HttpFailed { request: 3, .. }), "the default limit holds");
+        transport.http(call(4, format!("http://{server}/bytes/{large}"), 16 * 1024 * 1024, false));
+        match next(&mut received).await {
+            Event::HttpResponse { request: 4, body, .. } => {
+                assert_eq!(body.chars().count(), large, "text, each invalid byte replaced")
+            }
+            other => panic!("a text response: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_handover_lists_requests_in_flight_and_armed_timers_with_the_sockets() {
+        let server = serve().await;
+        let (mut transport, mut received) = transport();
+        transport.ws_open(7, format!("ws://{server}/ws"), Vec::new());
+        assert!(matches!(next(&mut received).await, Event::WsOpened { conn: 7 }));
+        transport.http(call(42, format!("http://{server}/slow?access_token=secret"), 0, false));
+        transport.set_timer(5, 60_000);
+
+        let open = transport.open_resources();
+        let listed: Vec<(u8, u64, String)> = open.iter().map(|r| (r.kind.0, r.id, r.detail.to_string())).collect();
+        assert_eq!(
+            listed,
+            vec![
+                (ResourceKind::WEBSOCKET.0, 7, format!("ws://{server}/ws")),
+                (ResourceKind::HTTP_REQUEST.0, 42, format!("http://{server}/slow")),
+                (ResourceKind::TIMER.0, 5, String::new()),
+            ],
+            "every kind, and no query string (it may carry a token)"
+        );
+        // The binary frame the server sent first, then a binary round trip.
+        match next(&mut received).await {
+            Event::WsBinaryFrame { conn: 7, data } => assert_eq!(data.to_vec(), vec![0u8, 159, 146, 150]),
+            other => panic!("a binary frame: {other:?}"),
+        }
+        transport.ws_send_binary(7, vec![1, 2, 3]);
+        match next(&mut received).await {
+            Event::WsBinaryFrame { conn: 7, data } => assert_eq!(data.to_vec(), vec![3, 2, 1]),
+            other => panic!("the echoed binary frame: {other:?}"),
+        }
+        assert!(matches!(next(&mut received).await, Event::HttpResponse { request: 42, .. }));
+        assert!(
+            transport.open_resources().iter().all(|r| r.kind != ResourceKind::HTTP_REQUEST),
+            "an answered request is no longer in flight"
+        );
+    }
 }
