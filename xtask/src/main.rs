@@ -80,7 +80,8 @@ enum Task {
 }
 
 /// Plugin crates: (package, library file stem without the `lib` prefix).
-const PLUGINS: &[(&str, &str)] = &[("switchboard-mattermost", "switchboard_mattermost")];
+const PLUGINS: &[(&str, &str)] =
+    &[("switchboard-mattermost", "switchboard_mattermost"), ("switchboard-matrix", "switchboard_matrix")];
 
 /// The fixture adapters for the tests (`tests/fixtures/<name>/`, package
 /// `switchboard-fixture-<name>`), by name: `Artifacts::fixture(name)` in the tests.
