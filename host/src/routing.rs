@@ -384,9 +384,10 @@ impl Router {
         inbound: Inbound,
         typing: Typing,
     ) {
-        // The reply goes where the registry says the session lives, into the thread the
-        // message came from.
-        let target = ReplyTarget::new(&session.target.conversation_id, &inbound.thread_root_id);
+        // The reply goes to the conversation and thread the message came from. Not to where
+        // the session was first seen: a DM session follows the person, and on Matrix a person
+        // can write to the bot from more than one room (each two-member room counts as a DM).
+        let target = ReplyTarget::new(&inbound.peer_id, &inbound.thread_root_id);
         let stored = if agent.reads_history() {
             self.store.history_async(&session.key, agent.config.history_limit).await
         } else {
@@ -404,7 +405,7 @@ impl Router {
             session_key: session.key.clone(),
             agent_id: agent.id.clone(),
             channel: session.target.channel_instance.clone(),
-            conversation_id: session.target.conversation_id.clone(),
+            conversation_id: inbound.peer_id.clone(),
             thread_root_id: inbound.thread_root_id.clone(),
             message_id: inbound.message_id.clone(),
             sender: Sender { id: inbound.sender_id.clone(), name: inbound.sender_name.clone() },

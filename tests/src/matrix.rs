@@ -728,3 +728,47 @@ mod tests {
         assert_eq!(base64::engine::general_purpose::STANDARD_NO_PAD.decode(parts[2]).unwrap().len(), 32);
     }
 }
+
+/// The gateway config of the Matrix demo and bench: one `matrix` channel instance on the
+/// homeserver at `homeserver_url` as `user_id` (token in `MATRIX_ACCESS_TOKEN`), bound to agent
+/// `main` whose table body is `agent`; every room and DM open, invites accepted.
+pub fn matrix_seed_config(
+    homeserver_url: &str,
+    user_id: &str,
+    plugin_dir: &Path,
+    chatmode: &str,
+    agent: &str,
+) -> String {
+    format!(
+        r#"[gateway]
+state_dir = "state"
+admin_listen = "127.0.0.1:0"
+max_concurrent_turns = 64
+
+[plugins]
+dir = "{plugins}"
+
+[channels.matrix]
+plugin = "matrix"
+thread_sessions = true
+homeserver_url = "{homeserver_url}"
+user_id = "{user_id}"
+access_token_env = "MATRIX_ACCESS_TOKEN"
+chatmode = "{chatmode}"
+onchar_prefixes = [">", "!"]
+dm_policy = "open"
+group_policy = "open"
+allow_from = []
+rooms = []
+auto_join = true
+
+[agents.main]
+{agent}
+
+[[bindings]]
+channel = "matrix"
+agent = "main"
+"#,
+        plugins = plugin_dir.display(),
+    )
+}

@@ -61,6 +61,9 @@ enum Task {
     Demo {
         #[arg(long)]
         release: bool,
+        /// `mattermost` (the simulator) or `matrix` (a real Synapse, installed when missing).
+        #[arg(long, default_value = "mattermost")]
+        platform: String,
     },
     /// Release builds, then the benchmark against a floor in the same run; prints a table and
     /// writes target/bench/results.json. `--quick` takes seconds (CI) and still fails on any
@@ -105,7 +108,7 @@ fn main() -> Result<()> {
         Task::RealServers { servers } => real_servers::install(&target_dir(&root), &servers),
         Task::Test { cargo_test_args } => test(&root, &cargo_test_args),
         Task::Ci => test(&root, &[]).and_then(|()| docs(&root)).and_then(|()| bench(&root, true, &[])),
-        Task::Demo { release } => demo(&root, release),
+        Task::Demo { release, platform } => demo(&root, release, &platform),
         Task::Bench { quick, only } => bench(&root, quick, &only),
         Task::NewPlugin { name } => new_plugin::new_plugin(&root, &name),
         Task::CheckTemplate => new_plugin::check_template(&root, &target_dir(&root)),
@@ -306,7 +309,10 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
     cargo(root, &args)
 }
 
-fn demo(root: &Path, release: bool) -> Result<()> {
+fn demo(root: &Path, release: bool, platform: &str) -> Result<()> {
+    if platform == "matrix" {
+        real_servers::install(&target_dir(root), &[real_servers::RealServer::Synapse])?;
+    }
     let plugin_dir = build(root, release)?;
     let profile = profile_dir(root, release);
     let status = Command::new(profile.join("demo"))
@@ -314,6 +320,8 @@ fn demo(root: &Path, release: bool) -> Result<()> {
         .arg(profile.join("switchboard"))
         .arg("--plugins")
         .arg(&plugin_dir)
+        .arg("--platform")
+        .arg(platform)
         .current_dir(root)
         .status()
         .context("cannot run the demo program")?;

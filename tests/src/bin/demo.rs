@@ -2,7 +2,13 @@
 //! short conversation with a chatmode reload (SIGUSR1) in the middle. Shows every reply, the
 //! channel it landed in and the session key the gateway logged.
 //!
-//! Usage: `demo --switchboard <binary> --plugins <plugin dir> [--keep <dir>]`.
+//! With `--platform matrix`, the same against a real Synapse and the Matrix plugin
+//! (`demo/matrix.rs`).
+//!
+//! Usage: `demo --switchboard <binary> --plugins <plugin dir> [--platform mattermost|matrix]`.
+
+#[path = "demo/matrix.rs"]
+mod matrix;
 
 use std::{
     path::{Path, PathBuf},
@@ -18,22 +24,28 @@ use switchboard_tests::{
 struct Args {
     switchboard: PathBuf,
     plugins: PathBuf,
+    platform: String,
 }
 
 fn parse_args() -> Result<Args> {
     let mut switchboard = None;
     let mut plugins = None;
+    let mut platform = "mattermost".to_string();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--switchboard" => switchboard = args.next().map(PathBuf::from),
             "--plugins" => plugins = args.next().map(PathBuf::from),
-            other => bail!("unknown argument {other:?}; usage: demo --switchboard <binary> --plugins <dir>"),
+            "--platform" => platform = args.next().context("--platform mattermost|matrix")?,
+            other => bail!(
+                "unknown argument {other:?}; usage: demo --switchboard <binary> --plugins <dir> [--platform mattermost|matrix]"
+            ),
         }
     }
     Ok(Args {
         switchboard: switchboard.context("--switchboard <binary> is required")?,
         plugins: plugins.context("--plugins <dir> is required")?,
+        platform,
     })
 }
 
@@ -103,6 +115,11 @@ impl Demo {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = parse_args()?;
+    match args.platform.as_str() {
+        "mattermost" => {}
+        "matrix" => return matrix::run(&args.switchboard, &args.plugins).await,
+        other => bail!("unknown platform {other:?} (mattermost or matrix)"),
+    }
     let sim = Simulator::start().await?;
     let world = demo_world(&sim);
     let workdir = tempfile::tempdir()?;
