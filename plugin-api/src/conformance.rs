@@ -901,6 +901,48 @@ mod tests {
         }
     }
 
+    /// An adapter whose export counts its calls: exporting changes it.
+    struct CountingExports(u64);
+
+    impl AdapterPlugin for CountingExports {
+        fn manifest() -> Manifest {
+            Manifest { adapter_name: "counting".into(), ..Trusting::manifest() }
+        }
+
+        fn validate_config(_config_json: &str) -> Vec<ConfigProblem> {
+            Vec::new()
+        }
+
+        fn new(_host: HostHandle, _config_json: &str, _handover: Handover) -> Result<Self, String> {
+            Ok(CountingExports(0))
+        }
+
+        fn handle(&mut self, _event: Event) -> Vec<Action> {
+            Vec::new()
+        }
+
+        fn export_state(&mut self) -> StateBlob {
+            self.0 += 1;
+            StateBlob { format_version: 1, data: self.0.to_string().into() }
+        }
+    }
+
+    #[test]
+    fn an_export_that_changes_the_adapter_fails_only_the_export_check() {
+        let results = run_checks(&Linked::<CountingExports>::new(), TestHost::new("t"), "{}", &[], &mut |_| {});
+        let names: Vec<&str> = results.iter().map(|r| r.name).collect();
+        assert_eq!(names, CHECKS.iter().map(|(name, _)| *name).collect::<Vec<_>>(), "every check, in order");
+        for result in &results {
+            match (result.name, &result.outcome) {
+                ("export_state", Outcome::Failed(violations)) => {
+                    assert!(violations[0].contains("two exports in a row differ"), "{violations:?}")
+                }
+                ("export_state", other) => panic!("the export check passed: {other:?}"),
+                (_, outcome) => assert_eq!(outcome, &Outcome::Passed, "{}", result.name),
+            }
+        }
+    }
+
     #[test]
     fn an_http_only_adapter_that_panics_on_a_garbage_answer_fails_the_contract() {
         let violations = check_contract::<Trusting>(TestHost::new("t"), "{}", &[]).expect_err("a violation");
