@@ -219,6 +219,27 @@ fn list(errors: &[ConfigError]) -> String {
     errors.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n")
 }
 
+/// The keys of a channel instance table that belong to its adapter (the host's removed).
+fn adapter_keys(table: &Table) -> Table {
+    table
+        .iter()
+        .filter(|(key, _)| !HOST_CHANNEL_KEYS.contains(&key.as_str()))
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect()
+}
+
+/// A channel instance table on its own (TOML text, the body of a `[channels.<id>]` table):
+/// the adapter it names (`plugin`, if it names one) and its adapter config as the gateway
+/// hands it over (JSON, host keys removed).
+pub fn adapter_config_of(toml_text: &str) -> Result<(Option<String>, String), String> {
+    let table: Table =
+        toml_text.parse().map_err(|e: toml::de::Error| format!("not valid TOML: {}", e.message().trim()))?;
+    let plugin = table.get("plugin").and_then(Value::as_str).map(str::to_string);
+    let json = serde_json::to_string(&adapter_keys(&table))
+        .map_err(|e| format!("cannot hand these keys to the adapter: {e}"))?;
+    Ok((plugin, json))
+}
+
 impl ChannelConfig {
     pub fn adapter_config_json(&self) -> String {
         self.adapter_config.to_string()
@@ -510,12 +531,7 @@ impl Reader<'_> {
             }
         };
         let ca_file = self.ca_file(path, table);
-        let adapter_table: Table = table
-            .iter()
-            .filter(|(key, _)| !HOST_CHANNEL_KEYS.contains(&key.as_str()))
-            .map(|(key, value)| (key.clone(), value.clone()))
-            .collect();
-        let adapter_config = match serde_json::to_value(&adapter_table) {
+        let adapter_config = match serde_json::to_value(adapter_keys(table)) {
             Ok(json) => json,
             Err(e) => {
                 self.problem(path, format!("cannot hand these keys to the adapter: {e}"));

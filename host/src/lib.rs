@@ -13,6 +13,8 @@
 //! - [`catalog`]: adapter files in the plugin directory, found by manifest name; a private
 //!   snapshot of each file, probed and its configs validated in a child process (`switchboard
 //!   check-plugin`) and staged from, so what loads is what was checked.
+//! - [`conformance`]: `switchboard check-plugin --conformance`: the plugin API's conformance
+//!   checks run against a built library in a child process (crashes and hangs reported).
 //! - [`loader`]: staging a unique copy per generation, `dlopen`, the fresh layout check,
 //!   the ABI handshake, and the "is it still mapped" check.
 //! - [`apartment`]: one thread per adapter generation that runs all of its code, every call
@@ -44,6 +46,7 @@ pub mod bridge;
 pub mod catalog;
 pub mod channel;
 pub mod config;
+pub mod conformance;
 pub mod gateway;
 pub mod lane;
 pub mod ledger;

@@ -50,7 +50,9 @@ enum Command {
     /// Check a config file, including each channel's adapter config; lists every problem.
     CheckConfig { config: PathBuf },
     /// Load a plugin file, print its manifest as JSON, and validate adapter configs
-    /// (each `--validate` is the JSON of one channel's adapter keys).
+    /// (each `--validate` is the JSON of one channel's adapter keys). With `--conformance`, run
+    /// the adapter conformance checks against it instead (see docs/plugin-guide.md); exit code
+    /// 0 when every check passes, 1 when one fails, 2 when the file or config cannot be used.
     CheckPlugin {
         file: PathBuf,
         #[arg(long)]
@@ -59,6 +61,25 @@ enum Command {
         /// gateway's probes do: a command line is readable by every local user).
         #[arg(long)]
         validate_stdin: bool,
+        /// Run the conformance checks against the library, in a child process: a crash or a
+        /// hang of the plugin is reported as a failure of the check it happened in.
+        #[arg(long, conflicts_with_all = ["validate", "validate_stdin"])]
+        conformance: bool,
+        /// With --conformance: the channel instance table to build the adapter from (TOML, the
+        /// keys under `[channels.<id>]`); without it, the plugin's sample config. Secrets it
+        /// names are never read: the check answers every secret with a placeholder.
+        #[arg(long, requires = "conformance")]
+        config: Option<PathBuf>,
+        /// With --conformance: print the report as JSON.
+        #[arg(long, requires = "conformance")]
+        json: bool,
+        /// With --conformance: how long one call into the adapter may take before it counts
+        /// as hung (the gateway's default adapter_call_timeout_ms).
+        #[arg(long, requires = "conformance", default_value_t = 10_000)]
+        call_timeout_ms: u64,
+        /// The child process of --conformance (internal).
+        #[arg(long, hide = true)]
+        conformance_child: bool,
     },
 }
 
@@ -66,7 +87,22 @@ fn main() -> ExitCode {
     switchboard::upgrade::remember_start_path();
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckPlugin { file, mut validate, validate_stdin } => {
+        Command::CheckPlugin { file, conformance_child: true, .. } => switchboard::conformance::run_child(&file),
+        Command::CheckPlugin { file, conformance: true, config, json, call_timeout_ms, .. } => {
+            let request = switchboard::conformance::Request {
+                file,
+                config,
+                call_timeout: std::time::Duration::from_millis(call_timeout_ms),
+            };
+            let report = switchboard::conformance::check(&switchboard::upgrade::running_binary(), &request);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+            } else {
+                print!("{}", report.render());
+            }
+            ExitCode::from(report.exit_code())
+        }
+        Command::CheckPlugin { file, mut validate, validate_stdin, .. } => {
             if validate_stdin {
                 let mut input = String::new();
                 let read = std::io::Read::read_to_string(&mut std::io::stdin(), &mut input);

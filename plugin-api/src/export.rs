@@ -43,6 +43,15 @@ pub trait AdapterPlugin: Sized + 'static {
     fn conversation_of(&self, _event: &Event) -> Option<String> {
         None
     }
+
+    /// A channel instance table this adapter can be built from for a check, as TOML (the keys
+    /// an operator writes under `[channels.<id>]`), e.g. `base_url = "https://chat.example.com"`.
+    /// `switchboard check-plugin --conformance` builds the adapter from it when it is given no
+    /// `--config`. The checker answers every secret with a placeholder, and the adapter does no
+    /// I/O, so nothing reaches a real platform: a placeholder address is fine.
+    fn sample_config() -> Option<String> {
+        None
+    }
 }
 
 thread_local! {
@@ -134,6 +143,24 @@ extern "C" fn new_adapter_entry<A: AdapterPlugin>(
     }
 }
 
+/// The symbol [`export_adapter!`](crate::export_adapter) exports [`AdapterPlugin::sample_config`]
+/// under, with the type [`SampleConfigEntry`]. It is not in the root module: a field there
+/// would change the module's layout, and a host would refuse every plugin built before it. A
+/// library without the symbol has no sample.
+pub const SAMPLE_CONFIG_SYMBOL: &[u8] = b"switchboard_adapter_sample_config\0";
+
+/// What the sample config entry point answers: the sample, if the adapter has one.
+pub type SampleConfigAnswer = RResult<ROption<RString>, PluginError>;
+
+/// The type of the function exported as [`SAMPLE_CONFIG_SYMBOL`].
+pub type SampleConfigEntry = extern "C" fn() -> SampleConfigAnswer;
+
+/// [`AdapterPlugin::sample_config`] behind the panic guard; exported by
+/// [`export_adapter!`](crate::export_adapter).
+pub extern "C" fn sample_config_entry<A: AdapterPlugin>() -> SampleConfigAnswer {
+    guard(|| A::sample_config().map(RString::from).into())
+}
+
 /// Box an adapter as the ABI trait object, behind the panic guard. Also used by the
 /// conformance harness so that in-process tests go through the same wrapper as the host.
 pub fn boxed<A: AdapterPlugin>(adapter: A) -> AdapterBox {
@@ -166,7 +193,8 @@ impl<A: AdapterPlugin> Adapter for Guarded<A> {
     }
 }
 
-/// Export `$adapter` (an [`AdapterPlugin`]) as this library's root module.
+/// Export `$adapter` (an [`AdapterPlugin`]) as this library's root module, and its sample
+/// config as [`SAMPLE_CONFIG_SYMBOL`](crate::export::SAMPLE_CONFIG_SYMBOL).
 /// The plugin crate must depend on `abi_stable` directly (the attribute expands to its paths).
 #[macro_export]
 macro_rules! export_adapter {
@@ -178,6 +206,12 @@ macro_rules! export_adapter {
                 $crate::BuildFlags(if cfg!(panic = "abort") { $crate::BuildFlags::PANIC_ABORT } else { 0 })
             }
             $crate::export::root_module_with_flags::<$adapter>(build_flags)
+        }
+
+        /// This adapter's sample config, for `switchboard check-plugin --conformance`.
+        #[no_mangle]
+        pub extern "C" fn switchboard_adapter_sample_config() -> $crate::export::SampleConfigAnswer {
+            $crate::export::sample_config_entry::<$adapter>()
         }
     };
 }

@@ -14,7 +14,8 @@
 //! - `new-plugin <name>`: a new adapter crate in `plugins/<name>/` from `xtask/templates/plugin/`,
 //!   added to the workspace (see `docs/plugin-guide.md`);
 //! - `check-template`: generate a plugin into a scratch workspace and run its tests and clippy
-//!   there (part of `test`), so the template keeps compiling against the current ABI.
+//!   there, then build its library and run `switchboard check-plugin --conformance` on it (part
+//!   of `test`), so the template keeps compiling against the current ABI and keeps passing.
 
 use std::{
     path::{Path, PathBuf},
@@ -78,7 +79,8 @@ enum Task {
     /// Create an adapter crate in `plugins/<name>/` (lower-case letters, digits, hyphens) from the
     /// template, with passing conformance tests, and add it to the workspace.
     NewPlugin { name: String },
-    /// Generate a plugin from the template into a scratch workspace and run its tests there.
+    /// Generate a plugin from the template into a scratch workspace, run its tests there, then
+    /// the conformance checks on its built library.
     CheckTemplate,
 }
 
@@ -97,6 +99,7 @@ const FIXTURES: &[&str] = &[
     "panic-on-started",
     "hang-on-message",
     "hang-on-construct",
+    "abort-on-started",
 ];
 
 fn main() -> Result<()> {

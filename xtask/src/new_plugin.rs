@@ -1,6 +1,7 @@
 //! `cargo xtask new-plugin <name>`: a new adapter crate in `plugins/<name>/` from the template
 //! in `xtask/templates/plugin/`, added to the workspace; and `check-template`, which generates
-//! one into a scratch workspace and runs its tests, so the template cannot rot unnoticed.
+//! one into a scratch workspace, runs its tests and the conformance checks on its built
+//! library, so the template cannot rot unnoticed.
 
 use std::{
     path::{Path, PathBuf},
@@ -22,7 +23,7 @@ const TEMPLATE: &[(&str, &str)] = &[
 ];
 
 /// The name `check-template` generates (any valid name would do).
-const CHECK_NAME: &str = "template-check";
+const CHECK_NAME: &str = "echo-platform";
 
 /// The names one adapter name stands for in the template.
 #[derive(Debug, PartialEq, Eq)]
@@ -289,8 +290,43 @@ pub fn check_template(root: &Path, target: &Path) -> Result<()> {
         // The scratch workspace stays for a look when something failed.
         ensure!(status.success(), "the generated plugin fails `cargo {}` (in {})", args.join(" "), scratch.display());
     }
+    conformance_of_the_built_library(root, target, &scratch)?;
     std::fs::remove_dir_all(&scratch).with_context(|| format!("cannot remove {}", scratch.display()))?;
     eprintln!("xtask: check-template: the generated plugin passes ({:.1} s)", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// The stranger's path: build the generated plugin's library and have the real `switchboard`
+/// binary run the conformance checks on it, from the plugin's sample config.
+fn conformance_of_the_built_library(root: &Path, target: &Path, scratch: &Path) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let builds: [(&Path, &[&str]); 2] = [
+        (scratch, &["build", "--quiet"]),
+        (root, &["build", "--quiet", "--package", "switchboard", "--bin", "switchboard"]),
+    ];
+    for (workspace, args) in builds {
+        eprintln!("xtask: check-template: cargo {} (in {})", args.join(" "), workspace.display());
+        let status = Command::new(&cargo)
+            .args(args)
+            .arg("--manifest-path")
+            .arg(workspace.join("Cargo.toml"))
+            .env("CARGO_TARGET_DIR", target)
+            .current_dir(workspace)
+            .status()
+            .with_context(|| format!("cannot run {cargo}"))?;
+        ensure!(status.success(), "`cargo {}` failed in {}", args.join(" "), workspace.display());
+    }
+    let names = Names::new(CHECK_NAME)?;
+    let library = target.join("debug").join(crate::dylib_name(&names.crate_name));
+    let switchboard = target.join("debug").join("switchboard");
+    eprintln!("xtask: check-template: {} check-plugin --conformance {}", switchboard.display(), library.display());
+    let status = Command::new(&switchboard)
+        .arg("check-plugin")
+        .arg("--conformance")
+        .arg(&library)
+        .status()
+        .with_context(|| format!("cannot run {}", switchboard.display()))?;
+    ensure!(status.success(), "the generated plugin's library fails the conformance checks ({status})");
     Ok(())
 }
 

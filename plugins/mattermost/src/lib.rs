@@ -67,7 +67,19 @@ impl AdapterPlugin for MattermostAdapter {
     fn conversation_of(&self, event: &Event) -> Option<String> {
         self.inner.conversation_of(event)
     }
+
+    fn sample_config() -> Option<String> {
+        Some(SAMPLE_CONFIG.to_string())
+    }
 }
+
+/// A channel instance table for checks (`switchboard check-plugin --conformance`): the checker
+/// supplies a placeholder token and does no I/O, so the address need not answer.
+const SAMPLE_CONFIG: &str = r#"plugin = "mattermost"
+base_url = "http://127.0.0.1:8065"
+bot_token_env = "MM_BOT_TOKEN"
+chatmode = "oncall"
+"#;
 
 #[cfg(feature = "export")]
 switchboard_plugin_api::export_adapter!(MattermostAdapter);
