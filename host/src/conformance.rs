@@ -27,7 +27,6 @@ use abi_stable::library::RawLibrary;
 use serde::{Deserialize, Serialize};
 use switchboard_plugin_api::{
     conformance::{run_checks, Outcome, Progress, TestHost, CHECKS},
-    export::{SampleConfigEntry, SAMPLE_CONFIG_SYMBOL},
     ConfigProblem,
 };
 
@@ -416,7 +415,7 @@ fn child_checks(file: &Path, request: ChildRequest) -> Option<RawLibrary> {
         }
     });
     // Plugin-made values go before their library.
-    let loader::OpenedAdapter { library, module, manifest } = opened;
+    let loader::OpenedAdapter { library, module, manifest, .. } = opened;
     drop((module, manifest));
     Some(library)
 }
@@ -469,15 +468,9 @@ fn listed(problems: &[ConfigProblem]) -> String {
     problems.iter().map(|p| format!("`{}`: {}", p.key_path, p.message)).collect::<Vec<_>>().join("; ")
 }
 
-/// The sample config the library exports, if it exports one.
+/// The sample config the library's root module offers, if it offers one (v1.1 and later).
 fn sample_config(opened: &loader::OpenedAdapter) -> Result<Option<String>, String> {
-    // SAFETY: the symbol's type is the one export_adapter! defines it with
-    // (`SampleConfigEntry`); the library stays loaded while it is called.
-    let entry = match unsafe { opened.library.get::<SampleConfigEntry>(SAMPLE_CONFIG_SYMBOL) } {
-        Ok(entry) => *entry,
-        // Built before the sample existed, or exported without export_adapter!.
-        Err(_) => return Ok(None),
-    };
+    let Some(entry) = opened.module.sample_config() else { return Ok(None) };
     emit(&ChildLine::Calling { call: "sample_config()".into() });
     match entry().into_result() {
         Ok(sample) => Ok(sample.into_option().map(|s| s.as_str().to_owned())),

@@ -109,6 +109,7 @@ pub fn root_module_with_flags<A: AdapterPlugin>(build_flags: extern "C" fn() -> 
         new_adapter: new_adapter_entry::<A>,
         abi_minor: abi_minor_entry,
         build_flags,
+        sample_config: sample_config_entry::<A>,
     }
     .leak_into_prefix()
 }
@@ -143,21 +144,9 @@ extern "C" fn new_adapter_entry<A: AdapterPlugin>(
     }
 }
 
-/// The symbol [`export_adapter!`](crate::export_adapter) exports [`AdapterPlugin::sample_config`]
-/// under, with the type [`SampleConfigEntry`]. It is not in the root module: a field there
-/// would change the module's layout, and a host would refuse every plugin built before it. A
-/// library without the symbol has no sample.
-pub const SAMPLE_CONFIG_SYMBOL: &[u8] = b"switchboard_adapter_sample_config\0";
-
-/// What the sample config entry point answers: the sample, if the adapter has one.
-pub type SampleConfigAnswer = RResult<ROption<RString>, PluginError>;
-
-/// The type of the function exported as [`SAMPLE_CONFIG_SYMBOL`].
-pub type SampleConfigEntry = extern "C" fn() -> SampleConfigAnswer;
-
-/// [`AdapterPlugin::sample_config`] behind the panic guard; exported by
-/// [`export_adapter!`](crate::export_adapter).
-pub extern "C" fn sample_config_entry<A: AdapterPlugin>() -> SampleConfigAnswer {
+/// [`AdapterPlugin::sample_config`] behind the panic guard: the root module's (v1.1, optional)
+/// `sample_config` field.
+extern "C" fn sample_config_entry<A: AdapterPlugin>() -> RResult<ROption<RString>, PluginError> {
     guard(|| A::sample_config().map(RString::from).into())
 }
 
@@ -193,8 +182,7 @@ impl<A: AdapterPlugin> Adapter for Guarded<A> {
     }
 }
 
-/// Export `$adapter` (an [`AdapterPlugin`]) as this library's root module, and its sample
-/// config as [`SAMPLE_CONFIG_SYMBOL`](crate::export::SAMPLE_CONFIG_SYMBOL).
+/// Export `$adapter` (an [`AdapterPlugin`]) as this library's root module.
 /// The plugin crate must depend on `abi_stable` directly (the attribute expands to its paths).
 #[macro_export]
 macro_rules! export_adapter {
@@ -206,12 +194,6 @@ macro_rules! export_adapter {
                 $crate::BuildFlags(if cfg!(panic = "abort") { $crate::BuildFlags::PANIC_ABORT } else { 0 })
             }
             $crate::export::root_module_with_flags::<$adapter>(build_flags)
-        }
-
-        /// This adapter's sample config, for `switchboard check-plugin --conformance`.
-        #[no_mangle]
-        pub extern "C" fn switchboard_adapter_sample_config() -> $crate::export::SampleConfigAnswer {
-            $crate::export::sample_config_entry::<$adapter>()
         }
     };
 }

@@ -95,6 +95,10 @@ pub struct AdapterModule {
     /// How the library was built ([`BuildFlags`]).
     #[sabi(missing_field(option))]
     pub build_flags: extern "C" fn() -> BuildFlags,
+    /// A channel instance table (TOML) this adapter can be built from, for `switchboard
+    /// check-plugin --conformance` when the operator gives none (`AdapterPlugin::sample_config`).
+    #[sabi(missing_field(option))]
+    pub sample_config: extern "C" fn() -> RResult<ROption<RString>, PluginError>,
 }
 
 /// How an adapter library was built, as far as the host must know.

@@ -693,42 +693,6 @@ root:
 disable_existing_loggers: false
 "#;
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hmac_sha1_matches_the_published_vector() {
-        // The HMAC-SHA1 example found in most references (key "key").
-        let mut mac = Hmac::<Sha1>::new_from_slice(b"key").unwrap();
-        mac.update(b"The quick brown fox jumps over the lazy dog");
-        assert_eq!(hex(&mac.finalize().into_bytes()), "de7c9b85b8b78aa6bc8a7a36f70a90701c9db4d9");
-    }
-
-    #[test]
-    fn the_registration_mac_joins_its_parts_with_nul_bytes() {
-        let mut mac = Hmac::<Sha1>::new_from_slice(b"secret").unwrap();
-        mac.update(b"nonce\0bob\0pw\0notadmin");
-        assert_eq!(registration_mac("secret", "nonce", "bob", "pw", false), hex(&mac.finalize().into_bytes()));
-        assert_ne!(
-            registration_mac("secret", "nonce", "bob", "pw", true),
-            registration_mac("secret", "nonce", "bob", "pw", false)
-        );
-    }
-
-    #[test]
-    fn a_signing_key_line_has_an_unpadded_32_byte_seed() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("signing.key");
-        write_signing_key(&path).unwrap();
-        let line = std::fs::read_to_string(&path).unwrap();
-        let parts: Vec<&str> = line.split_whitespace().collect();
-        assert_eq!(parts[..2], ["ed25519", "a_test"]);
-        assert_eq!(parts[2].len(), 43, "32 bytes, unpadded base64");
-        assert_eq!(base64::engine::general_purpose::STANDARD_NO_PAD.decode(parts[2]).unwrap().len(), 32);
-    }
-}
-
 /// The gateway config of the Matrix demo and bench: one `matrix` channel instance on the
 /// homeserver at `homeserver_url` as `user_id` (token in `MATRIX_ACCESS_TOKEN`), bound to agent
 /// `main` whose table body is `agent`; every room and DM open, invites accepted.
@@ -771,4 +735,40 @@ agent = "main"
 "#,
         plugins = plugin_dir.display(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hmac_sha1_matches_the_published_vector() {
+        // The HMAC-SHA1 example found in most references (key "key").
+        let mut mac = Hmac::<Sha1>::new_from_slice(b"key").unwrap();
+        mac.update(b"The quick brown fox jumps over the lazy dog");
+        assert_eq!(hex(&mac.finalize().into_bytes()), "de7c9b85b8b78aa6bc8a7a36f70a90701c9db4d9");
+    }
+
+    #[test]
+    fn the_registration_mac_joins_its_parts_with_nul_bytes() {
+        let mut mac = Hmac::<Sha1>::new_from_slice(b"secret").unwrap();
+        mac.update(b"nonce\0bob\0pw\0notadmin");
+        assert_eq!(registration_mac("secret", "nonce", "bob", "pw", false), hex(&mac.finalize().into_bytes()));
+        assert_ne!(
+            registration_mac("secret", "nonce", "bob", "pw", true),
+            registration_mac("secret", "nonce", "bob", "pw", false)
+        );
+    }
+
+    #[test]
+    fn a_signing_key_line_has_an_unpadded_32_byte_seed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("signing.key");
+        write_signing_key(&path).unwrap();
+        let line = std::fs::read_to_string(&path).unwrap();
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(parts[..2], ["ed25519", "a_test"]);
+        assert_eq!(parts[2].len(), 43, "32 bytes, unpadded base64");
+        assert_eq!(base64::engine::general_purpose::STANDARD_NO_PAD.decode(parts[2]).unwrap().len(), 32);
+    }
 }
