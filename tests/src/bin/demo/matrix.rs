@@ -120,6 +120,10 @@ pub async fn run(switchboard: &Path, plugins: &Path) -> Result<()> {
     let general = synapse.create_room(&alice, Preset::PublicChat, &[&bot.user_id, &bob.user_id]).await?;
     let protocol = synapse.create_room(&alice, Preset::PrivateChat, &[&bot.user_id, &bob.user_id]).await?;
     let dm = synapse.create_room(&alice, Preset::TrustedPrivateChat, &[&bot.user_id]).await?;
+    // Bob is in both rooms: a room of two is taken for a DM.
+    for room in [&general, &protocol] {
+        synapse.join(&bob, room).await?;
+    }
     let workdir = tempfile::tempdir()?;
     let config_path = workdir.path().join("switchboard.toml");
     let (homeserver, bot_id) = (synapse.base_url(), bot.user_id.clone());
