@@ -146,6 +146,14 @@ agent = "main"
     )
 }
 
+/// CPU time (user + system, in clock ticks) process `pid` has used so far (Linux).
+pub fn cpu_ticks_of(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces: the fields after it are fixed.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
 /// A running `switchboard run` child process with its log captured.
 pub struct Gateway {
     child: Child,
@@ -253,10 +261,7 @@ impl Gateway {
 
     /// CPU time the gateway process has used so far (user + system), in clock ticks (Linux).
     pub fn cpu_ticks(&self) -> Option<u64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).ok()?;
-        // The command name may hold spaces: the fields after it are fixed.
-        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-        Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        cpu_ticks_of(self.child.id())
     }
 
     /// Context switches of all the gateway's threads so far, voluntary and not (Linux): each

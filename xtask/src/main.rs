@@ -72,7 +72,7 @@ enum Task {
     Bench {
         #[arg(long)]
         quick: bool,
-        /// Only these parts (the floor always runs): throughput, latency, reload, scale.
+        /// Only these parts (the floor always runs): throughput, latency, reload, scale, matrix.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
@@ -254,6 +254,8 @@ fn fixtures(root: &Path) -> Result<()> {
 }
 
 fn bench(root: &Path, quick: bool, only: &[String]) -> Result<()> {
+    // The Matrix row runs against a real Synapse.
+    real_servers::install(&target_dir(root), &[real_servers::RealServer::Synapse])?;
     // The second build the reload part swaps in.
     let built = build_fixtures(root, true, &["build-b"])?;
     let build_b = target_dir(root).join("fixtures").join("release").join(dylib_name("switchboard_mattermost_b"));
@@ -267,6 +269,8 @@ fn bench(root: &Path, quick: bool, only: &[String]) -> Result<()> {
         .arg(profile.join("switchboard"))
         .arg("--plugin")
         .arg(plugin_dir.join(dylib_name("switchboard_mattermost")))
+        .arg("--matrix-plugin")
+        .arg(plugin_dir.join(dylib_name("switchboard_matrix")))
         .arg("--build-b")
         .arg(&build_b)
         .arg("--out")

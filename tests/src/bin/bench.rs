@@ -2,7 +2,8 @@
 //! the simulator on loopback, `echo` agent, measured against a floor in the same run.
 //!
 //! Usage: `bench --switchboard <binary> --plugin <adapter .so> --build-b <second build>
-//!         --out <results.json> [--quick] [--only throughput,latency,reload,scale]`.
+//!         --out <results.json> [--matrix-plugin <matrix .so>] [--quick]
+//!         [--only throughput,latency,reload,scale,matrix]`.
 //!
 //! - floor: the simulator's own round trip with a minimal client that answers each `posted`
 //!   event directly (WebSocket in, REST post out), no gateway;
@@ -18,7 +19,9 @@
 //!   registry load time, lookup cost and bytes per session in-process;
 //! - start-up: process start to first reply delivered;
 //! - idle: the gateway's context switches per second while connected with no traffic (each
-//!   is a thread waking up: idle should mean idle).
+//!   is a thread waking up: idle should mean idle);
+//! - matrix: replies per second through the gateway with the Matrix `.so` against a real
+//!   Synapse, beside a minimal bot's on the same server (`bench/matrix.rs`).
 //!
 //! `BENCH_GATEWAY_LOG` sets the gateways' log filter and `BENCH_GATEWAY_LOG_TO` a file the
 //! main gateway's log is written to; `BENCH_DURABILITY` their `gateway.durability`.
@@ -46,6 +49,9 @@ use switchboard_tests::{
 };
 use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
 
+#[path = "bench/matrix.rs"]
+mod matrix;
+
 // The simulator and the floor client share this process: glibc's allocator was a fifth of
 // its CPU time, which the floor (and the gateway beside it) paid for.
 #[global_allocator]
@@ -56,6 +62,8 @@ const BUILD_B_TAG: &str = " [build b]";
 struct Args {
     switchboard: PathBuf,
     plugin: PathBuf,
+    /// The Matrix adapter; without it the Matrix row is left out.
+    matrix_plugin: Option<PathBuf>,
     build_b: PathBuf,
     out: PathBuf,
     quick: bool,
@@ -72,11 +80,13 @@ impl Args {
 fn parse_args() -> Result<Args> {
     let (mut switchboard, mut plugin, mut build_b, mut out, mut quick) = (None, None, None, None, false);
     let mut only = Vec::new();
+    let mut matrix_plugin = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--switchboard" => switchboard = args.next().map(PathBuf::from),
             "--plugin" => plugin = args.next().map(PathBuf::from),
+            "--matrix-plugin" => matrix_plugin = args.next().map(PathBuf::from),
             "--build-b" => build_b = args.next().map(PathBuf::from),
             "--out" => out = args.next().map(PathBuf::from),
             "--quick" => quick = true,
@@ -87,6 +97,7 @@ fn parse_args() -> Result<Args> {
     Ok(Args {
         switchboard: switchboard.context("--switchboard <binary> is required")?,
         plugin: plugin.context("--plugin <file> is required")?,
+        matrix_plugin,
         build_b: build_b.context("--build-b <file> is required")?,
         out: out.context("--out <file> is required")?,
         quick,
@@ -103,6 +114,9 @@ struct Sizes {
     swap_load_rate: u64,
     reloads_total: usize,
     session_counts: Vec<usize>,
+    /// The Matrix burst and the rooms it is spread over.
+    matrix_messages: usize,
+    matrix_rooms: usize,
 }
 
 impl Sizes {
@@ -116,6 +130,8 @@ impl Sizes {
                 swap_load_rate: 200,
                 reloads_total: 20,
                 session_counts: vec![1_000, 10_000],
+                matrix_messages: 200,
+                matrix_rooms: 10,
             }
         } else {
             Self {
@@ -126,6 +142,8 @@ impl Sizes {
                 swap_load_rate: 300,
                 reloads_total: 500,
                 session_counts: vec![1_000, 100_000, 1_000_000],
+                matrix_messages: 2_000,
+                matrix_rooms: 10,
             }
         }
     }
@@ -816,6 +834,16 @@ async fn main() -> Result<()> {
         }
         results["scale"] = Value::Object(scale);
     }
+    // 7. Matrix, against a real Synapse.
+    match &bench.args.matrix_plugin {
+        Some(plugin) if bench.args.wants("matrix") => {
+            let (row, matrix_clean) =
+                matrix::run(&bench.args.switchboard, plugin, sizes.matrix_messages, sizes.matrix_rooms).await?;
+            clean &= matrix_clean;
+            results["matrix"] = row;
+        }
+        _ => {}
+    }
     results["clean"] = json!(clean);
 
     if let Some(dir) = bench.args.out.parent() {
@@ -940,6 +968,26 @@ fn print_table(r: &Value) {
             u(&g["lost"]),
             u(&g["duplicated"]),
             u(&g["misrouted"]),
+        );
+    }
+    if r["matrix"].is_object() {
+        let (g, floor) = (&r["matrix"]["gateway"], &r["matrix"]["floor"]);
+        println!(
+            "{:<58} {:>14.0} {:>14.0}   ({:.0}% of floor; lost {} dup {} misrouted {})",
+            format!("Matrix on Synapse, {} room(s) (replies/s)", u(&r["matrix"]["rooms"])),
+            f(&g["per_second"]),
+            f(&floor["per_second"]),
+            f(&r["matrix"]["ratio_to_floor"]) * 100.0,
+            u(&g["lost"]),
+            u(&g["duplicated"]),
+            u(&g["misrouted"]),
+        );
+        let cpu = |run: &Value, who: &str| f(&run["cpu_percent_of_one_core"][who]);
+        println!(
+            "{:<58} {:>14} {:>14}",
+            "  CPU of one core: Synapse / gateway / bench process (%)",
+            format!("{:.0}/{:.0}/{:.0}", cpu(g, "synapse"), cpu(g, "gateway"), cpu(g, "bench_process")),
+            format!("{:.0}/-/{:.0}", cpu(floor, "synapse"), cpu(floor, "bench_process")),
         );
     }
     let spent = |run: &Value| {
