@@ -9,6 +9,8 @@ mod admin;
 mod bounds;
 #[path = "e2e/durability.rs"]
 mod durability;
+#[path = "e2e/matrix.rs"]
+mod matrix;
 #[path = "e2e/matrix_server.rs"]
 mod matrix_server;
 #[path = "e2e/real_server.rs"]
