@@ -1,5 +1,5 @@
 //! The adapter state machine, by concern:
-//! - `requests`: every HTTP request is built from what it is for (`Pending`) in
+//! - `requests`: every HTTP request is built from what it is for (`requests::Pending`) in
 //!   one function, so it can be sent again as the state is now (a retry, a rate limit, a
 //!   swap), and a change of the host's request action is a change in one place;
 //! - `sync`: the `/sync` long-poll — the first sync of a new account answers no history, the
