@@ -72,6 +72,15 @@ impl Artifacts {
         self.plugin_dir.join(mattermost_file_name())
     }
 
+    /// The Matrix adapter `cargo xtask build` puts beside the Mattermost one.
+    pub fn matrix_plugin(&self) -> Result<PathBuf> {
+        let path = self.plugin_dir.join(matrix_file_name());
+        if !path.is_file() {
+            bail!("{} is missing: run `cargo xtask build` (or `cargo xtask test`)", path.display());
+        }
+        Ok(path)
+    }
+
     /// A fixture adapter from `cargo xtask fixtures` (`tests/fixtures/<name>/`), e.g. `abi-skew`.
     pub fn fixture(&self, name: &str) -> Result<PathBuf> {
         let path = self.fixture_dir.join(format!("{name}{}", std::env::consts::DLL_SUFFIX));
@@ -84,6 +93,10 @@ impl Artifacts {
 
 pub fn mattermost_file_name() -> String {
     format!("{}switchboard_mattermost{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX)
+}
+
+pub fn matrix_file_name() -> String {
+    format!("{}switchboard_matrix{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX)
 }
 
 /// The cargo target directory this test binary was built into (`target/<profile>/deps/<exe>`

@@ -383,9 +383,14 @@ impl Synapse {
         Ok(answer["event_id"].as_str().context("no event_id in the send answer")?.to_string())
     }
 
-    /// Every text message in the room `user` can see, oldest first (`/messages` backwards from
-    /// the end, page by page).
+    /// Every text message in the room `user` can see, oldest first.
     pub async fn messages(&self, user: &MatrixUser, room_id: &str) -> Result<Vec<TextMessage>> {
+        Ok(self.room_events(user, room_id).await?.iter().filter_map(text_message).collect())
+    }
+
+    /// Every event in the room `user` can see, whole, oldest first (`/messages` backwards from
+    /// the end, page by page).
+    pub async fn room_events(&self, user: &MatrixUser, room_id: &str) -> Result<Vec<Value>> {
         let path = ["_matrix", "client", "v3", "rooms", room_id, "messages"];
         let mut newest_first = Vec::new();
         let mut from: Option<String> = None;
@@ -396,9 +401,10 @@ impl Synapse {
             }
             let page = self.api_ok(Method::GET, Some(user), &path, &query, None).await?;
             let chunk = page["chunk"].as_array().cloned().unwrap_or_default();
-            newest_first.extend(chunk.iter().filter_map(text_message));
+            let done = chunk.is_empty();
+            newest_first.extend(chunk);
             match page["end"].as_str() {
-                Some(end) if !chunk.is_empty() => from = Some(end.to_string()),
+                Some(end) if !done => from = Some(end.to_string()),
                 _ => break,
             }
         }

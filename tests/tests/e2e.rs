@@ -13,6 +13,8 @@ mod bounds;
 mod conformance;
 #[path = "e2e/durability.rs"]
 mod durability;
+#[path = "e2e/matrix.rs"]
+mod matrix;
 #[path = "e2e/matrix_server.rs"]
 mod matrix_server;
 #[path = "e2e/real_server.rs"]
