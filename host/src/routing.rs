@@ -439,8 +439,11 @@ impl Router {
                 }
             }
         };
-        let delivery_target =
-            DeliveryTarget { thread_root_id: inbound.thread_root_id.clone(), ..session.target.clone() };
+        let delivery_target = DeliveryTarget {
+            conversation_id: inbound.peer_id.clone(),
+            thread_root_id: inbound.thread_root_id.clone(),
+            ..session.target.clone()
+        };
         let finished = FinishedTurn {
             inbound_id,
             session_key: session.key.clone(),

@@ -24,7 +24,7 @@ use crate::{
     adapter::{AdapterBox, PluginError},
     event::{Event, OutboundReply, ShutdownReason},
     export::{boxed, guard, AdapterPlugin},
-    host::{HostApi, HostApi_TO, HostHandle, SessionInfo},
+    host::{HostApi, HostApi_TO, HostHandle, OpenResource, ResourceKind, SessionInfo},
     module::{AdapterModuleRef, ConfigProblem, Handover, Manifest, OpenConnection, StateBlob},
     ReplyTarget, ABI_VERSION,
 };
@@ -39,6 +39,9 @@ pub struct HostRecord {
     /// [`TestHost::with_placeholder_secrets`]).
     pub placeholder_secrets: bool,
     pub now_ms: i64,
+    /// What `HostApi::handed_over` answers: `Some` (empty until a handover sets it) for a
+    /// host of this ABI minor, `None` to play a v1.0 host ([`TestHost::as_abi_v1_0`]).
+    pub handed_over: Option<Vec<OpenResource>>,
 }
 
 /// The value [`TestHost::with_placeholder_secrets`] answers for every secret.
@@ -53,7 +56,7 @@ pub struct TestHost {
 
 impl TestHost {
     pub fn new(channel_instance: &str) -> Self {
-        let record = HostRecord { now_ms: 1_700_000_000_000, ..HostRecord::default() };
+        let record = HostRecord { now_ms: 1_700_000_000_000, handed_over: Some(Vec::new()), ..HostRecord::default() };
         Self { channel_instance: channel_instance.into(), record: Arc::new(Mutex::new(record)) }
     }
 
@@ -68,6 +71,22 @@ impl TestHost {
     pub fn with_placeholder_secrets(self) -> Self {
         self.record.lock().unwrap().placeholder_secrets = true;
         self
+    }
+
+    /// Play a host of ABI v1.0: `handed_over` answers `None`, so an adapter falls back to
+    /// what v1.0 had (`HttpRequest`, the handover's WebSocket list).
+    pub fn as_abi_v1_0(self) -> Self {
+        self.record.lock().unwrap().handed_over = None;
+        self
+    }
+
+    /// What the next generation inherits, as `HostApi::handed_over` will list it (a host of
+    /// ABI v1.1 or later).
+    pub fn set_handed_over(&self, resources: Vec<OpenResource>) {
+        let mut record = self.record.lock().unwrap();
+        if record.handed_over.is_some() {
+            record.handed_over = Some(resources);
+        }
     }
 
     pub fn handle(&self) -> HostHandle {
@@ -110,6 +129,10 @@ impl HostApi for TestHost {
             .filter(|s| s.channel_instance == self.channel_instance.as_str())
             .cloned()
             .collect()
+    }
+
+    fn handed_over(&self) -> ROption<RVec<OpenResource>> {
+        self.record.lock().unwrap().handed_over.clone().map(RVec::from).into()
     }
 
     fn open_session(&self, key: RStr<'_>, agent_id: RStr<'_>, target: ReplyTarget) -> SessionInfo {
@@ -261,11 +284,15 @@ pub fn opened_connections(actions: &[Action]) -> Vec<OpenConnection> {
         .collect()
 }
 
-/// HTTP requests a list of actions makes, by request id.
+/// HTTP requests a list of actions makes (v1.0 `HttpRequest` and v1.1 `HttpCall`), by id.
 fn requested(actions: &[Action]) -> Vec<u64> {
     actions
         .iter()
-        .filter_map(|a| if let Action::HttpRequest { request, .. } = a { Some(*request) } else { None })
+        .filter_map(|a| match a {
+            Action::HttpRequest { request, .. } => Some(*request),
+            Action::HttpCall(call) => Some(call.request),
+            _ => None,
+        })
         .collect()
 }
 
@@ -786,6 +813,16 @@ impl Run<'_> {
         self.calling("dropping generation 1");
         drop(first);
         let connections = self.connections.clone();
+        let mut inherited: Vec<OpenResource> = connections
+            .iter()
+            .map(|c| OpenResource { kind: ResourceKind::WEBSOCKET, id: c.conn, detail: c.url.clone() })
+            .collect();
+        inherited.extend(self.in_flight.iter().map(|request| OpenResource {
+            kind: ResourceKind::HTTP_REQUEST,
+            id: *request,
+            detail: "".into(),
+        }));
+        self.host.set_handed_over(inherited);
         let handover =
             Handover { generation: 2, previous_state: state.into(), connections: connections.into(), cold: false };
         let adopted = !self.connections.is_empty();

@@ -445,7 +445,7 @@ fn swapped_mid_sync(config2: &str) -> (Harness, Request, Vec<Action>) {
     let (first, poll) = syncing(&config(json!({"chatmode": "oncall"})), json!({"!r:x": room(3, false, vec![])}));
     let host = first.host.clone();
     let (state, shutdown) = first.hand_over().unwrap();
-    assert!(shutdown.iter().all(|a| !matches!(a, Action::HttpRequest { .. })));
+    assert!(common::requests(&shutdown).is_empty());
     let handover =
         Handover { generation: 2, previous_state: Some(state).into(), connections: Default::default(), cold: false };
     let (second, started) = Harness::start_with::<MatrixAdapter>(host, config2, handover).unwrap();
@@ -520,4 +520,34 @@ fn conversation_of_names_the_room() {
     let (harness, _) = syncing(&config(json!({})), json!({}));
     assert_eq!(harness.conversation_of(&reply(1, "!r:x", "", "x")).unwrap().as_deref(), Some("!r:x"));
     assert_eq!(harness.conversation_of(&Event::TimerFired { timer: 1 }).unwrap(), None);
+}
+
+#[test]
+fn a_v1_1_host_gets_calls_with_a_large_sync_limit_and_a_v1_0_host_plain_requests() {
+    let (_, poll) = syncing(&config(json!({})), json!({"!r:x": room(3, false, vec![])}));
+    assert_eq!(poll.max_response_bytes, Some(64 * 1024 * 1024), "a /sync may be larger than the host's 8 MiB");
+
+    let (mut harness, actions) = Harness::start::<MatrixAdapter>(host().as_abi_v1_0(), &config(json!({}))).unwrap();
+    let whoami = request_to(&actions, "/account/whoami");
+    assert_eq!(whoami.max_response_bytes, None, "a v1.0 host knows no HttpCall");
+    let actions = harness.feed(answer(&whoami, 200, json!({"user_id": BOT, "device_id": "GW"}))).unwrap();
+    assert!(matches!(actions.iter().find(|a| !matches!(a, Action::Log { .. })), Some(Action::HttpRequest { .. })));
+}
+
+#[test]
+fn a_dead_lettered_sync_answer_moves_since_past_its_messages() {
+    let config = config(json!({"chatmode": "onmessage"}));
+    let (mut harness, poll) = syncing(&config, json!({"!r:x": room(3, false, vec![])}));
+    let poisoned = sync_answer("s2", json!({"!r:x": {"timeline": {"events": [text("$1", ALICE, "poison")]}}}));
+    let skipped = Event::HttpResponseSkipped {
+        request: poll.id,
+        status: 200,
+        headers: Default::default(),
+        body: poisoned.to_string().into_bytes().into(),
+    };
+    let actions = harness.feed(skipped).unwrap();
+    assert!(inbound(&actions).is_empty(), "nothing of the skipped answer is passed on");
+    assert_eq!(next_sync(&actions).query("since").as_deref(), Some("s2"), "the next sync starts past it");
+    let state = harness.adapter.export_state().into_result().unwrap();
+    assert!(state.data.contains("\"since\":\"s2\""), "{}", state.data);
 }

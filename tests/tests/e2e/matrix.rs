@@ -419,6 +419,57 @@ async fn matrix_dms_and_threads_are_answered_where_they_were_asked() -> Result<(
     Ok(())
 }
 
+/// Rooms the bot is invited to while it runs take their kind from the room: a public one is a
+/// channel, one with three members a group. A person who writes from two rooms of two (each a
+/// DM by its member count, so one session keyed by the person) is answered in each room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn matrix_rooms_joined_while_running_keep_their_kind_and_replies_stay_in_their_room() -> Result<()> {
+    let rig = MatrixRig::new("onmessage").await?;
+    let gateway = rig.start().await?;
+    let three = [rig.bot.user_id.as_str(), rig.bob.user_id.as_str()];
+    let public = rig.synapse.create_room(&rig.alice, Preset::PublicChat, &three).await?;
+    let private = rig.synapse.create_room(&rig.alice, Preset::PrivateChat, &three).await?;
+    let first_pair = rig.synapse.create_room(&rig.alice, Preset::PrivateChat, &[&rig.bot.user_id]).await?;
+    let second_pair = rig.synapse.create_room(&rig.alice, Preset::PrivateChat, &[&rig.bot.user_id]).await?;
+    for room in [&public, &private] {
+        rig.synapse.join(&rig.bob, room).await?;
+    }
+    for room in [&public, &private, &first_pair, &second_pair] {
+        assert_eventually!(
+            gateway.count(&["joined", room]) == 1,
+            "the bot joins {room}
+{}",
+            tail(&gateway, 40)
+        );
+    }
+
+    for (room, said) in [(&public, "in the public room"), (&private, "in the private room")] {
+        rig.send(&rig.alice, room, text(said)).await?;
+        rig.answer_to(room, said, &gateway).await?;
+    }
+    let channel_key = rig.key(PeerKind::Channel, &public, None);
+    let group_key = rig.key(PeerKind::Group, &private, None);
+    assert_eventually!(
+        gateway.count(&["inbound", &session_field(&channel_key)]) == 1,
+        "a public room is a channel: {channel_key}
+{}",
+        tail(&gateway, 40)
+    );
+    assert_eventually!(gateway.count(&["inbound", &session_field(&group_key)]) == 1, "a room of three is a group");
+
+    for (room, said) in [(&first_pair, "from the first pair"), (&second_pair, "from the second pair")] {
+        rig.send(&rig.alice, room, text(said)).await?;
+        rig.answer_to(room, said, &gateway).await?;
+    }
+    let dm_key = rig.key(PeerKind::Dm, &rig.alice.user_id, None);
+    assert_eventually!(gateway.count(&["inbound", &session_field(&dm_key)]) == 2, "both under {dm_key}");
+    let rooms = [public.clone(), private.clone(), first_pair.clone(), second_pair.clone()];
+    let bodies = rig.bot_bodies(&rooms).await?;
+    assert_eq!(bodies["echo: from the first pair"], vec![first_pair.clone()], "answered in its own room");
+    assert_eq!(bodies["echo: from the second pair"], vec![second_pair.clone()], "not in the session's first room");
+    Ok(())
+}
+
 /// `kill -9` mid-stream: 200 messages over 10 rooms, the gateway killed after about a third
 /// and started again; every message is answered exactly once, in its own room.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -105,6 +105,9 @@ pub struct Adapter {
     held: Option<HeldSync>,
     out: Vec<Action>,
     cold: bool,
+    /// The host speaks ABI v1.1 (`handed_over` answers): requests go out as `HttpCall`, with
+    /// a response limit of the adapter's own; a v1.0 host gets `HttpRequest` (8 MiB).
+    host_v1_1: bool,
 }
 
 impl Adapter {
@@ -115,8 +118,17 @@ impl Adapter {
             .map(|t| t.trim().to_string())
             .filter(|t| !t.is_empty())
             .ok_or_else(|| StartError::MissingToken(settings.access_token_env.clone()))?;
-        let mut adapter =
-            Self { host, settings, token, state: State::default(), held: None, out: Vec::new(), cold: handover.cold };
+        let host_v1_1 = host.handed_over().is_some();
+        let mut adapter = Self {
+            host,
+            settings,
+            token,
+            state: State::default(),
+            held: None,
+            out: Vec::new(),
+            cold: handover.cold,
+            host_v1_1,
+        };
         if let Some(previous) = handover.previous_state.into_option() {
             adapter.restore(previous.format_version, previous.data.as_str(), handover.cold);
         }
@@ -191,6 +203,9 @@ impl Adapter {
                 self.http_response(request, status, &headers, body.as_str())
             }
             Event::HttpFailed { request, error } => self.http_failed(request, error.as_str()),
+            Event::HttpResponseSkipped { request, body, .. } => {
+                self.http_skipped(request, &String::from_utf8_lossy(&body))
+            }
             Event::TimerFired { timer } => self.timer(timer),
             Event::DeliverReply(reply) => self.deliver(reply),
             // Transaction ids make a resend of a reply that went out post nothing new.

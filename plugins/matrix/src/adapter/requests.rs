@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use switchboard_plugin_api::{Action, Header, LogLevel};
+use switchboard_plugin_api::{Action, Header, HttpCall, LogLevel};
 
 use super::{Adapter, TimerPurpose};
 
@@ -14,6 +14,9 @@ const REQUEST_TIMEOUT_MS: u64 = 30_000;
 pub(super) const SYNC_TIMEOUT_MS: u64 = 30_000;
 /// A failed side request (alias, join) is tried this many times.
 const ATTEMPTS: u32 = 6;
+/// The largest `/sync` or `/messages` answer taken (ABI v1.1 hosts; a v1.0 host caps every
+/// answer at 8 MiB).
+const LARGE_RESPONSE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// What a request is for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,14 +134,27 @@ impl Adapter {
         if body.is_some() {
             headers.push(Header::new("Content-Type", "application/json"));
         }
+        let max_response_bytes = match pending {
+            // A first sync, or one after a long gap, on a busy account is large.
+            Pending::Sync { .. } | Pending::Backfill { .. } => LARGE_RESPONSE_BYTES,
+            _ => 0,
+        };
         self.state.requests.insert(request, pending);
-        self.out.push(Action::HttpRequest {
-            request,
-            method: method.into(),
-            url: self.settings.client_api(&path).into(),
-            headers: headers.into(),
-            body: body.map(|b| b.to_string()).unwrap_or_default().into(),
-            timeout_ms,
+        let url = self.settings.client_api(&path);
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        self.out.push(if self.host_v1_1 {
+            let mut call = HttpCall::text(request, method, &url, headers, &body, timeout_ms);
+            call.max_response_bytes = max_response_bytes;
+            Action::HttpCall(call)
+        } else {
+            Action::HttpRequest {
+                request,
+                method: method.into(),
+                url: url.into(),
+                headers: headers.into(),
+                body: body.into(),
+                timeout_ms,
+            }
         });
     }
 
@@ -164,6 +180,29 @@ impl Adapter {
             Pending::Join(room) => self.join_answered(room, status, headers, body),
             Pending::Send { reply_id, part } => self.send_answered(reply_id, part, status, headers, body),
             Pending::Typing { .. } => {}
+        }
+    }
+
+    /// A response the host dead-lettered (the adapter failed on it twice): a sync's answer
+    /// still moves `since` past it, without its messages (else the next sync brings them back
+    /// and the adapter fails again); any other request counts as failed.
+    pub(super) fn http_skipped(&mut self, request: u64, body: &str) {
+        let next_batch = serde_json::from_str::<Value>(body)
+            .ok()
+            .and_then(|answer| answer["next_batch"].as_str().map(str::to_string));
+        match (self.state.requests.get(&request), next_batch) {
+            (Some(Pending::Sync { since }), Some(next_batch)) if *since == self.state.since => {
+                self.state.requests.remove(&request);
+                self.log(
+                    LogLevel::Error,
+                    format!(
+                        "a sync answer was dead-lettered; its messages are skipped, the sync goes on from {next_batch}"
+                    ),
+                );
+                self.state.since = Some(next_batch);
+                self.maybe_start_sync();
+            }
+            _ => self.http_failed(request, "the response was dead-lettered"),
         }
     }
 

@@ -296,10 +296,15 @@ impl Adapter {
                     .rev()
                     .filter(|e| e["event_id"].as_str().is_some_and(|id| !in_timeline.contains(id)))
                     .collect();
-                for event in filled.into_iter().chain(timeline.skip(after_join)) {
+                // State is learnt from the whole timeline: a room joined just now has its
+                // join rule there (before the join) when its history is short.
+                // Messages: every one filled in, and the timeline's from the join on.
+                let (filled_count, first_message) = (filled.len(), filled.len() + after_join);
+                for (at, event) in filled.into_iter().chain(timeline).enumerate() {
+                    let answerable = at < filled_count || at >= first_message;
                     if event.get("state_key").is_some() {
                         self.learn_state_event(room_id, event);
-                    } else if event["type"] == "m.room.message" {
+                    } else if answerable && event["type"] == "m.room.message" {
                         self.message(room_id, event, &names);
                     }
                 }

@@ -39,6 +39,8 @@ pub struct Request {
     pub url: String,
     pub headers: Vec<Header>,
     pub body: String,
+    /// The adapter's response limit (`None`: a v1.0 `HttpRequest`; `Some(0)`: the host's).
+    pub max_response_bytes: Option<u64>,
 }
 
 impl Request {
@@ -82,6 +84,16 @@ pub fn requests(actions: &[Action]) -> Vec<Request> {
                 url: url.to_string(),
                 headers: headers.to_vec(),
                 body: body.to_string(),
+                max_response_bytes: None,
+            }),
+            // What the adapter sends a host of ABI v1.1 (the test host is one).
+            Action::HttpCall(call) => Some(Request {
+                id: call.request,
+                method: call.method.to_string(),
+                url: call.url.to_string(),
+                headers: call.headers.to_vec(),
+                body: String::from_utf8(call.body.to_vec()).unwrap(),
+                max_response_bytes: Some(call.max_response_bytes),
             }),
             _ => None,
         })
