@@ -25,6 +25,9 @@ pub struct ManifestInfo {
     pub adapter_name: String,
     pub adapter_version: String,
     pub abi_version: u32,
+    /// The ABI minor the library was built against (0: v1.0, which could not say).
+    #[serde(default)]
+    pub abi_minor: u32,
     pub build: String,
 }
 
@@ -66,6 +69,7 @@ pub fn check_plugin(file: &Path, configs: &[String]) -> PluginReport {
         adapter_name: m.adapter_name.to_string(),
         adapter_version: m.adapter_version.to_string(),
         abi_version: m.abi_version,
+        abi_minor: apartment.build.abi_minor,
         build: m.build.to_string(),
     });
     let configs = configs.to_vec();

@@ -116,8 +116,8 @@ impl Report {
         let mut out = format!("conformance of {}\n", self.file.display());
         if let Some(m) = &self.manifest {
             out += &format!(
-                "  adapter {} {} (build {}, ABI v{})\n",
-                m.adapter_name, m.adapter_version, m.build, m.abi_version
+                "  adapter {} {} (build {}, ABI v{}.{})\n",
+                m.adapter_name, m.adapter_version, m.build, m.abi_version, m.abi_minor
             );
         }
         if let Some(source) = &self.config_source {
@@ -392,6 +392,7 @@ fn child_checks(file: &Path, request: ChildRequest) -> Option<RawLibrary> {
         adapter_name: opened.manifest.adapter_name.to_string(),
         adapter_version: opened.manifest.adapter_version.to_string(),
         abi_version: opened.manifest.abi_version,
+        abi_minor: opened.build.abi_minor,
         build: opened.manifest.build.to_string(),
     };
     let (config_json, config_source) = match instance_config(&opened, &manifest, request) {

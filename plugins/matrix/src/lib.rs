@@ -74,7 +74,20 @@ impl AdapterPlugin for MatrixAdapter {
     fn conversation_of(&self, event: &Event) -> Option<String> {
         self.inner.conversation_of(event)
     }
+
+    fn sample_config() -> Option<String> {
+        Some(SAMPLE_CONFIG.to_string())
+    }
 }
+
+/// A channel instance table for checks (`switchboard check-plugin --conformance`): the checker
+/// supplies a placeholder token and does no I/O, so the address need not answer.
+const SAMPLE_CONFIG: &str = r#"plugin = "matrix"
+homeserver_url = "http://127.0.0.1:8008"
+user_id = "@switchboard:localhost"
+access_token_env = "MATRIX_ACCESS_TOKEN"
+chatmode = "oncall"
+"#;
 
 #[cfg(feature = "export")]
 switchboard_plugin_api::export_adapter!(MatrixAdapter);
