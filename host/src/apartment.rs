@@ -458,13 +458,22 @@ impl Resident {
     }
 }
 
+/// The ABI minor that brought host-owned streams.
+const ABI_MINOR_STREAMS: u32 = 2;
+
 /// `event` as an adapter of ABI minor `minor` can take it: v1.1 events become their v1.0
 /// counterparts for a v1.0 adapter, or nothing (`None`: skipped, it never asked for them).
 fn known_to(minor: u32, event: Event) -> Option<Event> {
-    if minor >= 1 {
+    if minor >= ABI_MINOR_STREAMS {
         return Some(event);
     }
     match event {
+        // Streams are v1.2: an older adapter never opened one.
+        Event::StreamOpened { .. }
+        | Event::StreamData { .. }
+        | Event::StreamLine { .. }
+        | Event::StreamClosed { .. } => None,
+        event if minor >= 1 => Some(event),
         // A v1.0 adapter never had binary frames (the host dropped them before v1.1).
         Event::WsBinaryFrame { .. } => None,
         Event::HttpResponseSkipped { request, status, .. } => Some(Event::HttpFailed {

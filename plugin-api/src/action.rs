@@ -144,6 +144,68 @@ pub enum Action {
         kind: ErrorKind,
         retry_after_ms: u64,
     },
+    // ---- v1.2 (ABI minor 2): host-owned TCP/TLS streams. ----
+    /// Open a TCP connection (TLS optional) the host holds for the channel instance, across
+    /// swaps, like a WebSocket: ids share the `conn` space with WebSockets.
+    StreamOpen(StreamOpen),
+    /// Write bytes to a stream, in order, whole (the adapter frames them: for a line protocol,
+    /// end each line itself).
+    StreamSend {
+        conn: u64,
+        data: RVec<u8>,
+    },
+    /// Close a stream (the host flushes what was sent before, then shuts it down).
+    StreamClose {
+        conn: u64,
+    },
+}
+
+/// How a stream's incoming bytes reach the adapter.
+#[repr(transparent)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Framing(pub u8);
+
+impl Framing {
+    /// [`crate::Event::StreamData`] with the bytes as read.
+    pub const BYTES: Self = Self(0);
+    /// [`crate::Event::StreamLine`] per line (`\n` or `\r\n` ended).
+    pub const LINES: Self = Self(1);
+}
+
+/// A TCP/TLS stream to open (v1.2). Answered by [`crate::Event::StreamOpened`] or
+/// [`crate::Event::StreamClosed`].
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, PartialEq, Eq)]
+pub struct StreamOpen {
+    pub conn: u64,
+    pub host: RString,
+    pub port: u16,
+    /// TLS over the connection, trusting the system roots and the channel instance's
+    /// `ca_file` (host key), as for its `https://` and `wss://`.
+    pub tls: bool,
+    /// The TLS server name (SNI and certificate check); empty: `host`.
+    pub server_name: RString,
+    pub framing: Framing,
+    /// For [`Framing::LINES`]: the longest line handed over whole (`0`: 8,192 bytes).
+    pub max_line_bytes: u32,
+    /// `0`: the host's (10 s).
+    pub connect_timeout_ms: u64,
+}
+
+impl StreamOpen {
+    /// A line stream with the default limits.
+    pub fn lines(conn: u64, host: &str, port: u16, tls: bool) -> Self {
+        Self {
+            conn,
+            host: host.into(),
+            port,
+            tls,
+            server_name: "".into(),
+            framing: Framing::LINES,
+            max_line_bytes: 0,
+            connect_timeout_ms: 0,
+        }
+    }
 }
 
 /// How the body of an HTTP response reaches the adapter.

@@ -110,6 +110,30 @@ pub enum Event {
         headers: RVec<Header>,
         body: RVec<u8>,
     },
+    // ---- v1.2 (ABI minor 2): host-owned TCP/TLS streams ([`crate::StreamOpen`]). ----
+    /// The stream connected (and finished its TLS handshake, when asked for).
+    StreamOpened {
+        conn: u64,
+    },
+    /// Bytes read from a stream opened with [`crate::Framing::BYTES`], as they came.
+    StreamData {
+        conn: u64,
+        data: RVec<u8>,
+    },
+    /// One line read from a stream opened with [`crate::Framing::LINES`], without its `\n`
+    /// or `\r\n`. A line longer than the stream's `max_line_bytes` arrives cut to that length
+    /// with `truncated` set (the rest up to the line end is dropped).
+    StreamLine {
+        conn: u64,
+        line: RVec<u8>,
+        truncated: bool,
+    },
+    /// The stream is gone (closed by the peer, failed to connect, TLS failure, I/O error, or
+    /// closed on the adapter's request); `reason` says which.
+    StreamClosed {
+        conn: u64,
+        reason: RString,
+    },
 }
 
 impl Event {

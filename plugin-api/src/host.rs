@@ -75,6 +75,8 @@ impl ResourceKind {
     pub const WEBSOCKET: Self = Self(0);
     pub const HTTP_REQUEST: Self = Self(1);
     pub const TIMER: Self = Self(2);
+    /// A TCP/TLS stream (v1.2): `detail` is `host:port`.
+    pub const STREAM: Self = Self(3);
 }
 
 /// One thing the host holds open for a channel instance across a handover, by the id the
