@@ -27,14 +27,17 @@ use std::{
 
 use abi_stable::std_types::RStr;
 use switchboard_plugin_api::{
-    Action, AdapterBox, AdapterModuleRef, Event, Handover, HostHandle, InboundMessage, LogLevel, Manifest, PeerKind,
-    PluginError, ResponseBody,
+    Action, AdapterBox, AdapterModuleRef, Event, Framing, Handover, HostHandle, InboundMessage, LogLevel, Manifest,
+    PeerKind, PluginError, ResponseBody,
 };
 #[cfg(test)]
 use switchboard_plugin_api::{BuildFlags, ABI_MINOR};
 use tokio::sync::oneshot;
 
-use crate::loader::{self, BuildOf, LoadError, OpenedAdapter};
+use crate::{
+    loader::{self, BuildOf, LoadError, OpenedAdapter},
+    transport::StreamSpec,
+};
 
 type Job = Box<dyn FnOnce(&mut Resident) + Send>;
 
@@ -101,6 +104,14 @@ pub enum Command {
     WsSendBinary {
         conn: u64,
         data: Vec<u8>,
+    },
+    StreamOpen(StreamSpec),
+    StreamSend {
+        conn: u64,
+        data: Vec<u8>,
+    },
+    StreamClose {
+        conn: u64,
     },
     /// `HttpRequest` (v1.0) and `HttpCall` (v1.1) alike.
     Http {
@@ -523,6 +534,18 @@ impl Command {
                 bytes: call.response_body == ResponseBody::BYTES,
             },
             Action::WsSendBinary { conn, data } => Command::WsSendBinary { conn: *conn, data: data.to_vec() },
+            Action::StreamOpen(open) => Command::StreamOpen(StreamSpec {
+                conn: open.conn,
+                host: open.host.as_str().to_owned(),
+                port: open.port,
+                tls: open.tls,
+                server_name: open.server_name.as_str().to_owned(),
+                lines: open.framing == Framing::LINES,
+                max_line_bytes: open.max_line_bytes,
+                connect_timeout_ms: open.connect_timeout_ms,
+            }),
+            Action::StreamSend { conn, data } => Command::StreamSend { conn: *conn, data: data.to_vec() },
+            Action::StreamClose { conn } => Command::StreamClose { conn: *conn },
             Action::SetTimer { timer, after_ms } => Command::SetTimer { timer: *timer, after_ms: *after_ms },
             Action::CancelTimer { timer } => Command::CancelTimer { timer: *timer },
             Action::Inbound(message) => Command::Inbound(Inbound::copy_of(message, message.peer_kind.as_str())),

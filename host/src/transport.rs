@@ -28,6 +28,11 @@ use tokio_tungstenite::{
 
 use crate::tls::{self, ChannelTls};
 
+mod stream;
+
+pub use stream::StreamSpec;
+use stream::{StreamLink, StreamOutgoing};
+
 /// The largest HTTP response body handed to an adapter that sets no limit of its own.
 const DEFAULT_MAX_BODY_BYTES: u64 = 8 * 1024 * 1024;
 
@@ -67,11 +72,19 @@ struct Socket {
     task: JoinHandle<()>,
 }
 
+/// A TCP/TLS stream (ABI v1.2), held like a socket.
+struct Stream {
+    address: String,
+    outgoing: mpsc::UnboundedSender<StreamOutgoing>,
+    task: JoinHandle<()>,
+}
+
 pub struct Transport {
     events: mpsc::UnboundedSender<Event>,
     tls: ChannelTls,
     tls_log: TlsLog,
     sockets: HashMap<u64, Socket>,
+    streams: HashMap<u64, Stream>,
     timers: HashMap<u64, JoinHandle<()>>,
     max_message_bytes: usize,
     /// Frames read and not yet handled by an adapter: sockets stop reading at the bound (the
@@ -89,6 +102,7 @@ impl Transport {
             tls,
             tls_log,
             sockets: HashMap::new(),
+            streams: HashMap::new(),
             timers: HashMap::new(),
             max_message_bytes,
             frames: Arc::new(tokio::sync::Semaphore::new(FRAMES_QUEUED_MAX)),
@@ -139,6 +153,18 @@ impl Transport {
             id: *request,
             detail: url.as_str().into(),
         }));
+        let mut streams: Vec<(u64, String)> = self
+            .streams
+            .iter()
+            .filter(|(_, stream)| !stream.task.is_finished())
+            .map(|(conn, stream)| (*conn, stream.address.clone()))
+            .collect();
+        streams.sort_unstable();
+        open.extend(streams.into_iter().map(|(id, address)| OpenResource {
+            kind: ResourceKind::STREAM,
+            id,
+            detail: address.into(),
+        }));
         let mut timers: Vec<u64> =
             self.timers.iter().filter(|(_, task)| !task.is_finished()).map(|(timer, _)| *timer).collect();
         timers.sort_unstable();
@@ -146,10 +172,50 @@ impl Transport {
         open
     }
 
-    pub fn ws_open(&mut self, conn: u64, url: String, headers: Vec<(String, String)>) {
+    /// Open a TCP/TLS stream under `spec.conn` (a connection of either kind under that id
+    /// is dropped first: ids name one connection).
+    pub fn stream_open(&mut self, spec: StreamSpec) {
+        self.drop_connection(spec.conn);
+        let (outgoing, rx) = mpsc::unbounded_channel();
+        let link = StreamLink { tls: self.tls.ws.clone(), frames: self.frames.clone(), events: self.events.clone() };
+        let (conn, address) = (spec.conn, spec.address());
+        let task = tokio::spawn(stream::run_stream(spec, link, rx));
+        self.streams.insert(conn, Stream { address, outgoing, task });
+    }
+
+    pub fn stream_send(&mut self, conn: u64, data: Vec<u8>) {
+        match self.streams.get(&conn) {
+            Some(stream) => {
+                let _ = stream.outgoing.send(StreamOutgoing::Data(data));
+            }
+            None => tracing::debug!(conn, "adapter wrote to a stream that is not open; dropped"),
+        }
+    }
+
+    pub fn stream_close(&mut self, conn: u64) {
+        if let Some(stream) = self.streams.get(&conn) {
+            let _ = stream.outgoing.send(StreamOutgoing::Close);
+        }
+    }
+
+    /// Forget a stream whose `StreamClosed` the adapter has now seen.
+    pub fn forget_stream(&mut self, conn: u64) {
+        if self.streams.get(&conn).is_some_and(|s| s.task.is_finished()) {
+            self.streams.remove(&conn);
+        }
+    }
+
+    fn drop_connection(&mut self, conn: u64) {
         if let Some(old) = self.sockets.remove(&conn) {
             old.task.abort();
         }
+        if let Some(old) = self.streams.remove(&conn) {
+            old.task.abort();
+        }
+    }
+
+    pub fn ws_open(&mut self, conn: u64, url: String, headers: Vec<(String, String)>) {
+        self.drop_connection(conn);
         let (outgoing, rx) = mpsc::unbounded_channel();
         let connect = Connect {
             log: self.tls_log.clone(),
@@ -260,6 +326,9 @@ impl Transport {
     pub fn shut_down(&mut self) {
         for (_, socket) in self.sockets.drain() {
             socket.task.abort();
+        }
+        for (_, stream) in self.streams.drain() {
+            stream.task.abort();
         }
         for (_, timer) in self.timers.drain() {
             timer.abort();
@@ -576,6 +645,150 @@ mod tests {
                 assert_eq!(body.chars().count(), large, "text, each invalid byte replaced")
             }
             other => panic!("a text response: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_carries_lines_both_ways_is_listed_for_a_handover_and_reports_its_close() {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let (reader, mut writer) = socket.into_split();
+            // Split across writes, CRLF and LF, one line past the adapter's limit.
+            writer.write_all(b":irc 001 bot :Welcome\r\nPI").await.unwrap();
+            writer.write_all(b"NG :x\n").await.unwrap();
+            writer.write_all(format!("{}\r\n", "y".repeat(100)).as_bytes()).await.unwrap();
+            let mut lines = BufReader::new(reader).lines();
+            let first = lines.next_line().await.unwrap();
+            writer.write_all(b"bye\r\n").await.unwrap();
+            first
+        });
+        let (mut transport, mut received) = transport();
+        let spec = StreamSpec {
+            conn: 3,
+            host: "127.0.0.1".into(),
+            port,
+            tls: false,
+            server_name: String::new(),
+            lines: true,
+            max_line_bytes: 64,
+            connect_timeout_ms: 2_000,
+        };
+        transport.stream_open(spec);
+        assert!(matches!(next(&mut received).await, Event::StreamOpened { conn: 3 }));
+        let mut lines = Vec::new();
+        while lines.len() < 3 {
+            match next(&mut received).await {
+                Event::StreamLine { conn: 3, line, truncated } => lines.push((line.to_vec(), truncated)),
+                other => panic!("a line: {other:?}"),
+            }
+        }
+        assert_eq!(
+            lines,
+            vec![(b":irc 001 bot :Welcome".to_vec(), false), (b"PING :x".to_vec(), false), (vec![b'y'; 64], true)]
+        );
+        let open = transport.open_resources();
+        assert_eq!(
+            open.iter().map(|r| (r.kind, r.id, r.detail.to_string())).collect::<Vec<_>>(),
+            vec![(ResourceKind::STREAM, 3, format!("127.0.0.1:{port}"))]
+        );
+        transport.stream_send(3, b"PONG :x\r\n".to_vec());
+        assert_eq!(server.await.unwrap().as_deref(), Some("PONG :x"));
+        assert!(matches!(next(&mut received).await, Event::StreamLine { line, .. } if line.as_slice() == b"bye"));
+        match next(&mut received).await {
+            Event::StreamClosed { conn: 3, reason } => assert!(reason.contains("closed by the peer"), "{reason}"),
+            other => panic!("the close: {other:?}"),
+        }
+        transport.forget_stream(3);
+        assert!(transport.open_resources().is_empty());
+
+        // A refused connect is a close with the reason, not a hang.
+        let refused = StreamSpec { conn: 4, port, connect_timeout_ms: 1_000, ..StreamSpec::default_for_tests() };
+        transport.stream_open(refused);
+        match next(&mut received).await {
+            Event::StreamClosed { conn: 4, reason } => assert!(reason.contains("connect to 127.0.0.1"), "{reason}"),
+            other => panic!("a refused connect: {other:?}"),
+        }
+    }
+
+    /// A TLS listener on loopback with a certificate for `localhost` from a CA of its own;
+    /// it answers one line and echoes the first line it reads. Returns its port and the CA.
+    async fn tls_line_server() -> (u16, rustls::pki_types::CertificateDer<'static>) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf =
+            CertificateParams::new(vec!["localhost".to_string()]).unwrap().signed_by(&leaf_key, &issuer).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der()).unwrap();
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![leaf.der().clone()], key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let Ok(tls) = acceptor.accept(tcp).await else { continue };
+                let (reader, mut writer) = tokio::io::split(tls);
+                let _ = writer.write_all(b"hello over tls\r\n").await;
+                if let Ok(Some(line)) = BufReader::new(reader).lines().next_line().await {
+                    let _ = writer.write_all(format!("echo {line}\r\n").as_bytes()).await;
+                    let _ = writer.flush().await;
+                }
+            }
+        });
+        (port, ca_cert.der().clone())
+    }
+
+    #[tokio::test]
+    async fn a_tls_stream_trusts_the_instances_ca_and_checks_the_server_name() {
+        let (port, ca) = tls_line_server().await;
+        let ws = crate::tls::client_config(&[ca]);
+        let http = crate::tls::http_client(&ws).unwrap();
+        let (events, mut received) = mpsc::unbounded_channel();
+        let mut transport = Transport::new("test", events, crate::tls::ChannelTls { http, ws }, 1 << 20);
+        let spec = StreamSpec {
+            conn: 1,
+            port,
+            tls: true,
+            server_name: "localhost".into(),
+            connect_timeout_ms: 5_000,
+            ..StreamSpec::default_for_tests()
+        };
+        transport.stream_open(spec.clone());
+        assert!(matches!(next(&mut received).await, Event::StreamOpened { conn: 1 }));
+        assert!(
+            matches!(next(&mut received).await, Event::StreamLine { line, .. } if line.as_slice() == b"hello over tls")
+        );
+        transport.stream_send(1, b"ping\r\n".to_vec());
+        assert!(matches!(next(&mut received).await, Event::StreamLine { line, .. } if line.as_slice() == b"echo ping"));
+
+        // The certificate is for localhost, not for another name.
+        transport.stream_open(StreamSpec { conn: 2, server_name: "irc.example.org".into(), ..spec.clone() });
+        let closed = loop {
+            match next(&mut received).await {
+                Event::StreamClosed { conn: 2, reason } => break reason,
+                _ => continue,
+            }
+        };
+        assert!(closed.contains("TLS handshake"), "{closed}");
+        // Nor does a host without the instance's CA trust it.
+        let (mut untrusting, mut untrusting_received) = super::tests::transport();
+        untrusting.stream_open(StreamSpec { conn: 3, ..spec });
+        match next(&mut untrusting_received).await {
+            Event::StreamClosed { conn: 3, reason } => assert!(reason.contains("TLS handshake"), "{reason}"),
+            other => panic!("an untrusted certificate is refused: {other:?}"),
         }
     }
 

@@ -46,7 +46,8 @@ pub mod module;
 pub use abi_stable;
 
 pub use action::{
-    Action, Action_NE, ErrorKind, HttpCall, InboundMessage, LogLevel, PeerKind, PeerKindName, ResponseBody,
+    Action, Action_NE, ErrorKind, Framing, HttpCall, InboundMessage, LogLevel, PeerKind, PeerKindName, ResponseBody,
+    StreamOpen,
 };
 pub use adapter::{Adapter, AdapterBox, Adapter_TO, PluginError};
 pub use event::{Event, Event_NE, OutboundReply, ShutdownReason};

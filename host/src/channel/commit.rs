@@ -136,6 +136,12 @@ impl Instance {
             }
             Command::WsSend { conn, text } => self.transport.ws_send(conn, text),
             Command::WsSendBinary { conn, data } => self.transport.ws_send_binary(conn, data),
+            Command::StreamOpen(spec) => {
+                tracing::info!(channel = %self.id, generation, conn = spec.conn, address = %spec.address(), tls = spec.tls, "opening stream");
+                self.transport.stream_open(spec);
+            }
+            Command::StreamSend { conn, data } => self.transport.stream_send(conn, data),
+            Command::StreamClose { conn } => self.transport.stream_close(conn),
             Command::WsClose { conn, code, reason } => self.transport.ws_close(conn, code, reason),
             Command::Http { request, method, url, headers, body, timeout_ms, max_response_bytes, bytes } => {
                 let request =

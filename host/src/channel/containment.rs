@@ -33,12 +33,13 @@ impl Instance {
                         },
                     );
                 }
-                Event::WsClosed { conn, .. } => {
+                Event::WsClosed { conn, .. } | Event::StreamClosed { conn, .. } => {
                     self.transport.forget_socket(*conn);
+                    self.transport.forget_stream(*conn);
                     self.websockets_up.remove(conn);
                     self.shared.ledger.set_connections(&self.id, self.websockets_up.len(), now_ms());
                 }
-                Event::WsOpened { conn } => {
+                Event::WsOpened { conn } | Event::StreamOpened { conn } => {
                     self.websockets_up.insert(*conn);
                     self.shared.ledger.set_connections(&self.id, self.websockets_up.len(), now_ms());
                 }
@@ -197,7 +198,14 @@ impl Instance {
             batch
                 .iter()
                 .filter(|e| {
-                    matches!(e, Event::WsFrame { .. } | Event::WsFrameSkipped { .. } | Event::WsBinaryFrame { .. })
+                    matches!(
+                        e,
+                        Event::WsFrame { .. }
+                            | Event::WsFrameSkipped { .. }
+                            | Event::WsBinaryFrame { .. }
+                            | Event::StreamLine { .. }
+                            | Event::StreamData { .. }
+                    )
                 })
                 .count(),
         );

@@ -508,6 +508,10 @@ fn event_kind(event: &Event) -> &'static str {
         Event::WsBinaryFrame { .. } => "ws_binary_frame",
         Event::HttpBytesResponse { .. } => "http_bytes_response",
         Event::HttpResponseSkipped { .. } => "http_response_skipped",
+        Event::StreamOpened { .. } => "stream_opened",
+        Event::StreamData { .. } => "stream_data",
+        Event::StreamLine { .. } => "stream_line",
+        Event::StreamClosed { .. } => "stream_closed",
         _ => "unknown",
     }
 }
