@@ -460,7 +460,15 @@ impl Resident {
 
 /// `event` as an adapter of ABI minor `minor` can take it: v1.1 events become their v1.0
 /// counterparts for a v1.0 adapter, or nothing (`None`: skipped, it never asked for them).
+/// A replayed frame (v1.2) has no older counterpart: the host refuses a replay to an older
+/// adapter before it queues one, so one reaching this point is skipped.
 fn known_to(minor: u32, event: Event) -> Option<Event> {
+    if minor >= 2 {
+        return Some(event);
+    }
+    if matches!(event, Event::WsFrameReplayed { .. }) {
+        return None;
+    }
     if minor >= 1 {
         return Some(event);
     }
@@ -594,6 +602,14 @@ mod tests {
         }
         let frame = Event::WsFrame { conn: 1, text: "x".into() };
         assert_eq!(known_to(0, frame.clone()), Some(frame), "v1.0 events pass as they are");
+    }
+
+    #[test]
+    fn only_a_v1_2_adapter_is_sent_a_replayed_frame() {
+        let replayed = Event::WsFrameReplayed { text: "x".into() };
+        assert_eq!(known_to(2, replayed.clone()), Some(replayed.clone()));
+        assert_eq!(known_to(1, replayed.clone()), None);
+        assert_eq!(known_to(0, replayed), None);
     }
 
     #[test]

@@ -62,8 +62,9 @@ pub const ABI_VERSION: u32 = 1;
 
 /// The minor version of the adapter contract: what this crate adds to v1.0 (reported by the
 /// root module's `abi_minor`). 1: bytes bodies and frames, response size limits, named peer
-/// kinds, error kinds, the generalised handover, the build flags.
-pub const ABI_MINOR: u32 = 1;
+/// kinds, error kinds, the generalised handover, the build flags. 2: replayed frames
+/// ([`Event::WsFrameReplayed`]).
+pub const ABI_MINOR: u32 = 2;
 
 use abi_stable::{std_types::RString, StableAbi};
 

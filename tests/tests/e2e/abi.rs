@@ -69,7 +69,7 @@ async fn a_plugin_built_from_the_v1_0_interface_loads_answers_and_hands_over_to_
         assert_eq!(answers(text), vec![channel.clone()], "{text:?} answered once, in its channel");
     }
     let status = gateway.status().await?;
-    assert_eq!(status["generations"][1]["abi_minor"], 1, "{status}");
+    assert_eq!(status["generations"][1]["abi_minor"], switchboard_plugin_api::ABI_MINOR, "{status}");
     assert_eq!(status["generations"][0]["state"], "unloaded", "{status}");
 
     let answer = rig.ask(&channel, "after the upgrade", &gateway).await;
