@@ -1,6 +1,9 @@
 //! The admin API: `/livez`, `/readyz`, `/metrics`, `/status` (every adapter generation,
 //! mapped or not, and the store's counts), `POST /reload` (the admin reload trigger) and
-//! `POST /restart` (graceful stop, then the binary at the start-up path).
+//! `POST /restart` (graceful stop, then the binary at the start-up path); for the operator's
+//! commands (`switchboard sessions`, `plugins`, `dead-letters`, see `admin/operations.rs`):
+//! `GET /sessions?channel=&limit=`, `GET /plugins`, `GET /dead-letters`,
+//! `GET /dead-letters/{id}`, `POST /dead-letters/{id}/replay`, `DELETE /dead-letters/{id}`.
 //!
 //! Locked down by default: it is served on a Unix socket in the state dir (`admin.sock`,
 //! mode 0600, so only the gateway's user — and root — can reach it), with every route. A TCP
@@ -27,6 +30,10 @@ use axum::{
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
+mod operations;
+
+pub use operations::PluginSettings;
+
 use crate::{
     channel::Shared,
     config::GatewayConfig,
@@ -38,6 +45,7 @@ pub struct AdminState {
     pub shared: Arc<Shared>,
     pub control: mpsc::Sender<ControlMessage>,
     pub expected_channels: Arc<RwLock<BTreeSet<String>>>,
+    pub plugin_settings: Arc<RwLock<PluginSettings>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +122,11 @@ fn routes(state: AdminState) -> Router {
         .route("/status", get(status))
         .route("/reload", post(reload))
         .route("/restart", post(restart))
+        .route("/sessions", get(operations::sessions))
+        .route("/plugins", get(operations::plugins))
+        .route("/dead-letters", get(operations::dead_letters))
+        .route("/dead-letters/{id}", get(operations::dead_letter).delete(operations::drop_dead_letter))
+        .route("/dead-letters/{id}/replay", post(operations::replay))
         .with_state(state)
 }
 

@@ -474,9 +474,14 @@ const ABI_MINOR_STREAMS: u32 = 2;
 
 /// `event` as an adapter of ABI minor `minor` can take it: v1.1 events become their v1.0
 /// counterparts for a v1.0 adapter, or nothing (`None`: skipped, it never asked for them).
+/// A replayed frame (v1.2) has no older counterpart: the host refuses a replay to an older
+/// adapter before it queues one, so one reaching this point is skipped.
 fn known_to(minor: u32, event: Event) -> Option<Event> {
     if minor >= ABI_MINOR_STREAMS {
         return Some(event);
+    }
+    if matches!(event, Event::WsFrameReplayed { .. }) {
+        return None;
     }
     match event {
         // Streams are v1.2: an older adapter never opened one.
@@ -626,6 +631,14 @@ mod tests {
         }
         let frame = Event::WsFrame { conn: 1, text: "x".into() };
         assert_eq!(known_to(0, frame.clone()), Some(frame), "v1.0 events pass as they are");
+    }
+
+    #[test]
+    fn only_a_v1_2_adapter_is_sent_a_replayed_frame() {
+        let replayed = Event::WsFrameReplayed { text: "x".into() };
+        assert_eq!(known_to(2, replayed.clone()), Some(replayed.clone()));
+        assert_eq!(known_to(1, replayed.clone()), None);
+        assert_eq!(known_to(0, replayed), None);
     }
 
     #[test]

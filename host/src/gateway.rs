@@ -122,6 +122,8 @@ struct Controller {
     next_generation: BTreeMap<String, u64>,
     shared: Arc<Shared>,
     expected_channels: Arc<RwLock<BTreeSet<String>>>,
+    /// What `GET /plugins` reports the plugin files against (a reload changes it).
+    plugin_settings: Arc<RwLock<admin::PluginSettings>>,
     control: mpsc::Sender<ControlMessage>,
     watch: Option<PluginWatch>,
     /// The generation budget warning was logged (once per process).
@@ -151,6 +153,7 @@ pub async fn run(
         shared: controller.shared.clone(),
         control: control_tx.clone(),
         expected_channels: controller.expected_channels.clone(),
+        plugin_settings: controller.plugin_settings.clone(),
     };
     if let Some((_, path)) = &admin_listeners.unix {
         tracing::info!("admin socket at {}", path.display());
@@ -279,6 +282,7 @@ impl Controller {
             next_generation: BTreeMap::new(),
             shared,
             expected_channels: Arc::new(RwLock::new(config.channels.keys().cloned().collect())),
+            plugin_settings: Arc::new(RwLock::new(admin::PluginSettings::of(&config))),
             control,
             watch: None,
             budget_warned: false,
@@ -515,6 +519,7 @@ impl Controller {
         // Every configured instance is expected, also one that failed to start: /readyz says so.
         *self.expected_channels.write().unwrap() = new.channels.keys().cloned().collect();
         *self.retention.write().unwrap() = new.retention;
+        *self.plugin_settings.write().unwrap() = admin::PluginSettings::of(&new);
         self.config = new;
         tracing::info!(
             trigger,

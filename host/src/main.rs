@@ -1,4 +1,7 @@
-//! The `switchboard` command: run the gateway, check a config, check a plugin file.
+//! The `switchboard` command: run the gateway, check a config, check a plugin file, and the
+//! operator's commands against a running gateway (`cli`).
+
+mod cli;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -81,12 +84,15 @@ enum Command {
         #[arg(long, hide = true)]
         conformance_child: bool,
     },
+    #[command(flatten)]
+    Admin(cli::AdminCommand),
 }
 
 fn main() -> ExitCode {
     switchboard::upgrade::remember_start_path();
     let cli = Cli::parse();
     match cli.command {
+        Command::Admin(command) => cli::run(command),
         Command::CheckPlugin { file, conformance_child: true, .. } => switchboard::conformance::run_child(&file),
         Command::CheckPlugin { file, conformance: true, config, json, call_timeout_ms, .. } => {
             let request = switchboard::conformance::Request {

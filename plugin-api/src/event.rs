@@ -134,6 +134,16 @@ pub enum Event {
         conn: u64,
         reason: RString,
     },
+    // ---- v1.2 (ABI minor 2), too: only ever sent to adapters that report `abi_minor >= 2`. ----
+    /// A text frame the host dead-lettered earlier (the adapter then got it as
+    /// [`Event::WsFrameSkipped`]), handed again because an operator asked for it
+    /// (`switchboard dead-letters replay`). Act on its content as on a new frame's, also when
+    /// the skip made it look seen before, but move no sequence number or cursor: it is not
+    /// from the socket. The host hands each dead letter over once, and stores at most one
+    /// inbound message per platform message id.
+    WsFrameReplayed {
+        text: RString,
+    },
 }
 
 impl Event {

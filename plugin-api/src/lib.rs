@@ -64,7 +64,8 @@ pub const ABI_VERSION: u32 = 1;
 /// The minor version of the adapter contract: what this crate adds to v1.0 (reported by the
 /// root module's `abi_minor`). 1: bytes bodies and frames, response size limits, named peer
 /// kinds, error kinds, the generalised handover, the build flags. 2: host-owned TCP/TLS
-/// streams (`StreamOpen`, line framing), handed over like WebSockets.
+/// streams (`StreamOpen`, line framing), handed over like WebSockets; replayed frames
+/// ([`Event::WsFrameReplayed`]).
 pub const ABI_MINOR: u32 = 2;
 
 use abi_stable::{std_types::RString, StableAbi};

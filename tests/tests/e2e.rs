@@ -9,6 +9,8 @@ mod abi;
 mod admin;
 #[path = "e2e/bounds.rs"]
 mod bounds;
+#[path = "e2e/cli.rs"]
+mod cli;
 #[path = "e2e/conformance.rs"]
 mod conformance;
 #[path = "e2e/durability.rs"]

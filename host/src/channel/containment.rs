@@ -269,7 +269,7 @@ impl Instance {
         };
         let session = if sessions.is_empty() { "(none yet)".to_string() } else { sessions.join(",") };
         let payload = match event {
-            Event::WsFrame { text, .. } => text.to_string(),
+            Event::WsFrame { text, .. } | Event::WsFrameReplayed { text } => text.to_string(),
             Event::HttpResponse { body, status, .. } => format!("HTTP {status}: {body}"),
             Event::HttpBytesResponse { body, status, .. } => {
                 format!("HTTP {status} ({} bytes): {}", body.len(), String::from_utf8_lossy(body))

@@ -491,6 +491,17 @@ fn inject_task_fault(event: &Event) {
     }
 }
 
+/// The event that hands a dead letter to its channel instance again (`POST
+/// /dead-letters/{id}/replay`), rebuilt from what the store kept of it (its kind and payload,
+/// see `containment::dead_letter`). Only text frames can be: their payload is the whole frame.
+/// A response or a reply is not kept whole, and its request or delivery is long gone.
+pub fn replay_of(event_kind: &str, payload: &str) -> Option<Event> {
+    match event_kind {
+        "ws_frame" | "ws_frame_replayed" => Some(Event::WsFrameReplayed { text: payload.into() }),
+        _ => None,
+    }
+}
+
 fn event_kind(event: &Event) -> &'static str {
     match event {
         Event::Started { .. } => "started",
@@ -512,6 +523,7 @@ fn event_kind(event: &Event) -> &'static str {
         Event::StreamData { .. } => "stream_data",
         Event::StreamLine { .. } => "stream_line",
         Event::StreamClosed { .. } => "stream_closed",
+        Event::WsFrameReplayed { .. } => "ws_frame_replayed",
         _ => "unknown",
     }
 }

@@ -55,7 +55,7 @@ use crate::{apartment::Inbound, session::DeliveryTarget};
 pub const DATABASE_FILE: &str = "switchboard.db";
 
 /// An event an adapter could not handle, twice.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct DeadLetter {
     pub channel_instance: String,
     pub generation: u64,
@@ -64,6 +64,27 @@ pub struct DeadLetter {
     pub session_key: String,
     pub payload: String,
     pub error: String,
+}
+
+/// A stored dead letter, as the admin API lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StoredDeadLetter {
+    pub id: i64,
+    pub at_ms: i64,
+    /// When an operator replayed it (it is handed over once).
+    pub replayed_at_ms: Option<i64>,
+    #[serde(flatten)]
+    pub letter: DeadLetter,
+}
+
+/// What claiming a dead letter for a replay found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayClaim {
+    /// Marked replayed now: the caller hands it over.
+    Claimed,
+    /// Replayed before, at this time.
+    AlreadyReplayed(i64),
+    NotFound,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -14,7 +14,7 @@ use std::{
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
-use super::{DeadLetter, QueuedReply, Store, StoreCounts, StoreError, Turn};
+use super::{DeadLetter, QueuedReply, Store, StoreCounts, StoreError, StoredDeadLetter, Turn};
 use crate::{
     apartment::Inbound,
     session::{DeliveryTarget, Session},
@@ -215,23 +215,41 @@ impl Store {
     }
 
     pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
-        let connection = self.connection.lock().unwrap();
-        let mut statement = connection.prepare(
-            "SELECT channel_instance, generation, event_kind, conversation_id, session_key, payload, error \
-             FROM dead_letters ORDER BY id",
-        )?;
-        let rows = statement.query_map([], |row| {
-            Ok(DeadLetter {
-                channel_instance: row.get(0)?,
-                generation: row.get::<_, i64>(1)? as u64,
-                event_kind: row.get(2)?,
-                conversation_id: row.get(3)?,
-                session_key: row.get(4)?,
-                payload: row.get(5)?,
-                error: row.get(6)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let stored = stored_dead_letters(&self.connection.lock().unwrap(), None)?;
+        Ok(stored.into_iter().map(|stored| stored.letter).collect())
+    }
+
+    /// Every stored dead letter, oldest first, from a blocking thread.
+    pub async fn dead_letters_async(self: &Arc<Self>) -> Result<Vec<StoredDeadLetter>, StoreError> {
+        self.read_off_thread(|connection| stored_dead_letters(connection, None)).await
+    }
+
+    /// The dead letter `id`, from a blocking thread.
+    pub async fn dead_letter_async(self: &Arc<Self>, id: i64) -> Result<Option<StoredDeadLetter>, StoreError> {
+        self.read_off_thread(move |connection| Ok(stored_dead_letters(connection, Some(id))?.pop())).await
+    }
+
+    /// The `limit` most recently active sessions, of `channel` only when given, from a
+    /// blocking thread on a pooled connection (not the session registry's: a listing for an
+    /// operator must not hold up an adapter's lookups).
+    pub async fn sessions_page_async(
+        self: &Arc<Self>,
+        channel: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<Session>, StoreError> {
+        let limit = limit.min(i64::MAX as usize) as i64;
+        self.read_off_thread(move |connection| {
+            let (filter, channel) = match &channel {
+                Some(channel) => ("WHERE channel_instance = ?2", channel.as_str()),
+                None => ("WHERE ?2 = ?2", ""),
+            };
+            let mut statement = connection.prepare_cached(&format!(
+                "SELECT {SESSION_COLUMNS} FROM sessions {filter} ORDER BY last_active_ms DESC, key LIMIT ?1"
+            ))?;
+            let rows = statement.query_map(params![limit, channel], session_from_row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
     }
 
     pub fn counts(&self) -> Result<StoreCounts, StoreError> {
@@ -278,6 +296,31 @@ fn prefix_end(prefix: &str) -> Option<String> {
         }
     }
     None
+}
+
+/// The dead letters with their ids, oldest first; only `id` when given.
+fn stored_dead_letters(connection: &Connection, id: Option<i64>) -> Result<Vec<StoredDeadLetter>, StoreError> {
+    let mut statement = connection.prepare_cached(
+        "SELECT id, at_ms, replayed_at_ms, channel_instance, generation, event_kind, conversation_id, session_key, \
+         payload, error FROM dead_letters WHERE ?1 IS NULL OR id = ?1 ORDER BY id",
+    )?;
+    let rows = statement.query_map([id], |row| {
+        Ok(StoredDeadLetter {
+            id: row.get(0)?,
+            at_ms: row.get(1)?,
+            replayed_at_ms: row.get(2)?,
+            letter: DeadLetter {
+                channel_instance: row.get(3)?,
+                generation: row.get::<_, i64>(4)? as u64,
+                event_kind: row.get(5)?,
+                conversation_id: row.get(6)?,
+                session_key: row.get(7)?,
+                payload: row.get(8)?,
+                error: row.get(9)?,
+            },
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 pub(super) fn adapter_state(connection: &Connection, channel: &str) -> Result<Option<(u32, String)>, StoreError> {

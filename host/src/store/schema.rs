@@ -85,6 +85,9 @@ pub(super) const MIGRATIONS: &[&str] = &[
     // 3 → 4: the session registry keeps only some sessions in memory and reads the rest from
     // here: an adapter's listing of its instance's sessions by key prefix is an index range.
     "CREATE INDEX sessions_by_channel ON sessions (channel_instance, key);",
+    // 4 → 5: a dead letter an operator handed to its channel instance again (`switchboard
+    // dead-letters replay`) says when, so that it is handed over once.
+    "ALTER TABLE dead_letters ADD COLUMN replayed_at_ms INTEGER;",
 ];
 
 impl Store {

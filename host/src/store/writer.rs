@@ -4,13 +4,13 @@
 use std::sync::{Arc, Mutex};
 
 use prometheus_client::metrics::histogram::Histogram;
-use rusqlite::{Connection, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::{
     queries,
     sync::{sync_wal_while_open, wal_path, Rounds, SyncRequest, WalSyncs, SYNC_THREADS},
     writes::{write_batch, write_dead_letter, write_inbound_status, write_session, write_turn},
-    BatchRecord, DeadLetter, Durability, FinishedTurn, QueuedReply, Store, StoreError,
+    BatchRecord, DeadLetter, Durability, FinishedTurn, QueuedReply, ReplayClaim, Store, StoreError,
 };
 use crate::{apartment::Inbound, session::Session};
 
@@ -285,6 +285,43 @@ impl StoreWriter {
     pub fn add_dead_letter(&self, letter: DeadLetter, now_ms: i64) -> Pending<i64> {
         self.submit_pending("cannot store a dead letter", move |transaction| {
             write_dead_letter(transaction, &letter, now_ms)
+        })
+    }
+
+    /// Mark dead letter `id` replayed at `now_ms` unless it was before: a replay hands it over
+    /// once, however many operators ask at the same time.
+    pub fn claim_replay(&self, id: i64, now_ms: i64) -> Pending<ReplayClaim> {
+        self.submit_pending("cannot mark a dead letter replayed", move |transaction| {
+            let claimed = transaction.execute(
+                "UPDATE dead_letters SET replayed_at_ms = ?2 WHERE id = ?1 AND replayed_at_ms IS NULL",
+                params![id, now_ms],
+            )?;
+            if claimed == 1 {
+                return Ok(ReplayClaim::Claimed);
+            }
+            let found: Option<Option<i64>> = transaction
+                .query_row("SELECT replayed_at_ms FROM dead_letters WHERE id = ?1", [id], |row| row.get(0))
+                .optional()?;
+            Ok(match found {
+                Some(Some(at)) => ReplayClaim::AlreadyReplayed(at),
+                // Not replayed, yet not claimed: cannot be, short of a concurrent delete.
+                Some(None) | None => ReplayClaim::NotFound,
+            })
+        })
+    }
+
+    /// Undo [`Self::claim_replay`] of a dead letter that could not be handed over after all.
+    pub fn unclaim_replay(&self, id: i64) -> Pending<()> {
+        self.submit_pending("cannot undo a dead letter's replay mark", move |transaction| {
+            transaction.execute("UPDATE dead_letters SET replayed_at_ms = NULL WHERE id = ?1", [id])?;
+            Ok(())
+        })
+    }
+
+    /// Delete dead letter `id`; whether there was one.
+    pub fn drop_dead_letter(&self, id: i64) -> Pending<bool> {
+        self.submit_pending("cannot delete a dead letter", move |transaction| {
+            Ok(transaction.execute("DELETE FROM dead_letters WHERE id = ?1", [id])? == 1)
         })
     }
 

@@ -158,18 +158,23 @@ impl Adapter {
         }
         if event == "posted" {
             let mut message = message;
-            let data = message["data"].take();
-            if self.state.bot_username.is_empty() {
-                if self.state.buffered.len() < BUFFERED_POSTS {
-                    self.state.buffered.push_back(data);
-                } else {
-                    self.log(LogLevel::Error, "too many posts before the bot identity is known; one dropped".into());
-                }
-            } else if self.must_hold(post_channel(&data).as_deref()) {
-                self.state.held.push_back(data);
+            self.post_arrived(message["data"].take());
+        }
+    }
+
+    /// A post from a `posted` frame: handled now, or kept until it can be (the bot's identity
+    /// unknown yet, or its channel still catching up).
+    fn post_arrived(&mut self, data: Value) {
+        if self.state.bot_username.is_empty() {
+            if self.state.buffered.len() < BUFFERED_POSTS {
+                self.state.buffered.push_back(data);
             } else {
-                self.posted(&data);
+                self.log(LogLevel::Error, "too many posts before the bot identity is known; one dropped".into());
             }
+        } else if self.must_hold(post_channel(&data).as_deref()) {
+            self.state.held.push_back(data);
+        } else {
+            self.posted(&data);
         }
     }
 
@@ -200,6 +205,30 @@ impl Adapter {
             self.state.ping_outstanding = None;
         }
         self.log(LogLevel::Debug, format!("server refused a request: {error_id}"));
+    }
+
+    /// A frame the host dead-lettered before, handed again by an operator: its post is handled
+    /// as a new one (the skip remembered it as seen), and neither the sequence nor the post
+    /// cursor moves, since the frame did not come from the socket. The host hands it over
+    /// once and keeps one inbound message per post id, so it cannot be answered twice.
+    pub(super) fn replayed_frame(&mut self, text: &str) {
+        let Ok(mut message) = serde_json::from_str::<Value>(text) else {
+            self.log(LogLevel::Warn, format!("ignored a replayed frame that is not JSON ({} bytes)", text.len()));
+            return;
+        };
+        if message["event"] != "posted" {
+            self.log(LogLevel::Info, "a replayed frame carries no post; nothing to do".into());
+            return;
+        }
+        let data = message["data"].take();
+        let post_id = data["post"]
+            .as_str()
+            .and_then(|p| serde_json::from_str::<Value>(p).ok())
+            .and_then(|post| post["id"].as_str().map(str::to_string))
+            .unwrap_or_default();
+        self.log(LogLevel::Info, format!("post {post_id} replayed by the host; handling it as new"));
+        self.forget_post(&post_id);
+        self.post_arrived(data);
     }
 
     /// The host gave up on this frame: keep the sequence and the post cursor moving past it.

@@ -253,6 +253,13 @@ impl Adapter {
         }
     }
 
+    /// Forget that `post_id` was handled (a replayed post is to be handled again).
+    fn forget_post(&mut self, post_id: &str) {
+        if self.recent_index.remove(post_id) {
+            self.state.recent_posts.retain(|known| known != post_id);
+        }
+    }
+
     /// The catch-ups' fetched posts are left out (see the `catch_up` module): this is written after
     /// every batch.
     pub fn export_state(&self) -> StateBlob {
@@ -275,7 +282,7 @@ impl Adapter {
                     .or_else(|| message["broadcast"]["channel_id"].as_str().map(str::to_string))
                     .filter(|c| !c.is_empty())
             }
-            Event::WsFrameSkipped { text, .. } => {
+            Event::WsFrameSkipped { text, .. } | Event::WsFrameReplayed { text } => {
                 let message: Value = serde_json::from_str(text.as_str()).ok()?;
                 post_channel(&message["data"]).filter(|c| !c.is_empty())
             }
@@ -292,6 +299,7 @@ impl Adapter {
             Event::WsOpened { conn } if Some(conn) == self.state.conn => self.opened(),
             Event::WsFrame { conn, text } if Some(conn) == self.state.conn => self.frame(text.as_str()),
             Event::WsFrameSkipped { conn, text } if Some(conn) == self.state.conn => self.skip_frame(text.as_str()),
+            Event::WsFrameReplayed { text } => self.replayed_frame(text.as_str()),
             Event::WsClosed { conn, code, reason } if Some(conn) == self.state.conn => {
                 self.closed(code, reason.as_str())
             }
