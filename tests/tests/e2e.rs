@@ -13,6 +13,8 @@ mod bounds;
 mod conformance;
 #[path = "e2e/durability.rs"]
 mod durability;
+#[path = "e2e/logs.rs"]
+mod logs;
 #[path = "e2e/matrix.rs"]
 mod matrix;
 #[path = "e2e/matrix_server.rs"]
@@ -23,6 +25,8 @@ mod real_server;
 mod replacement;
 #[path = "e2e/rig.rs"]
 mod rig;
+#[path = "e2e/systemd.rs"]
+mod systemd;
 #[path = "e2e/tls.rs"]
 mod tls;
 #[path = "e2e/watchdog.rs"]
