@@ -207,32 +207,12 @@ fn same_secret(expected: &str, presented: &str) -> bool {
 /// Ready when every configured channel instance has a running adapter generation whose adapter
 /// reports no problem (a refused token, a connection that never works).
 async fn readyz(State(state): State<AdminState>) -> Response {
-    let running: BTreeSet<String> = state.shared.ledger.running().into_iter().map(|r| r.channel).collect();
-    let missing: Vec<String> =
-        state.expected_channels.read().unwrap().iter().filter(|c| !running.contains(*c)).cloned().collect();
     let expected = state.expected_channels.read().unwrap().clone();
-    let mut problems = state.shared.ledger.problems();
-    problems.retain(|channel, _| expected.contains(channel));
-    // An instance whose WebSockets are all down past the grace (a reconnect takes a second
-    // or two) cannot hear anyone. One that never opened a socket (an HTTP-only adapter, or
-    // a server that refused it from the start) is the adapter's to report (`Action::Health`).
-    let grace_ms = state.shared.disconnected_grace.as_millis() as i64;
-    let now = crate::session::now_ms();
-    for (channel, connections) in state.shared.ledger.connections() {
-        if connections.websockets_up == 0 && now - connections.since_ms > grace_ms && expected.contains(&channel) {
-            let down_s = (now - connections.since_ms) / 1000;
-            problems.entry(channel).or_insert_with(|| format!("no WebSocket up for {down_s} s"));
-        }
-    }
-    if missing.is_empty() && problems.is_empty() {
+    let not_ready = state.shared.ledger.not_ready(&expected, state.shared.disconnected_grace, crate::session::now_ms());
+    if not_ready.is_empty() {
         return (StatusCode::OK, "ready\n").into_response();
     }
-    let mut reasons: Vec<String> = Vec::new();
-    if !missing.is_empty() {
-        reasons.push(format!("no running adapter for {}", missing.join(", ")));
-    }
-    reasons.extend(problems.iter().map(|(channel, problem)| format!("{channel}: {problem}")));
-    (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", reasons.join("; "))).into_response()
+    (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", not_ready.reasons())).into_response()
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {

@@ -87,6 +87,31 @@ pub struct GatewayConfig {
     /// Threads of the async runtime (sockets, HTTP, timers, session lanes); `None` picks
     /// [`GatewayConfig::io_threads`]'s default. Takes effect at the next start.
     pub io_threads: Option<usize>,
+    /// How log lines are written (`SWITCHBOARD_LOG_FORMAT` wins). Takes effect at the next start.
+    pub log_format: LogFormat,
+}
+
+/// How the gateway writes its log to stderr.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// `2025-… INFO switchboard::routing: inbound session=… channel=…`, for people.
+    #[default]
+    Text,
+    /// One JSON object per line, every field at the top level, for log collectors.
+    Json,
+}
+
+impl LogFormat {
+    /// The values `gateway.log_format` and `SWITCHBOARD_LOG_FORMAT` take.
+    pub const NAMES: [&'static str; 2] = ["text", "json"];
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "text" => Some(Self::Text),
+            "json" => Some(Self::Json),
+            _ => None,
+        }
+    }
 }
 
 impl GatewayConfig {
@@ -404,6 +429,7 @@ impl Reader<'_> {
                 "disconnected_grace_ms",
                 "io_threads",
                 "session_cache_capacity",
+                "log_format",
             ],
         );
         let state_dir = self.path(table, "gateway", "state_dir", "state");
@@ -481,7 +507,12 @@ impl Reader<'_> {
         if io_threads.is_some_and(|n| n > MAX_IO_THREADS) {
             self.problem("gateway.io_threads", format!("at most {MAX_IO_THREADS}"));
         }
+        let log_format = self
+            .choice(table, "gateway", "log_format", &LogFormat::NAMES)
+            .and_then(|name| LogFormat::from_name(&name))
+            .unwrap_or_default();
         GatewayConfig {
+            log_format,
             state_dir,
             admin_listen,
             admin_socket,
@@ -956,6 +987,22 @@ agent = "main"
     }
 
     #[test]
+    fn log_format_is_text_or_json_and_anything_else_is_an_error_at_its_key() {
+        assert_eq!(Config::parse(SEED, Path::new(".")).unwrap().gateway.log_format, LogFormat::Text);
+        let json = Config::parse(&SEED.replace("[gateway]", "[gateway]\nlog_format = \"json\""), Path::new("."));
+        assert_eq!(json.unwrap().gateway.log_format, LogFormat::Json);
+        for bad in ["\"xml\"", "\"JSON\"", "1"] {
+            let errors =
+                Config::parse(&SEED.replace("[gateway]", &format!("[gateway]\nlog_format = {bad}")), Path::new("."))
+                    .unwrap_err();
+            assert!(
+                errors.iter().any(|e| e.key_path == "gateway.log_format" && e.message.contains("text, json")),
+                "{bad}: {errors:?}"
+            );
+        }
+    }
+
+    #[test]
     fn every_problem_is_reported_with_its_key_path() {
         let text = r#"
 [gateway]
@@ -1069,6 +1116,7 @@ agent = "ghost"
             "gateway.durability",
             "gateway.io_threads",
             "gateway.session_cache_capacity",
+            "gateway.log_format",
             "gateway.generation_budget",
             "gateway.ws_max_message_bytes",
             "plugins.dir",

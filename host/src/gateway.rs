@@ -28,6 +28,7 @@ use crate::{
     ledger::Ledger,
     loader::FileDigest,
     metrics::Metrics,
+    notify::Notifier,
     routing::Router,
     session::DurableSessions,
     store::{Store, StoreError, StoreWriter},
@@ -70,6 +71,11 @@ pub enum ControlMessage {
     /// and waits for a new one of the current build.
     GenerationAbandoned {
         channel: String,
+    },
+    /// The service manager's watchdog asks whether the controller still turns; the answer
+    /// lists the running channel instances, whose tasks it asks next ([`crate::notify`]).
+    Heartbeat {
+        answer: oneshot::Sender<Vec<InstanceHandle>>,
     },
 }
 
@@ -130,6 +136,8 @@ struct Controller {
     budget_warned: bool,
     /// When each channel instance's task died, within the restart window.
     instance_deaths: BTreeMap<String, Vec<std::time::Instant>>,
+    /// The service manager's notifications (reloads are announced there).
+    notifier: Notifier,
     /// `[retention]` as the hourly pruning reads it (a reload changes it).
     retention: Arc<std::sync::RwLock<crate::config::Retention>>,
     /// Libraries loaded by the start-up itself: a process that only started never re-executes
@@ -147,7 +155,15 @@ pub async fn run(
 ) -> Result<Exit, GatewayError> {
     let config = Config::load(&config_path)?;
     let (control_tx, mut control_rx) = mpsc::channel(16);
-    let mut controller = Controller::start(config_path, config, exe, control_tx.clone()).await?;
+    let notifier = Notifier::from_env();
+    notifier.status("starting: loading the channel instances' adapters");
+    if let Some(interval) = crate::notify::watchdog_interval() {
+        let answer_limit = crate::notify::instance_answer_limit(config.gateway.adapter_call_timeout);
+        crate::notify::spawn_watchdog(notifier.clone(), interval, control_tx.clone(), answer_limit);
+    }
+    let mut controller = Controller::start(config_path, config, exe, control_tx.clone(), notifier.clone()).await?;
+    let (ledger, expected) = (controller.shared.ledger.clone(), controller.expected_channels.clone());
+    crate::notify::spawn_readiness(notifier.clone(), ledger, expected, controller.shared.disconnected_grace);
     spawn_signal_triggers(control_tx.clone());
     let state = AdminState {
         shared: controller.shared.clone(),
@@ -173,6 +189,12 @@ pub async fn run(
             Exit::Stopped
         }
     };
+    match &exit {
+        // The same process runs on (an exec keeps the PID): a reload to the service manager.
+        Exit::Restart => notifier.reloading("restarting: stopping to re-execute the binary at the start-up path"),
+        Exit::Stopped => notifier.stopping("stopping: finishing running turns and queued replies"),
+        Exit::Failed(failure) => notifier.stopping(&format!("stopping for the supervisor: {failure}")),
+    }
     controller.stop().await;
     Ok(exit)
 }
@@ -211,6 +233,7 @@ impl Controller {
         config: Config,
         exe: PathBuf,
         control: mpsc::Sender<ControlMessage>,
+        notifier: Notifier,
     ) -> Result<Controller, GatewayError> {
         prepare_state_dir(&config.gateway.state_dir)?;
         let snapshots = snapshots_dir(&config.gateway.state_dir);
@@ -287,6 +310,7 @@ impl Controller {
             watch: None,
             budget_warned: false,
             instance_deaths: BTreeMap::new(),
+            notifier,
             retention,
             opened_at_start: 0,
         };
@@ -328,15 +352,22 @@ impl Controller {
                     }
                 }
                 ControlMessage::GenerationAbandoned { channel } => self.replace_abandoned(&channel).await,
+                ControlMessage::Heartbeat { answer } => {
+                    let _ = answer.send(self.channels.values().map(|running| running.handle.clone()).collect());
+                }
                 ControlMessage::PluginsChanged { files } => {
+                    self.notifier.reloading("reloading: a plugin file changed");
                     let outcome = self.reload("plugin_dir", ConfigSource::Running).await;
                     if let Some(outcome) = outcome {
                         self.count_reload("plugin_dir", &outcome);
+                        self.notifier.reloaded(&crate::notify::reload_status("plugin_dir", &outcome));
                     } else {
                         tracing::info!(files = ?files, "plugin files touched but no adapter changed in content; nothing to do");
+                        self.notifier.reloaded("reload (plugin_dir): no adapter changed in content");
                     }
                 }
                 ControlMessage::Reload { trigger, done } => {
+                    self.notifier.reloading(&format!("reloading ({trigger})"));
                     let outcome =
                         self.reload(trigger, ConfigSource::File).await.unwrap_or_else(|| ReloadOutcome::Applied {
                             changed: vec![],
@@ -346,6 +377,7 @@ impl Controller {
                             failed: vec![],
                         });
                     self.count_reload(trigger, &outcome);
+                    self.notifier.reloaded(&crate::notify::reload_status(trigger, &outcome));
                     if let Some(done) = done {
                         let _ = done.send(outcome);
                     }
@@ -467,6 +499,7 @@ impl Controller {
             ("gateway.admin_token_env", new.gateway.admin_token_env != self.config.gateway.admin_token_env),
             ("gateway.durability", new.gateway.durability != self.config.gateway.durability),
             ("gateway.io_threads", new.gateway.io_threads != self.config.gateway.io_threads),
+            ("gateway.log_format", new.gateway.log_format != self.config.gateway.log_format),
             (
                 "gateway.adapter_call_timeout_ms",
                 new.gateway.adapter_call_timeout != self.config.gateway.adapter_call_timeout,

@@ -1,9 +1,10 @@
 //! The ledger: every adapter generation this process started, for `/status` and the logs.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::PathBuf,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use serde::Serialize;
@@ -59,6 +60,35 @@ pub struct Ledger {
     problems: Arc<Mutex<BTreeMap<String, String>>>,
     /// Each channel instance's connections as its transport last saw them.
     connections: Arc<Mutex<BTreeMap<String, Connections>>>,
+    /// Channel instances whose platform answered since this process started them (see
+    /// [`Ledger::mark_reached`]): what start-up readiness waits for.
+    reached: Arc<Mutex<BTreeSet<String>>>,
+}
+
+/// Why channel instances are not ready, as `/readyz` and the service manager's status say.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NotReady {
+    /// Expected instances with no running adapter generation.
+    pub missing: Vec<String>,
+    /// Expected instances that cannot work, with why (what their adapter reported, or no
+    /// WebSocket up for longer than the grace).
+    pub problems: BTreeMap<String, String>,
+}
+
+impl NotReady {
+    pub fn is_empty(&self) -> bool {
+        self.missing.is_empty() && self.problems.is_empty()
+    }
+
+    /// One line: `no running adapter for a, b; c: <problem>`.
+    pub fn reasons(&self) -> String {
+        let mut reasons: Vec<String> = Vec::new();
+        if !self.missing.is_empty() {
+            reasons.push(format!("no running adapter for {}", self.missing.join(", ")));
+        }
+        reasons.extend(self.problems.iter().map(|(channel, problem)| format!("{channel}: {problem}")));
+        reasons.join("; ")
+    }
 }
 
 /// How many of an instance's WebSockets are up, and since when (ms since the epoch).
@@ -114,5 +144,36 @@ impl Ledger {
     /// The running generation of each channel.
     pub fn running(&self) -> Vec<GenerationRecord> {
         self.snapshot().into_iter().filter(|r| r.state == GenerationState::Running).collect()
+    }
+
+    /// The platform of `channel` answered: a WebSocket opened, or — for an adapter that asked
+    /// for none — an HTTP request got a 2xx answer.
+    pub fn mark_reached(&self, channel: &str) {
+        self.reached.lock().unwrap().insert(channel.to_string());
+    }
+
+    pub fn reached(&self, channel: &str) -> bool {
+        self.reached.lock().unwrap().contains(channel)
+    }
+
+    /// Which of the `expected` instances are not ready now, and why: no running generation,
+    /// a problem their adapter reported, or all their WebSockets down for longer than
+    /// `disconnected_grace` (a reconnect takes a second or two). An instance that never opened
+    /// a socket (an HTTP-only adapter, or a server that refused it from the start) is the
+    /// adapter's to report (`Action::Health`).
+    pub fn not_ready(&self, expected: &BTreeSet<String>, disconnected_grace: Duration, now_ms: i64) -> NotReady {
+        let running: BTreeSet<String> = self.running().into_iter().map(|r| r.channel).collect();
+        let missing = expected.iter().filter(|c| !running.contains(*c)).cloned().collect();
+        let mut problems = self.problems();
+        problems.retain(|channel, _| expected.contains(channel));
+        let grace_ms = disconnected_grace.as_millis() as i64;
+        for (channel, connections) in self.connections() {
+            if connections.websockets_up == 0 && now_ms - connections.since_ms > grace_ms && expected.contains(&channel)
+            {
+                let down_s = (now_ms - connections.since_ms) / 1000;
+                problems.entry(channel).or_insert_with(|| format!("no WebSocket up for {down_s} s"));
+            }
+        }
+        NotReady { missing, problems }
     }
 }

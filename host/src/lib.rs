@@ -38,6 +38,8 @@
 //! - [`upgrade`]: re-executing the binary at the start-up path (SIGUSR2, the generation
 //!   budget) once it has accepted the config; probes run the running binary.
 //! - [`admin`], [`metrics`], [`ledger`]: `/livez`, `/readyz`, `/metrics`, `/status`.
+//! - [`notify`]: the service manager's notifications (systemd `Type=notify`: readiness,
+//!   reloads, stopping, the status line) and its watchdog.
 
 pub mod admin;
 pub mod agent;
@@ -52,6 +54,7 @@ pub mod lane;
 pub mod ledger;
 pub mod loader;
 pub mod metrics;
+pub mod notify;
 pub mod routing;
 pub mod session;
 pub mod store;

@@ -7,7 +7,11 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use switchboard::{catalog, config::Config, gateway};
+use switchboard::{
+    catalog,
+    config::{Config, LogFormat},
+    gateway,
+};
 use tracing_subscriber::EnvFilter;
 
 // glibc's allocator was about a sixth of the gateway's CPU under load (arena locks and
@@ -131,7 +135,8 @@ fn main() -> ExitCode {
             }
         }
         Command::CheckConfig { config } => {
-            init_logging();
+            let Some(format) = log_format_or_exit(None) else { return ExitCode::FAILURE };
+            init_logging(format);
             match runtime(1).and_then(|rt| rt.block_on(check_config(config))) {
                 Ok(code) => code,
                 Err(e) => {
@@ -141,9 +146,14 @@ fn main() -> ExitCode {
             }
         }
         Command::Run { config } => {
-            init_logging();
-            // The config is read before the runtime starts: it says how many threads to give it.
-            let started = Config::load(&config).map_err(anyhow::Error::from).and_then(|loaded| {
+            // The config is read before logging and the runtime start: it says how to log and
+            // how many threads to give the runtime. Reading it logs nothing.
+            let loaded = Config::load(&config);
+            let Some(format) = log_format_or_exit(loaded.as_ref().ok().map(|c| c.gateway.log_format)) else {
+                return ExitCode::FAILURE;
+            };
+            init_logging(format);
+            let started = loaded.map_err(anyhow::Error::from).and_then(|loaded| {
                 runtime(loaded.gateway.io_threads()).and_then(|rt| {
                     let outcome = rt.block_on(run(config, loaded));
                     // The stop kept its deadline and stored what it had to; nothing left on the
@@ -180,7 +190,20 @@ fn main() -> ExitCode {
 const WIRE_TRACING_TARGETS: &[&str] =
     &["tungstenite", "tokio_tungstenite", "hyper", "hyper_util", "reqwest", "h2", "rustls"];
 
-fn init_logging() {
+/// The log format: `SWITCHBOARD_LOG_FORMAT` wins over the config's `gateway.log_format`
+/// (logging starts before a config could say anything, and an operator may override it);
+/// `None` after saying why, for a value that is neither.
+fn log_format_or_exit(configured: Option<LogFormat>) -> Option<LogFormat> {
+    match std::env::var("SWITCHBOARD_LOG_FORMAT") {
+        Ok(name) => LogFormat::from_name(name.trim()).or_else(|| {
+            eprintln!("error: SWITCHBOARD_LOG_FORMAT: expected one of {}, got {name:?}", LogFormat::NAMES.join(", "));
+            None
+        }),
+        Err(_) => Some(configured.unwrap_or_default()),
+    }
+}
+
+fn init_logging(format: LogFormat) {
     use tracing_subscriber::{
         filter::{filter_fn, FilterExt},
         fmt,
@@ -192,8 +215,14 @@ fn init_logging() {
     let no_wire_traces = filter_fn(|meta| {
         *meta.level() != tracing::Level::TRACE || !WIRE_TRACING_TARGETS.iter().any(|t| meta.target().starts_with(t))
     });
-    let layer = fmt::layer().with_ansi(false).with_writer(std::io::stderr).with_filter(wanted.and(no_wire_traces));
-    tracing_subscriber::registry().with(layer).init();
+    let lines = fmt::layer().with_ansi(false).with_writer(std::io::stderr);
+    let layer = match format {
+        LogFormat::Text => lines.boxed(),
+        // One object per line with the event's fields (session, channel, generation,
+        // message_id, …) at the top level beside timestamp, level, target and message.
+        LogFormat::Json => lines.json().flatten_event(true).with_current_span(false).with_span_list(false).boxed(),
+    };
+    tracing_subscriber::registry().with(layer.with_filter(wanted.and(no_wire_traces))).init();
 }
 
 fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {

@@ -167,6 +167,15 @@ pub fn cpu_ticks_of(pid: u32) -> Option<u64> {
     Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
+/// The admin address a log line announces (`admin listening on <addr>`), in a text line or
+/// in the `message` of a JSON one.
+fn admin_address(line: &str) -> Option<SocketAddr> {
+    let (_, rest) = line.split_once("admin listening on ")?;
+    let address: String =
+        rest.chars().take_while(|c| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '[' | ']')).collect();
+    address.parse().ok()
+}
+
 /// A running `switchboard run` child process with its log captured.
 pub struct Gateway {
     child: Child,
@@ -211,10 +220,7 @@ impl Gateway {
         });
         let deadline = Instant::now() + Duration::from_secs(30);
         let admin = loop {
-            let found = log.lock().unwrap().iter().find_map(|line| {
-                let (_, rest) = line.split_once("admin listening on ")?;
-                rest.trim().parse::<SocketAddr>().ok()
-            });
+            let found = log.lock().unwrap().iter().find_map(|line| admin_address(line));
             if let Some(addr) = found {
                 break addr;
             }
@@ -304,16 +310,7 @@ impl Gateway {
 
     /// The admin address the gateway announced last (a re-exec binds a new port 0).
     pub fn latest_admin(&self) -> SocketAddr {
-        self.log
-            .lock()
-            .unwrap()
-            .iter()
-            .rev()
-            .find_map(|line| {
-                let (_, rest) = line.split_once("admin listening on ")?;
-                rest.trim().parse::<SocketAddr>().ok()
-            })
-            .unwrap_or(self.admin)
+        self.log.lock().unwrap().iter().rev().find_map(|line| admin_address(line)).unwrap_or(self.admin)
     }
 
     /// `GET /status` on the admin listener.

@@ -15,6 +15,8 @@ mod cli;
 mod conformance;
 #[path = "e2e/durability.rs"]
 mod durability;
+#[path = "e2e/logs.rs"]
+mod logs;
 #[path = "e2e/matrix.rs"]
 mod matrix;
 #[path = "e2e/matrix_server.rs"]
@@ -25,6 +27,8 @@ mod real_server;
 mod replacement;
 #[path = "e2e/rig.rs"]
 mod rig;
+#[path = "e2e/systemd.rs"]
+mod systemd;
 #[path = "e2e/tls.rs"]
 mod tls;
 #[path = "e2e/watchdog.rs"]

@@ -132,6 +132,7 @@ impl Instance {
         match command {
             Command::WsOpen { conn, url, headers } => {
                 tracing::info!(channel = %self.id, generation, conn, url = %redact_query(&url), "opening WebSocket");
+                self.asked_for_websocket = true;
                 self.transport.ws_open(conn, url, headers);
             }
             Command::WsSend { conn, text } => self.transport.ws_send(conn, text),
@@ -158,6 +159,8 @@ impl Instance {
                     Some(reply) => tracing::info!(
                         channel = %self.id,
                         session = %reply.session_key,
+                        conversation = %reply.conversation_id,
+                        reply_id,
                         post_id = %platform_message_id,
                         "delivered reply to channel:{}",
                         reply.conversation_id

@@ -42,6 +42,14 @@ impl Instance {
                 Event::WsOpened { conn } | Event::StreamOpened { conn } => {
                     self.websockets_up.insert(*conn);
                     self.shared.ledger.set_connections(&self.id, self.websockets_up.len(), now_ms());
+                    self.reached_platform();
+                }
+                // An adapter that talks to its platform over HTTP only has reached it with the
+                // first answer; one that asked for a WebSocket, once the socket is open.
+                Event::HttpResponse { status, .. } | Event::HttpBytesResponse { status, .. }
+                    if (200..300).contains(status) && !self.asked_for_websocket =>
+                {
+                    self.reached_platform()
                 }
                 Event::TimerFired { timer } => self.transport.timer_fired(*timer),
                 _ => {}
@@ -404,6 +412,16 @@ pub(super) fn stand_in(event: &Event) -> Option<Event> {
             body: body.clone(),
         }),
         _ => None,
+    }
+}
+
+impl Instance {
+    /// Note once that the platform answered (start-up readiness waits for it).
+    fn reached_platform(&mut self) {
+        if !self.reached {
+            self.reached = true;
+            self.shared.ledger.mark_reached(&self.id);
+        }
     }
 }
 

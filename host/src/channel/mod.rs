@@ -118,6 +118,9 @@ pub enum Control {
     /// Stop gracefully, by `deadline` at the latest (an adapter that does not return by then
     /// is abandoned, see [`crate::apartment`]).
     Stop { deadline: tokio::time::Instant, done: oneshot::Sender<()> },
+    /// Answer at once: the service manager's watchdog asks whether the instance's task still
+    /// turns (see [`crate::notify`]).
+    Heartbeat { answer: oneshot::Sender<()> },
 }
 
 /// The gateway's handle on a running instance.
@@ -151,6 +154,15 @@ impl InstanceHandle {
         };
         if tokio::time::timeout_at(deadline, stopping).await.is_err() {
             tracing::warn!(channel = %self.id, "channel instance did not stop by the deadline; leaving it");
+        }
+    }
+
+    /// Resolves once the instance's task has answered a heartbeat, or is gone (a stopped
+    /// instance has nothing to be stuck in). How long it takes is the watchdog's measure.
+    pub async fn heartbeat(&self) {
+        let (answer, answered) = oneshot::channel();
+        if self.control.send(Control::Heartbeat { answer }).await.is_ok() {
+            let _ = answered.await;
         }
     }
 
@@ -238,6 +250,10 @@ struct Instance {
     cold: bool,
     /// WebSockets that opened and have not closed (for `/status`).
     websockets_up: std::collections::BTreeSet<u64>,
+    /// The adapter asked for a WebSocket: only an open one means the platform was reached.
+    asked_for_websocket: bool,
+    /// The platform answered (told to the ledger once, for start-up readiness).
+    reached: bool,
     /// Set while a new generation handles its first batch after a swap: a failure then is not
     /// retried on it but rolls back to the generation it replaced (the failure goes here).
     trial: Option<Option<String>>,
@@ -300,6 +316,8 @@ pub async fn spawn(id: String, config: ChannelConfig, prepared: Prepared, shared
         cold: true,
         trial: None,
         websockets_up: Default::default(),
+        asked_for_websocket: false,
+        reached: false,
         host_retries: HashMap::new(),
         restarts: VecDeque::new(),
         vacant: Arc::new(AtomicBool::new(false)),
@@ -344,6 +362,9 @@ impl Instance {
                         let _ = done.send(());
                         return;
                     }
+                    Some(Control::Heartbeat { answer }) => {
+                        let _ = answer.send(());
+                    }
                     None => {
                         let deadline = tokio::time::Instant::now() + self.shared.adapter_call_timeout;
                         self.stop(deadline).await;
@@ -362,6 +383,8 @@ impl Instance {
                 Some(first) = self.events.recv(), if self.committing.len() < COMMITS_IN_FLIGHT => {
                     #[cfg(debug_assertions)]
                     inject_task_fault(&first);
+                    #[cfg(debug_assertions)]
+                    inject_task_stall(&first).await;
                     let mut batch = Vec::with_capacity(16);
                     batch.push(first);
                     while batch.len() < BATCH {
@@ -499,6 +522,30 @@ pub fn replay_of(event_kind: &str, payload: &str) -> Option<Event> {
     match event_kind {
         "ws_frame" | "ws_frame_replayed" => Some(Event::WsFrameReplayed { text: payload.into() }),
         _ => None,
+    }
+}
+
+/// Test builds only: `SWITCHBOARD_FAULT_TASK_STALL=<text>` makes the instance task stall for
+/// `SWITCHBOARD_FAULT_TASK_STALL_MS` (default 3000) on the first frame holding `<text>` — host
+/// code stuck, so the service manager's watchdog can be shown to go quiet. It blocks its async
+/// worker thread, or with `SWITCHBOARD_FAULT_TASK_STALL_AWAIT=1` waits in an `.await` that takes
+/// that long (a task stuck while the runtime runs on).
+#[cfg(debug_assertions)]
+async fn inject_task_stall(event: &Event) {
+    static STALLED: AtomicBool = AtomicBool::new(false);
+    let Ok(marker) = std::env::var("SWITCHBOARD_FAULT_TASK_STALL") else { return };
+    let Event::WsFrame { text, .. } = event else { return };
+    if marker.is_empty() || !text.as_str().contains(marker.as_str()) || STALLED.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let ms = std::env::var("SWITCHBOARD_FAULT_TASK_STALL_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(3000);
+    let stall = Duration::from_millis(ms);
+    if std::env::var_os("SWITCHBOARD_FAULT_TASK_STALL_AWAIT").is_some() {
+        tracing::warn!(stall_ms = ms, "fault injected: the instance task waits without answering");
+        tokio::time::sleep(stall).await;
+    } else {
+        tracing::warn!(stall_ms = ms, "fault injected: the instance task blocks its worker");
+        std::thread::sleep(stall);
     }
 }
 
