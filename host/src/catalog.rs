@@ -140,10 +140,25 @@ pub struct Entry {
 /// Why no usable plugin file provides an adapter name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FindError {
-    #[error("no adapter named {name:?} in {dir}{}", refused_note(.refused))]
-    NotFound { name: String, dir: PathBuf, refused: Vec<String> },
+    #[error("no adapter named {name:?} in {dir} ({}){}", found_note(.found), refused_note(.refused))]
+    NotFound {
+        name: String,
+        dir: PathBuf,
+        /// The adapters the directory does provide: `<name> in <file name>`.
+        found: Vec<String>,
+        refused: Vec<String>,
+    },
     #[error("more than one file in {dir} provides adapter {name:?}: {}", .files.join(", "))]
     Ambiguous { name: String, dir: PathBuf, files: Vec<String> },
+}
+
+/// A plugin is named by its manifest, not its file name: say which names there are.
+fn found_note(found: &[String]) -> String {
+    if found.is_empty() {
+        "no adapter files there: plugins are found by the adapter name in their manifest".into()
+    } else {
+        format!("plugins are found by the adapter name in their manifest; there: {}", found.join(", "))
+    }
 }
 
 fn refused_note(refused: &[String]) -> String {
@@ -286,6 +301,15 @@ impl Catalog {
             [] => Err(FindError::NotFound {
                 name: name.into(),
                 dir: self.dir.clone(),
+                found: self
+                    .entries
+                    .values()
+                    .filter_map(|e| {
+                        let manifest = e.probe.as_ref().ok()?;
+                        let file = e.path.file_name().unwrap_or_default().to_string_lossy();
+                        Some(format!("{} in {file}", manifest.adapter_name))
+                    })
+                    .collect(),
                 refused: self
                     .dir_refused
                     .iter()

@@ -10,6 +10,8 @@
 //!   budget (graceful re-exec before the process runs out of TLS keys) and shutdown.
 //! - [`watch`]: the plugin directory watch (debounce, settle, ignore temporary files).
 //! - [`config`]: the TOML config and its validation (all errors at once, with key paths).
+//! - [`env_refs`]: the environment variables a config names (`*_env` keys), which
+//!   `check-config` reports when unset.
 //! - [`catalog`]: adapter files in the plugin directory, found by manifest name; a private
 //!   snapshot of each file, probed and its configs validated in a child process (`switchboard
 //!   check-plugin`) and staged from, so what loads is what was checked.
@@ -49,6 +51,7 @@ pub mod catalog;
 pub mod channel;
 pub mod config;
 pub mod conformance;
+pub mod env_refs;
 pub mod gateway;
 pub mod lane;
 pub mod ledger;

@@ -55,7 +55,14 @@ enum Command {
         config: PathBuf,
     },
     /// Check a config file, including each channel's adapter config; lists every problem.
-    CheckConfig { config: PathBuf },
+    /// An environment variable a `*_env` key names that is unset is a warning (its value is
+    /// never printed).
+    CheckConfig {
+        config: PathBuf,
+        /// Count unset environment variables as errors (exit 1), not warnings.
+        #[arg(long)]
+        strict: bool,
+    },
     /// Load a plugin file, print its manifest as JSON, and validate adapter configs
     /// (each `--validate` is the JSON of one channel's adapter keys). With `--conformance`, run
     /// the adapter conformance checks against it instead (see docs/plugin-guide.md); exit code
@@ -134,10 +141,10 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
         }
-        Command::CheckConfig { config } => {
+        Command::CheckConfig { config, strict } => {
             let Some(format) = log_format_or_exit(None) else { return ExitCode::FAILURE };
             init_logging(format);
-            match runtime(1).and_then(|rt| rt.block_on(check_config(config))) {
+            match runtime(1).and_then(|rt| rt.block_on(check_config(config, strict))) {
                 Ok(code) => code,
                 Err(e) => {
                     eprintln!("error: {e:#}");
@@ -250,7 +257,7 @@ async fn shutdown_signal() {
     }
 }
 
-async fn check_config(config_path: PathBuf) -> anyhow::Result<ExitCode> {
+async fn check_config(config_path: PathBuf, strict: bool) -> anyhow::Result<ExitCode> {
     let (config, mut errors) = Config::load_best_effort(&config_path);
     if let Some(config) = config {
         // Snapshots of the plugin files go to a private temporary directory: a check must
@@ -267,14 +274,35 @@ async fn check_config(config_path: PathBuf) -> anyhow::Result<ExitCode> {
             errors.dedup();
         }
     }
-    if errors.is_empty() {
-        println!("{}: OK", config_path.display());
-        Ok(ExitCode::SUCCESS)
+    let references = switchboard::env_refs::referenced(&config_path);
+    let unset = switchboard::env_refs::unset(&references).into_iter().map(|r| switchboard::config::ConfigError {
+        key_path: r.key_path.clone(),
+        message: format!("the environment variable {} is not set", r.variable),
+    });
+    let warnings: Vec<_> = if strict {
+        errors.extend(unset);
+        Vec::new()
     } else {
-        println!("{}: {} problem(s)", config_path.display(), errors.len());
+        unset.collect()
+    };
+    if errors.is_empty() {
+        println!("{}: OK{}", config_path.display(), warning_count(&warnings));
+    } else {
+        println!("{}: {} problem(s){}", config_path.display(), errors.len(), warning_count(&warnings));
         for error in &errors {
             println!("  {error}");
         }
-        Ok(ExitCode::FAILURE)
+    }
+    for warning in &warnings {
+        println!("  warning: {warning}");
+    }
+    Ok(if errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn warning_count<T>(warnings: &[T]) -> String {
+    match warnings.len() {
+        0 => String::new(),
+        1 => ", 1 warning (--strict makes it an error)".into(),
+        n => format!(", {n} warnings (--strict makes them errors)"),
     }
 }

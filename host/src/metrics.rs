@@ -8,6 +8,16 @@ use prometheus_client::{
 
 type Labels = Vec<(&'static str, String)>;
 
+/// A histogram per label set, all with the same buckets.
+type Histograms = Family<Labels, Histogram, fn() -> Histogram>;
+
+/// Buckets for what a person waits for: an agent's turn, a reply (seconds).
+const WAIT_BUCKETS: [f64; 14] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+fn wait_histogram() -> Histogram {
+    Histogram::new(WAIT_BUCKETS)
+}
+
 pub struct Metrics {
     registry: Registry,
     pub inbound_messages: Family<Labels, Counter>,
@@ -41,6 +51,24 @@ pub struct Metrics {
     /// Time each sync of the state database's WAL took: under durability=full every reply
     /// waits for one, so this is the disk's share of the reply latency.
     pub store_wal_sync_seconds: Histogram,
+    /// Events in a channel instance's queue (and parked while no generation runs), not yet
+    /// handed to its adapter, as of the instance's last turn of its loop.
+    pub queue_depth: Family<Labels, Gauge>,
+    /// WebSockets of a channel instance that are open now.
+    pub websockets_connected: Family<Labels, Gauge>,
+    /// WebSockets a channel instance opened after its first one (each a reconnect).
+    pub websocket_reconnects: Family<Labels, Counter>,
+    /// HTTP requests a channel instance's adapter asked for and that are not answered yet.
+    pub http_requests_in_flight: Family<Labels, Gauge>,
+    /// HTTP requests a channel instance's adapter asked for.
+    pub http_requests: Family<Labels, Counter>,
+    /// 1 while a channel instance is halted (its restart budget spent), else 0.
+    pub instance_halted: Family<Labels, Gauge>,
+    /// How long an agent took to answer a turn (labels: channel, agent).
+    pub agent_turn_seconds: Histograms,
+    /// From the channel instance taking an inbound message's event from its queue to the
+    /// chat server confirming the reply.
+    pub reply_latency_seconds: Histograms,
 }
 
 impl Metrics {
@@ -69,6 +97,14 @@ impl Metrics {
             generations_loaded: Gauge::default(),
             swap_pause_seconds: Histogram::new([0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0]),
             store_wal_sync_seconds: Histogram::new([0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5]),
+            queue_depth: Family::default(),
+            websockets_connected: Family::default(),
+            websocket_reconnects: Family::default(),
+            http_requests_in_flight: Family::default(),
+            http_requests: Family::default(),
+            instance_halted: Family::default(),
+            agent_turn_seconds: Family::new_with_constructor(wait_histogram),
+            reply_latency_seconds: Family::new_with_constructor(wait_histogram),
             registry: Registry::default(),
         };
         registry.register("inbound_messages", "Inbound messages routed to a session", metrics.inbound_messages.clone());
@@ -145,6 +181,46 @@ impl Metrics {
             "Time each sync of the state database's WAL took (under durability=full every reply waits for one)",
             metrics.store_wal_sync_seconds.clone(),
         );
+        registry.register(
+            "queue_depth",
+            "Events waiting in a channel instance's queue for its adapter (as of the instance's last loop turn)",
+            metrics.queue_depth.clone(),
+        );
+        registry.register(
+            "websockets_connected",
+            "WebSockets of a channel instance that are open now",
+            metrics.websockets_connected.clone(),
+        );
+        registry.register(
+            "websocket_reconnects",
+            "WebSockets a channel instance opened after its first (reconnects; a Mattermost reconnect that cannot resume is followed by a REST catch-up)",
+            metrics.websocket_reconnects.clone(),
+        );
+        registry.register(
+            "http_requests_in_flight",
+            "HTTP requests of a channel instance's adapter not answered yet",
+            metrics.http_requests_in_flight.clone(),
+        );
+        registry.register(
+            "http_requests",
+            "HTTP requests of a channel instance's adapter",
+            metrics.http_requests.clone(),
+        );
+        registry.register(
+            "instance_halted",
+            "1 while a channel instance is halted (adapter restart budget spent) until a new build starts",
+            metrics.instance_halted.clone(),
+        );
+        registry.register(
+            "agent_turn_seconds",
+            "Time an agent took to answer one turn",
+            metrics.agent_turn_seconds.clone(),
+        );
+        registry.register(
+            "reply_latency_seconds",
+            "From a channel instance taking an inbound message off its queue to the chat server confirming the reply",
+            metrics.reply_latency_seconds.clone(),
+        );
         Metrics { registry, ..metrics }
     }
 
@@ -163,4 +239,30 @@ impl Default for Metrics {
 
 pub fn channel(channel: &str) -> Labels {
     vec![("channel", channel.to_string())]
+}
+
+pub fn channel_and_agent(channel: &str, agent: &str) -> Labels {
+    vec![("channel", channel.to_string()), ("agent", agent.to_string())]
+}
+
+/// The connection metrics of one channel instance, for its transport (each handle shares its
+/// value with the registry's series).
+#[derive(Clone, Default)]
+pub struct TransportMetrics {
+    pub websockets_connected: Gauge,
+    pub websocket_reconnects: Counter,
+    pub http_requests_in_flight: Gauge,
+    pub http_requests: Counter,
+}
+
+impl Metrics {
+    pub fn transport(&self, channel_id: &str) -> TransportMetrics {
+        let labels = channel(channel_id);
+        TransportMetrics {
+            websockets_connected: self.websockets_connected.get_or_create(&labels).clone(),
+            websocket_reconnects: self.websocket_reconnects.get_or_create(&labels).clone(),
+            http_requests_in_flight: self.http_requests_in_flight.get_or_create(&labels).clone(),
+            http_requests: self.http_requests.get_or_create(&labels).clone(),
+        }
+    }
 }

@@ -11,7 +11,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex, RwLock,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use switchboard_plugin_api::{Event, OutboundReply, ReplyTarget};
@@ -58,7 +58,14 @@ pub struct Router {
     /// Per session, inbound ids that found its lane full: they wait in the store (as
     /// received) and are taken up, in order, as the lane has room — never dropped.
     waiting: Mutex<HashMap<String, VecDeque<i64>>>,
+    /// When each reply's inbound message was taken off its channel instance's queue, by reply
+    /// id, until the reply is confirmed or given up on (`switchboard_reply_latency_seconds`).
+    reply_clock: Mutex<HashMap<i64, Instant>>,
 }
+
+/// Replies timed at once, at most: past it (a long outage of a chat server) new replies go
+/// untimed rather than the map growing without bound.
+const REPLIES_TIMED_MAX: usize = 100_000;
 
 impl Router {
     pub fn new(
@@ -79,6 +86,7 @@ impl Router {
             http,
             draining: AtomicBool::new(false),
             waiting: Mutex::new(HashMap::new()),
+            reply_clock: Mutex::new(HashMap::new()),
         });
         router.apply(config);
         router
@@ -155,7 +163,8 @@ impl Router {
                     tracing::info!(channel, messages = pending.len(), "answering inbound recorded before the restart");
                 }
                 for (inbound_id, inbound) in pending {
-                    self.route(channel, inbound_id, inbound);
+                    // Received by the last process: its wait is not this one's to time.
+                    self.start_turn(channel, inbound_id, inbound, false, None);
                 }
             }
             Err(e) => {
@@ -234,13 +243,26 @@ impl Router {
     }
 
     /// Route one inbound message from channel instance `channel`, already recorded in the
-    /// store as `inbound_id`.
-    pub fn route(self: &Arc<Self>, channel: &str, inbound_id: i64, inbound: Inbound) {
-        self.start_turn(channel, inbound_id, inbound, false);
+    /// store as `inbound_id`; `taken_at` is when the instance took it off its queue.
+    pub fn route(self: &Arc<Self>, channel: &str, inbound_id: i64, inbound: Inbound, taken_at: Instant) {
+        self.start_turn(channel, inbound_id, inbound, false, Some(taken_at));
+    }
+
+    /// When the inbound message of reply `reply_id` was taken off its queue (forgotten now:
+    /// the reply was confirmed or given up on).
+    pub fn reply_timed_from(&self, reply_id: i64) -> Option<Instant> {
+        self.reply_clock.lock().unwrap().remove(&reply_id)
     }
 
     /// Route one message to its session's lane; `resumed` when it waited in the store.
-    fn start_turn(self: &Arc<Self>, channel: &str, inbound_id: i64, inbound: Inbound, resumed: bool) {
+    fn start_turn(
+        self: &Arc<Self>,
+        channel: &str,
+        inbound_id: i64,
+        inbound: Inbound,
+        resumed: bool,
+        taken_at: Option<Instant>,
+    ) {
         if self.draining.load(Ordering::SeqCst) {
             tracing::info!(channel, message_id = %inbound.message_id, "stopping: inbound recorded, answered after the next start");
             return;
@@ -293,7 +315,7 @@ impl Router {
         let message_id = inbound.message_id.clone();
         let lane = key.clone();
         let turn = crate::lane::turn(move || async move {
-            router.clone().turn(session, agent, inbound_id, inbound, typing).await;
+            router.clone().turn(session, agent, inbound_id, inbound, typing, taken_at).await;
             router.take_up_waiting(&lane).await;
         });
         if self.lanes.submit(&key, turn).is_err() {
@@ -345,7 +367,9 @@ impl Router {
                 }
             }
             match read {
-                Ok(Some((channel, inbound))) => return self.start_turn(&channel, inbound_id, inbound, true),
+                // Its wait in the store is not timed: the time it was taken off the queue is
+                // not kept with it.
+                Ok(Some((channel, inbound))) => return self.start_turn(&channel, inbound_id, inbound, true, None),
                 // Answered meanwhile (a restart took it up), or gone: the next one then.
                 Ok(None) => {}
                 Err(e) => {
@@ -383,6 +407,7 @@ impl Router {
         inbound_id: i64,
         inbound: Inbound,
         typing: Typing,
+        taken_at: Option<Instant>,
     ) {
         // The reply goes to the conversation and thread the message came from. Not to where
         // the session was first seen: a DM session follows the person, and on Matrix a person
@@ -419,10 +444,15 @@ impl Router {
                 tokio::time::sleep(typing.interval).await;
             }
         };
+        let asked_at = Instant::now();
         let outcome = tokio::select! {
             outcome = agent.respond(&self.http, &request) => outcome,
             _ = typing_shown => unreachable!("the typing loop never ends"),
         };
+        self.metrics
+            .agent_turn_seconds
+            .get_or_create(&metrics::channel_and_agent(&session.target.channel_instance, &agent.id))
+            .observe(asked_at.elapsed().as_secs_f64());
         let user = Turn { role: "user".into(), content: inbound.text.clone() };
         let (transcript, reply) = match outcome {
             Ok(Some(text)) => (vec![user, Turn { role: "assistant".into(), content: text.clone() }], Some(text)),
@@ -456,6 +486,12 @@ impl Router {
             Ok(Some(reply_id)) => {
                 // Queued and committed; it leaves once on the disk (`gateway.durability`). The
                 // lane meanwhile goes on with the session's next turn.
+                if let Some(taken_at) = taken_at {
+                    let mut clock = self.reply_clock.lock().unwrap();
+                    if clock.len() < REPLIES_TIMED_MAX {
+                        clock.insert(reply_id, taken_at);
+                    }
+                }
                 let reply = QueuedReply {
                     id: reply_id,
                     session_key: session.key,

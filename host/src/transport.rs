@@ -26,7 +26,10 @@ use tokio_tungstenite::{
     Connector,
 };
 
-use crate::tls::{self, ChannelTls};
+use crate::{
+    metrics::TransportMetrics,
+    tls::{self, ChannelTls},
+};
 
 mod stream;
 
@@ -92,10 +95,19 @@ pub struct Transport {
     frames: Arc<tokio::sync::Semaphore>,
     /// HTTP requests sent and not yet answered to the adapter, by id, with their URL (no query).
     http_in_flight: Arc<Mutex<BTreeMap<u64, String>>>,
+    metrics: TransportMetrics,
+    /// A WebSocket of this instance has opened before: the next one to open is a reconnect.
+    opened_before: Arc<AtomicBool>,
 }
 
 impl Transport {
-    pub fn new(channel: &str, events: mpsc::UnboundedSender<Event>, tls: ChannelTls, max_message_bytes: usize) -> Self {
+    pub fn new(
+        channel: &str,
+        events: mpsc::UnboundedSender<Event>,
+        tls: ChannelTls,
+        max_message_bytes: usize,
+        metrics: TransportMetrics,
+    ) -> Self {
         let tls_log = TlsLog::new(channel.into());
         Self {
             events,
@@ -107,6 +119,8 @@ impl Transport {
             max_message_bytes,
             frames: Arc::new(tokio::sync::Semaphore::new(FRAMES_QUEUED_MAX)),
             http_in_flight: Arc::new(Mutex::new(BTreeMap::new())),
+            metrics,
+            opened_before: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -222,6 +236,8 @@ impl Transport {
             tls: self.tls.ws.clone(),
             max_message_bytes: self.max_message_bytes,
             frames: self.frames.clone(),
+            metrics: self.metrics.clone(),
+            opened_before: self.opened_before.clone(),
         };
         let task = tokio::spawn(run_socket(conn, url.clone(), headers, connect, rx, self.events.clone()));
         self.sockets.insert(conn, Socket { url, outgoing, task });
@@ -282,7 +298,10 @@ impl Transport {
         let in_flight = self.http_in_flight.clone();
         let without_query = url.split(['?', '#']).next().unwrap_or_default().to_string();
         in_flight.lock().unwrap().insert(request, without_query);
+        self.metrics.http_requests.inc();
+        let counted = Held::new(&self.metrics.http_requests_in_flight);
         tokio::spawn(async move {
+            let _counted = counted;
             let event = match builder.send().await {
                 Ok(response) => read_response(request, response, limit, bytes).await,
                 // Never include the URL: it may carry credentials in a query string.
@@ -416,6 +435,25 @@ struct Connect {
     /// A larger WebSocket message closes the socket (tungstenite's own default is 64 MiB).
     max_message_bytes: usize,
     frames: Arc<tokio::sync::Semaphore>,
+    metrics: TransportMetrics,
+    opened_before: Arc<AtomicBool>,
+}
+
+/// One unit of a gauge, held from its creation until it is dropped (also when the task
+/// holding it is aborted).
+struct Held(prometheus_client::metrics::gauge::Gauge);
+
+impl Held {
+    fn new(gauge: &prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        Held(gauge.clone())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 async fn run_socket(
@@ -465,6 +503,10 @@ async fn run_socket(
                 return;
             }
         };
+    let _connected = Held::new(&connect.metrics.websockets_connected);
+    if connect.opened_before.swap(true, Ordering::Relaxed) {
+        connect.metrics.websocket_reconnects.inc();
+    }
     if events.send(Event::WsOpened { conn }).is_err() {
         return;
     }
@@ -594,7 +636,8 @@ mod tests {
         let ws = crate::tls::client_config(&[]);
         let http = crate::tls::http_client(&ws).unwrap();
         let (events, received) = mpsc::unbounded_channel();
-        (Transport::new("test", events, crate::tls::ChannelTls { http, ws }, 1 << 20), received)
+        let metrics = Default::default();
+        (Transport::new("test", events, crate::tls::ChannelTls { http, ws }, 1 << 20, metrics), received)
     }
 
     fn call(request: u64, url: String, max_response_bytes: u64, bytes: bool) -> HttpRequest {
@@ -757,7 +800,8 @@ mod tests {
         let ws = crate::tls::client_config(&[ca]);
         let http = crate::tls::http_client(&ws).unwrap();
         let (events, mut received) = mpsc::unbounded_channel();
-        let mut transport = Transport::new("test", events, crate::tls::ChannelTls { http, ws }, 1 << 20);
+        let mut transport =
+            Transport::new("test", events, crate::tls::ChannelTls { http, ws }, 1 << 20, Default::default());
         let spec = StreamSpec {
             conn: 1,
             port,

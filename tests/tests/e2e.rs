@@ -9,6 +9,8 @@ mod abi;
 mod admin;
 #[path = "e2e/bounds.rs"]
 mod bounds;
+#[path = "e2e/check_config.rs"]
+mod check_config;
 #[path = "e2e/cli.rs"]
 mod cli;
 #[path = "e2e/conformance.rs"]
@@ -21,6 +23,8 @@ mod logs;
 mod matrix;
 #[path = "e2e/matrix_server.rs"]
 mod matrix_server;
+#[path = "e2e/metrics.rs"]
+mod metrics;
 #[path = "e2e/real_server.rs"]
 mod real_server;
 #[path = "e2e/replacement.rs"]

@@ -7,7 +7,7 @@ use crate::transport::HttpRequest;
 impl Instance {
     /// Carry out what a stored batch asked for.
     pub(super) fn carry_out(&mut self, committed: Committing, outcome: Result<Vec<Option<i64>>, StoreError>) {
-        let Committing { generation, commands, storing_state, inbound, .. } = committed;
+        let Committing { generation, commands, storing_state, inbound, taken_at, .. } = committed;
         let inbound_ids = match outcome {
             Ok(ids) => ids,
             Err(e) => {
@@ -29,7 +29,7 @@ impl Instance {
         for command in commands {
             match command {
                 Command::Inbound(inbound) => match inbound_ids.next().flatten() {
-                    Some(inbound_id) => self.shared.router.route(&self.id, inbound_id, inbound),
+                    Some(inbound_id) => self.shared.router.route(&self.id, inbound_id, inbound, taken_at),
                     None => {
                         self.shared.metrics.inbound_redelivered.get_or_create(&metrics::channel(&self.id)).inc();
                         tracing::info!(
@@ -105,12 +105,13 @@ impl Instance {
             self.state_stored_at = Some(Instant::now());
         }
         let inbound = record.inbound.len();
+        let taken_at = self.batch_taken_at;
         let nothing_to_store =
             inbound == 0 && record.delivered.is_empty() && record.failed.is_empty() && !storing_state;
         if nothing_to_store && self.committing.is_empty() {
             let ready = PendingBatch::ready(Ok(Vec::new()));
             return self.carry_out(
-                Committing { generation, commands, storing_state, inbound, outcome: ready },
+                Committing { generation, commands, storing_state, inbound, taken_at, outcome: ready },
                 Ok(Vec::new()),
             );
         }
@@ -125,7 +126,7 @@ impl Instance {
                 self.carry_out(oldest, outcome);
             }
         }
-        self.committing.push_back(Committing { generation, commands, storing_state, inbound, outcome });
+        self.committing.push_back(Committing { generation, commands, storing_state, inbound, taken_at, outcome });
     }
 
     pub(super) fn execute(&mut self, generation: u64, command: Command) {
@@ -154,7 +155,12 @@ impl Instance {
             Command::Inbound(_) => unreachable!("inbound is routed by dispatch"),
             Command::ReplyDelivered { reply_id, platform_message_id } => {
                 self.host_retries.remove(&reply_id);
-                self.shared.metrics.replies_delivered.get_or_create(&metrics::channel(&self.id)).inc();
+                let labels = metrics::channel(&self.id);
+                self.shared.metrics.replies_delivered.get_or_create(&labels).inc();
+                if let Some(taken_at) = self.shared.router.reply_timed_from(reply_id as i64) {
+                    let latency = taken_at.elapsed().as_secs_f64();
+                    self.shared.metrics.reply_latency_seconds.get_or_create(&labels).observe(latency);
+                }
                 match self.pending_replies.remove(&reply_id) {
                     Some(reply) => tracing::info!(
                         channel = %self.id,
@@ -186,6 +192,7 @@ impl Instance {
                     self.retry_delivery_later(reply_id, wait);
                 } else {
                     self.host_retries.remove(&reply_id);
+                    self.shared.router.reply_timed_from(reply_id as i64);
                     self.shared.metrics.replies_failed.get_or_create(&metrics::channel(&self.id)).inc();
                     if retryable {
                         // Dead-lettered: stays in the store as failed, with the reason.

@@ -386,6 +386,7 @@ impl Instance {
         );
         self.shared.ledger.update(&self.id, old.number, |r| r.state = GenerationState::Retiring);
         self.tear_down_later(old.number, old.apartment, GenerationState::Halted);
+        self.shared.metrics.instance_halted.get_or_create(&metrics::channel(&self.id)).set(1);
         let mut kept = remaining;
         kept.append(&mut self.parked);
         self.parked = kept;

@@ -188,6 +188,8 @@ struct Committing {
     /// The adapter's state went with it (if the commit fails, it is still unstored).
     storing_state: bool,
     inbound: usize,
+    /// When the batch's first event was taken off the queue (a reply's latency starts there).
+    taken_at: Instant,
     outcome: PendingBatch,
 }
 
@@ -265,6 +267,10 @@ struct Instance {
     vacant: Arc<AtomicBool>,
     /// Set when stopping: no adapter call may last past it.
     stop_by: Option<tokio::time::Instant>,
+    /// Events waiting for the adapter (`switchboard_queue_depth`), set at each loop turn.
+    queue_depth: prometheus_client::metrics::gauge::Gauge,
+    /// When the batch being handled was taken from the queue: where a reply's latency starts.
+    batch_taken_at: Instant,
 }
 
 /// How often the host hands a reply back to the adapter after it gave up (retryable), and
@@ -287,7 +293,9 @@ pub async fn spawn(id: String, config: ChannelConfig, prepared: Prepared, shared
     let (control_tx, control) = mpsc::channel(8);
     shared.router.register_instance(&id, events_tx.clone());
     let tls = crate::tls::ChannelTls::for_channel(&id, config.ca_file.as_ref(), &shared.tls);
-    let transport = Transport::new(&id, events_tx.clone(), tls, shared.ws_max_message_bytes);
+    let transport =
+        Transport::new(&id, events_tx.clone(), tls, shared.ws_max_message_bytes, shared.metrics.transport(&id));
+    let queue_depth = shared.metrics.queue_depth.get_or_create(&metrics::channel(&id)).clone();
     let saved_state = match shared.router.adapter_state_async(&id).await {
         Ok(saved) => saved.map(|(format_version, data)| StateBlob { format_version, data: data.into() }),
         Err(e) => {
@@ -322,6 +330,8 @@ pub async fn spawn(id: String, config: ChannelConfig, prepared: Prepared, shared
         restarts: VecDeque::new(),
         vacant: Arc::new(AtomicBool::new(false)),
         stop_by: None,
+        queue_depth,
+        batch_taken_at: Instant::now(),
     };
     let vacant = instance.vacant.clone();
     let (done, _) = oneshot::channel();
@@ -349,6 +359,7 @@ pub async fn spawn(id: String, config: ChannelConfig, prepared: Prepared, shared
 impl Instance {
     async fn run(mut self) {
         loop {
+            self.queue_depth.set((self.events.len() + self.parked.len()) as i64);
             tokio::select! {
                 biased;
                 control = self.control.recv() => match control {
@@ -385,6 +396,7 @@ impl Instance {
                     inject_task_fault(&first);
                     #[cfg(debug_assertions)]
                     inject_task_stall(&first).await;
+                    self.batch_taken_at = Instant::now();
                     let mut batch = Vec::with_capacity(16);
                     batch.push(first);
                     while batch.len() < BATCH {
@@ -444,6 +456,7 @@ impl Instance {
         let deadline = (tokio::time::Instant::now() + IN_FLIGHT_GRACE).min(stop_by);
         while self.current.is_some() && self.transport.http_in_flight() > 0 {
             let Ok(Some(first)) = tokio::time::timeout_at(deadline, self.events.recv()).await else { break };
+            self.batch_taken_at = Instant::now();
             let mut batch = vec![first];
             while batch.len() < BATCH {
                 match self.events.try_recv() {

@@ -99,6 +99,7 @@ impl Instance {
         let previous_config = self.use_config(config);
         self.shared.ledger.update(&self.id, number, |r| r.state = GenerationState::Running);
         self.shared.metrics.generations_started.inc();
+        self.shared.metrics.instance_halted.get_or_create(&metrics::channel(&self.id)).set(0);
         let mut first = vec![Event::Started { generation: number }];
         // What waited while no generation ran goes first, a batch at a time (the rest
         // follows right after this one, see `feed_parked`).

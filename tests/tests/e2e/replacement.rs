@@ -358,9 +358,16 @@ async fn a_spent_restart_budget_halts_the_instance_and_a_new_build_resumes_it_lo
         "the generation is marked halted: {}",
         gateway.status().await?
     );
+    // Halted is not ready, whatever the WebSocket does, and says so in /metrics.
+    let (code, body) = gateway.admin_get("/readyz").await?;
+    assert!(code == 503 && body.contains("no running adapter for mattermost"), "{code} {body}");
+    let halted = "switchboard_instance_halted{channel=\"mattermost\"} ";
+    assert!(gateway.admin_get("/metrics").await?.1.contains(&format!("{halted}1\n")), "halted gauge 1");
     rig.drop_build(&rig.artifacts.fixture("build-b")?)?;
     let answered = || rig.bot_posts().contains_key("echo: while halted");
     assert_eventually!(answered(), "the new build answers what waited\n{}", tail(&gateway, 40));
+    assert_eventually!(gateway.admin_get("/readyz").await?.0 == 200, "ready again with the new build");
+    assert!(gateway.admin_get("/metrics").await?.1.contains(&format!("{halted}0\n")), "halted gauge 0 again");
     assert!(!rig.bot_posts().keys().any(|m| m.contains("PANIC-ON-THIS")), "the poisoned message stays unanswered");
     assert_eq!(rig.ask(&channel, "after", &gateway).await, format!("echo: after{BUILD_B_TAG}"));
     assert_eq!(rig.bot_posts()["echo: while halted"].len(), 1, "answered once");
